@@ -1,0 +1,49 @@
+"""The interface every backend implements, and the always-attended extra keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import AttentionPlan
+
+
+@dataclass(frozen=True)
+class ExtraKeys:
+    """Keys every query attends in the same softmax as its plan keys (text tokens).
+
+    Attributes:
+        k, v: ``[B, Ne, heads, D]``.
+        mask: ``[B, Ne]`` bool, ``True`` where the key is real (e.g. HunyuanVideo's text
+            padding mask), or ``None`` for all real.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+class Backend:
+    """Executes an :class:`AttentionPlan`.
+
+    Subclasses set ``name`` and implement :meth:`why_not` (``None`` if the backend can run this
+    problem, else a sentence saying why not) and :meth:`forward` (q, k, v ``[B, N, heads, D]``
+    in plan order -> output ``[B, N, heads, Dv]`` in plan order, same dtype as q).
+    """
+
+    name: str = ""
+
+    def why_not(self, q: torch.Tensor, plan: AttentionPlan) -> str | None:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: AttentionPlan,
+        extra: ExtraKeys | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,95 @@
+"""Argument checks, in one place.
+
+Each ``check_<arg>`` returns the cleaned value (ints widened to per-axis tuples) or raises a
+``ValueError`` that names the argument, what was given and what is allowed. ``assert`` is kept
+for internal invariants only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Grid = tuple[int, int, int]
+
+
+def check_grid(grid: Sequence[int]) -> Grid:
+    """A latent grid ``(T, H, W)`` of positive ints; 1D/2D grids are padded with leading 1s."""
+    try:
+        values = tuple(int(g) for g in grid)
+    except TypeError:
+        raise ValueError(f"grid must be a tuple (T, H, W) of positive ints, got {grid!r}") from None
+    if not 1 <= len(values) <= 3 or any(g < 1 for g in values) or any(
+        int(g) != g for g in grid
+    ):
+        raise ValueError(f"grid must be 1 to 3 positive ints (T, H, W), got {grid!r}")
+    return (1,) * (3 - len(values)) + values  # type: ignore[return-value]
+
+
+def check_per_axis(
+    name: str, value, *, minimum: int | None = None, ndim: int = 3, kind: type = int
+) -> tuple:
+    """Widen ``value`` (a scalar or a tuple of ``ndim`` or fewer entries) to ``ndim`` entries.
+
+    A tuple shorter than ``ndim`` describes the trailing axes (a 2D window ``(7, 7)`` means
+    ``(1, 7, 7)`` for ints, ``(False, ...)`` for bools).
+    """
+    if isinstance(value, (int, bool)) or (kind is float and isinstance(value, float)):
+        values = (kind(value),) * ndim
+    else:
+        try:
+            values = tuple(kind(v) for v in value)
+        except TypeError:
+            raise ValueError(
+                f"{name} must be a {kind.__name__} or a tuple of {ndim} of them, got {value!r}"
+            ) from None
+        if not 1 <= len(values) <= ndim:
+            raise ValueError(f"{name} must have 1 to {ndim} entries (one per axis), got {value!r}")
+        fill = False if kind is bool else 1
+        values = (kind(fill),) * (ndim - len(values)) + values
+    if minimum is not None and any(v < minimum for v in values):
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
+    return values
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Sequence[int] | None = None):
+    """q, k, v are ``[B, N, heads, D]`` with the same shape; ``N`` matches the grid if given.
+
+    Returns the checked grid (or ``None``).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name} must be [B, N, heads, D] (4 dims), got shape {tuple(x.shape)}"
+            )
+    if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"q, k, v must share [B, N, heads] and q/k the head dim; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if grid is None:
+        return None
+    grid = check_grid(grid)
+    n = grid[0] * grid[1] * grid[2]
+    if q.shape[1] != n:
+        raise ValueError(
+            f"grid {grid} has {n} tokens but q/k/v have N={q.shape[1]} (layout [B, N, heads, D]); "
+            f"pass the latent grid after patchify, with T*H*W == N"
+        )
+    return grid
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Raise if any tensor holds NaN or Inf (selection on such inputs is meaningless)."""
+    for name, x in tensors.items():
+        if x is not None and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).sum().item()
+            raise ValueError(f"{name} contains {bad} NaN/Inf values; inputs must be finite")
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

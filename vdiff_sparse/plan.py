@@ -1,0 +1,261 @@
+"""The plan: which keys each query attends, in one format for every method and backend.
+
+A method (VMoBA, PSA, GNA) turns q/k into an :class:`AttentionPlan`; a backend (reference,
+torch, triton) executes any plan. Semantics, for query token ``i`` at plan position ``i`` in
+query block ``qb`` (``q_offsets``), per batch ``b`` and head ``h``:
+
+* ``kv_index[b, h, qb, j] >= 0`` names a key block (``k_offsets``), ``-1`` pads the row;
+* ``kv_level[b, h, qb, j] = p`` in {1, 2, 4, 8} says the block is seen through its keys and
+  values mean-pooled in groups of ``p`` consecutive plan positions, starting at the block start
+  (the last group of a block may be shorter); a pooled key's logit gets ``+ ln(count)`` where
+  ``count`` is the number of tokens it averages;
+* ``token_keep[b, h, i, j]`` (optional) says whether query ``i`` itself uses entry ``j`` of its
+  block's list (per-token routing, VMoBA);
+* ``window`` (optional, level-1 entries only) further restricts query ``i`` to keys inside its
+  per-axis coordinate window (GNA);
+* always-attended extra keys (text) are passed to the backend beside the plan.
+
+All kept keys of a query share one softmax. A query with no key at all gets output 0.
+Batch and head dims of ``kv_index``/``kv_level``/``token_keep`` may be 1 (broadcast), which is
+how a plan shared by all heads (GNA) is stored once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import BlockOrder
+
+LEVELS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenWindow:
+    """Per-query coordinate windows (GNA): a key is allowed iff on every axis
+    ``lo <= x <= hi`` and ``(x - lo) % dilation == 0``.
+
+    Attributes:
+        coords: ``[N, 3]`` int64 ``(t, h, w)`` of every plan position (queries and keys).
+        lo, hi: ``[N, 3]`` int64 inclusive window bounds of every query (plan order).
+        dilation: per-axis dilation.
+    """
+
+    coords: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    dilation: tuple[int, int, int]
+
+    def allows(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bool mask of shape ``q_pos.shape + k_pos.shape`` for plan positions ``q_pos``, ``k_pos``."""
+        lo = self.lo[q_pos]  # [..q, 3]
+        hi = self.hi[q_pos]
+        kc = self.coords[k_pos]  # [..k, 3]
+        q_extra = k_pos.dim()
+        lo = lo.reshape(*lo.shape[:-1], *([1] * q_extra), 3)
+        hi = hi.reshape(*hi.shape[:-1], *([1] * q_extra), 3)
+        inside = (kc >= lo) & (kc <= hi)
+        d = torch.tensor(self.dilation, device=kc.device)
+        if any(x > 1 for x in self.dilation):
+            inside &= torch.remainder(kc - lo, d) == 0
+        return inside.all(dim=-1)
+
+    def keys_per_query(self) -> torch.Tensor:
+        """``[N]`` number of keys in each query's window."""
+        d = torch.tensor(self.dilation, device=self.lo.device)
+        return ((self.hi - self.lo) // d + 1).clamp(min=0).prod(dim=-1)
+
+    def to(self, device) -> "TokenWindow":
+        return TokenWindow(self.coords.to(device), self.lo.to(device), self.hi.to(device), self.dilation)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionPlan:
+    """One attention call's sparsity, shared by every backend.
+
+    Attributes:
+        perm: ``[N]`` int64 reorder (plan position -> original token index) or ``None``.
+            q, k, v are permuted with it before the backend runs and the output is inverted.
+        q_offsets: ``[n_q_blocks + 1]`` int64 query block boundaries in plan order.
+        k_offsets: ``[n_k_blocks + 1]`` int64 key block boundaries in plan order.
+        kv_index: ``[B|1, H|1, n_q_blocks, max_kv]`` int64 key block ids, ``-1`` = unused slot.
+        kv_level: same shape, int64 pool factor per entry, or ``None`` (all full resolution).
+        token_keep: ``[B|1, H|1, N, max_kv]`` bool per-query use of each entry, or ``None``.
+        window: per-query coordinate windows (GNA), or ``None``.
+        method: name of the method that made the plan (for reports).
+        info: free-form extra facts from the method (e.g. the VMoBA partition used).
+    """
+
+    perm: torch.Tensor | None
+    q_offsets: torch.Tensor
+    k_offsets: torch.Tensor
+    kv_index: torch.Tensor
+    kv_level: torch.Tensor | None = None
+    token_keep: torch.Tensor | None = None
+    window: TokenWindow | None = None
+    method: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_q = self.q_offsets.numel() - 1
+        assert self.kv_index.dim() == 4 and self.kv_index.shape[2] == n_q, (
+            f"kv_index must be [B|1, H|1, {n_q}, max_kv], got {tuple(self.kv_index.shape)}"
+        )
+        assert int(self.q_offsets[-1]) == int(self.k_offsets[-1]), "q and k cover different N"
+        if self.kv_level is not None:
+            assert self.kv_level.shape == self.kv_index.shape
+        if self.token_keep is not None:
+            assert self.token_keep.shape[2] == self.num_tokens
+            assert self.token_keep.shape[3] == self.kv_index.shape[3]
+        assert self.window is None or self.kv_level is None or bool((self.kv_level == 1).all()), (
+            "a coordinate window only applies to full-resolution entries"
+        )
+
+    # --- shape facts -------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q_offsets[-1])
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.q_offsets.numel() - 1
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.k_offsets.numel() - 1
+
+    @property
+    def max_kv(self) -> int:
+        return self.kv_index.shape[3]
+
+    @property
+    def order(self) -> BlockOrder:
+        """The reorder with the query blocks."""
+        return BlockOrder(self.perm, self.q_offsets)
+
+    def levels(self) -> torch.Tensor:
+        """``kv_level`` with the all-ones default filled in."""
+        if self.kv_level is not None:
+            return self.kv_level
+        return torch.ones_like(self.kv_index)
+
+    def permute(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return self.order.permute(x, dim)
+
+    def unpermute(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return self.order.unpermute(x, dim)
+
+    def query_block_of_position(self) -> torch.Tensor:
+        return BlockOrder(None, self.q_offsets).block_of_position()
+
+    def to(self, device) -> "AttentionPlan":
+        def mv(x):
+            return None if x is None else x.to(device)
+
+        return AttentionPlan(
+            perm=mv(self.perm),
+            q_offsets=self.q_offsets.to(device),
+            k_offsets=self.k_offsets.to(device),
+            kv_index=self.kv_index.to(device),
+            kv_level=mv(self.kv_level),
+            token_keep=mv(self.token_keep),
+            window=None if self.window is None else self.window.to(device),
+            method=self.method,
+            info=self.info,
+        )
+
+    # --- statistics --------------------------------------------------------------------------
+    @functools.cached_property
+    def _stats(self) -> dict:
+        n = self.num_tokens
+        k_sizes = self.k_offsets.diff().to(torch.float64)
+        q_sizes = self.q_offsets.diff().to(torch.float64)
+        valid = self.kv_index >= 0
+        idx = self.kv_index.clamp(min=0)
+        level = self.levels().to(torch.float64)
+        entry_keys = torch.where(valid, k_sizes[idx], 0.0)  # key tokens behind each entry
+        entry_cost = entry_keys / level  # FLOP-equivalent keys (pooled keys count 1/p)
+
+        # Block-level work a block-sparse kernel does: every query of the block times every
+        # (pooled) key of every listed entry.
+        block_work = (entry_cost.sum(-1) * q_sizes).sum((-1,)).mean()
+        block_density = float(block_work / (n * n))
+
+        if self.window is not None:
+            # Every entry of a windowed plan is level 1; exact keys per query from the window.
+            per_query = self.window.keys_per_query().to(torch.float64)
+            if self.token_keep is not None:
+                raise NotImplementedError("token_keep together with a window is not supported")
+            flop = float(per_query.sum() / (n * n))
+        elif self.token_keep is not None:
+            qb = self.query_block_of_position()
+            cost = entry_cost[:, :, qb, :]  # [B', H', N, max_kv]
+            flop = float((cost * self.token_keep).sum((-1, -2)).mean() / (n * n))
+        else:
+            flop = block_density
+        counts = {}
+        for p in LEVELS:
+            counts[p] = float(((level == p) & valid).to(torch.float64).sum() / valid.numel())
+        return {
+            "density": flop,
+            "block_density": block_density,
+            "level_fractions": counts,
+        }
+
+    def density(self) -> float:
+        """FLOP-equivalent density: attended (pooled keys count 1/p) query-key pairs over N²,
+        averaged over batch and heads. 1.0 is dense attention."""
+        return self._stats["density"]
+
+    def stats(self) -> dict:
+        """``density`` (FLOP-equivalent), ``block_density`` (work a block-sparse kernel does,
+        masked entries included), ``level_fractions`` (share of kv slots at each pool factor),
+        plus shape facts."""
+        return {
+            "method": self.method,
+            "num_tokens": self.num_tokens,
+            "num_q_blocks": self.num_q_blocks,
+            "num_k_blocks": self.num_k_blocks,
+            "max_kv": self.max_kv,
+            **self._stats,
+        }
+
+
+def dense_plan(num_tokens: int, block: int = 128, device="cpu") -> AttentionPlan:
+    """A plan keeping every key at full resolution (density 1)."""
+    from .layout import uniform_offsets
+
+    offsets = uniform_offsets(num_tokens, block).to(device)
+    nb = offsets.numel() - 1
+    kv_index = torch.arange(nb, device=device).expand(1, 1, nb, nb).contiguous()
+    return AttentionPlan(None, offsets, offsets, kv_index, method="dense")
+
+
+def pack_block_selection(selected: torch.Tensor, levels: torch.Tensor | None = None):
+    """Turn a boolean block map into ``kv_index`` (and ``kv_level``) lists.
+
+    Args:
+        selected: ``[B', H', n_q_blocks, n_k_blocks]`` bool, which key blocks each query
+            block uses.
+        levels: optional same-shape int64 pool factor per pair (ignored where not selected).
+
+    Returns:
+        ``(kv_index, kv_level)`` of shape ``[B', H', n_q_blocks, max_kv]`` where ``max_kv`` is
+        the largest row count; unused slots are ``-1`` (level 1). Entries are in ascending
+        key block order.
+    """
+    nk = selected.shape[-1]
+    max_kv = max(int(selected.sum(-1).max()), 1) if selected.numel() else 1
+    ids = torch.arange(nk, device=selected.device).expand_as(selected)
+    # Selected ids sort first, in ascending order; the rest are pushed past the end.
+    key = torch.where(selected, ids, ids + nk)
+    order = key.argsort(dim=-1)[..., :max_kv]
+    kv_index = torch.where(
+        selected.gather(-1, order), order, torch.full_like(order, -1)
+    )
+    kv_level = None
+    if levels is not None:
+        kv_level = torch.where(kv_index >= 0, levels.gather(-1, order), torch.ones_like(order))
+    return kv_index, kv_level
