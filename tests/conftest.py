@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import zlib
 
 import pytest
 import torch
@@ -29,5 +29,5 @@ def assert_close(actual, expected, dtype, what=""):
 
 @pytest.fixture
 def seed(request):
-    """A different seed per test case (fresh random inputs), reproducible per test id."""
-    return abs(hash(request.node.nodeid)) % (2**31) if os.environ.get("PYTHONHASHSEED") else 1234
+    """A different seed per test case (fresh inputs for every case), reproducible per test id."""
+    return zlib.crc32(request.node.nodeid.encode())
