@@ -65,7 +65,10 @@ class TokenWindow:
     def keys_per_query(self) -> torch.Tensor:
         """``[N]`` number of keys in each query's window."""
         d = torch.tensor(self.dilation, device=self.lo.device)
-        return ((self.hi - self.lo) // d + 1).clamp(min=0).prod(dim=-1)
+        # Clip each box to the grid; the first lattice point >= 0 starts the count.
+        first = torch.where(self.lo < 0, torch.remainder(self.lo, d), self.lo)
+        last = torch.minimum(self.hi, self.coords.max(dim=0).values)
+        return ((last - first).div(d, rounding_mode="floor") + 1).clamp(min=0).prod(dim=-1)
 
     def to(self, device) -> "TokenWindow":
         return TokenWindow(self.coords.to(device), self.lo.to(device), self.hi.to(device), self.dilation)

@@ -1,0 +1,264 @@
+"""Layouts, the plan format, and the reference and torch backends on arbitrary plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOLERANCE, assert_close, random_qkv
+from vdiff_sparse import VideoLayout, dense_attention, run_plan
+from vdiff_sparse.backends import ExtraKeys, select_backend
+from vdiff_sparse.backends.gather import gather_attention
+from vdiff_sparse.backends.reference import reference_attention
+from vdiff_sparse.layout import hilbert_order, tile_order, token_coords, uniform_offsets
+from vdiff_sparse.plan import AttentionPlan, TokenWindow, dense_plan, pack_block_selection
+
+RAGGED_GRIDS = [(3, 5, 7), (2, 9, 11), (1, 13, 17), (4, 4, 4)]
+
+
+# --- layouts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", RAGGED_GRIDS, ids=str)
+@pytest.mark.parametrize("tile", [(1, 2, 3), (2, 4, 4), (3, 3, 5), (8, 8, 8)], ids=str)
+def test_tile_order_blocks_are_tiles(grid, tile):
+    order = tile_order(grid, tile)
+    n = grid[0] * grid[1] * grid[2]
+    perm = torch.arange(n) if order.perm is None else order.perm
+    assert torch.equal(perm.sort().values, torch.arange(n)), "not a permutation"
+    coords = token_coords(grid, order.perm)
+    for b in range(order.num_blocks):
+        c = coords[order.offsets[b] : order.offsets[b + 1]]
+        tile_id = c // torch.tensor(tile)
+        assert (tile_id == tile_id[0]).all(), f"block {b} spans several tiles"
+        expected = 1
+        for axis in range(3):
+            start = int(tile_id[0, axis]) * tile[axis]
+            expected *= min(tile[axis], grid[axis] - start)
+        assert c.shape[0] == expected, "edge tiles must be exactly the part inside the grid"
+    x = torch.randn(2, n, 3)
+    assert torch.equal(order.unpermute(order.permute(x)), x)
+
+
+def test_hilbert_order_is_local():
+    order = hilbert_order((8, 8, 8), 64)
+    coords = token_coords((8, 8, 8), order.perm)
+    steps = (coords[1:] - coords[:-1]).abs().sum(-1)
+    assert (steps == 1).all(), "consecutive Hilbert positions must be grid neighbours"
+    ragged = hilbert_order((3, 5, 7), 16)
+    assert torch.equal(ragged.perm.sort().values, torch.arange(105))
+    assert ragged.offsets.tolist()[-2:] == [96, 105]
+
+
+def test_video_layout_split_merge():
+    for position in ("before", "after"):
+        layout = VideoLayout((2, 3, 4), text_tokens=5, text_position=position)
+        x = torch.randn(2, 29, 8)
+        video, text = layout.split(x)
+        assert video.shape[1] == 24 and text.shape[1] == 5
+        assert torch.equal(layout.merge(video, text), x)
+    with pytest.raises(ValueError, match=r"sequence length 30 does not match the layout"):
+        VideoLayout((2, 3, 4), 5).split(torch.randn(1, 30, 2))
+    with pytest.raises(ValueError, match="text_position"):
+        VideoLayout((2, 3, 4), 5, "middle")
+    with pytest.raises(ValueError, match="grid"):
+        VideoLayout((2, 0, 4))
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+
+def test_pack_block_selection_lists_selected_blocks_in_order():
+    g = torch.Generator().manual_seed(0)
+    selected = torch.rand(2, 3, 5, 7, generator=g) < 0.4
+    levels = torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, (2, 3, 5, 7), generator=g)]
+    index, level = pack_block_selection(selected, levels)
+    for b, h, i in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(5)).tolist():
+        row = index[b, h, i]
+        kept = row[row >= 0].tolist()
+        assert kept == torch.nonzero(selected[b, h, i]).squeeze(1).tolist()
+        assert level[b, h, i, : len(kept)].tolist() == levels[b, h, i, kept].tolist()
+
+
+def random_plan(N, bq, bk, B, H, *, levels=False, keep=False, ragged=False, seed=0, share=False):
+    """A random plan; ``ragged`` makes block sizes vary, ``share`` broadcasts over b and h."""
+    g = torch.Generator().manual_seed(seed)
+
+    def offsets(block):
+        if not ragged:
+            return uniform_offsets(N, block)
+        sizes = torch.randint(1, 2 * block, (N,), generator=g)
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        bounds = bounds[bounds < N]
+        return torch.cat([bounds, torch.tensor([N])])
+
+    q_off, k_off = offsets(bq), offsets(bk)
+    nq, nk = q_off.numel() - 1, k_off.numel() - 1
+    b, h = (1, 1) if share else (B, H)
+    selected = torch.rand(b, h, nq, nk, generator=g) < 0.5
+    lv = torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, (b, h, nq, nk), generator=g)] if levels else None
+    index, level = pack_block_selection(selected, lv)
+    token_keep = torch.rand(b, h, N, index.shape[-1], generator=g) < 0.6 if keep else None
+    perm = torch.randperm(N, generator=g)
+    return AttentionPlan(perm, q_off, k_off, index, level, token_keep)
+
+
+def test_plan_density():
+    plan = dense_plan(100, 16)
+    assert plan.density() == pytest.approx(1.0)
+    index = plan.kv_index
+    halved = AttentionPlan(None, plan.q_offsets, plan.k_offsets, index, torch.full_like(index, 2))
+    assert halved.density() == pytest.approx(0.5)
+    stats = halved.stats()
+    assert stats["level_fractions"][2] == pytest.approx(1.0) and stats["num_tokens"] == 100
+    # Per-token routing: half the queries drop every entry -> half the density.
+    keep = torch.zeros(1, 1, 100, index.shape[-1], dtype=torch.bool)
+    keep[:, :, ::2] = True
+    routed = AttentionPlan(None, plan.q_offsets, plan.k_offsets, index, token_keep=keep)
+    assert routed.density() == pytest.approx(0.5)
+    assert routed.stats()["block_density"] == pytest.approx(1.0)
+
+
+# --- backends --------------------------------------------------------------------------------
+
+
+def test_reference_dense_plan_equals_sdpa(seed):
+    q, k, v = random_qkv(2, 77, 3, 16, dtype=torch.float64, seed=seed)
+    out = reference_attention(q, k, v, dense_plan(77, 16))
+    assert_close(out, dense_attention(q, k, v), torch.float64, "dense plan")
+
+
+def test_reference_extra_keys_equal_sdpa_with_text(seed):
+    q, k, v = random_qkv(2, 40, 2, 8, dtype=torch.float64, seed=seed)
+    ek, ev, _ = random_qkv(2, 6, 2, 8, dtype=torch.float64, seed=seed + 1)
+    mask = torch.tensor([[True] * 6, [True, True, False, True, False, False]])
+    out = reference_attention(q, k, v, dense_plan(40, 16), ExtraKeys(ek, ev, mask))
+    expected = dense_attention(q, k, v, extra_k=ek, extra_v=ev, extra_mask=mask)
+    assert_close(out, expected, torch.float64, "extra keys")
+
+
+def test_reference_pooled_equals_repeated_means(seed):
+    """A level-p entry is attention over the block's group means, each repeated count times."""
+    N, p = 21, 4  # groups of 4 with a ragged group of 1 in the last block of 10 + 11
+    q, k, v = random_qkv(1, N, 1, 8, dtype=torch.float64, seed=seed)
+    offsets = torch.tensor([0, 10, 21])
+    index = torch.tensor([[[[0, 1]]]])
+    plan = AttentionPlan(None, torch.tensor([0, 21]), offsets, index, torch.full_like(index, p))
+    rep_k, rep_v = [], []
+    for lo, hi in ((0, 10), (10, 21)):
+        for g in range(lo, hi, p):
+            stop = min(g + p, hi)
+            rep_k.append(k[:, g:stop].mean(1, keepdim=True).expand(-1, stop - g, -1, -1))
+            rep_v.append(v[:, g:stop].mean(1, keepdim=True).expand(-1, stop - g, -1, -1))
+    expected = dense_attention(q, torch.cat(rep_k, 1), torch.cat(rep_v, 1))
+    assert_close(reference_attention(q, k, v, plan), expected, torch.float64, "pooled")
+
+
+CASES = {
+    "dense-ish": dict(N=64, bq=16, bk=16),
+    "levels": dict(N=100, bq=16, bk=32, levels=True),
+    "ragged-levels": dict(N=90, bq=8, bk=12, levels=True, ragged=True),
+    "token-keep": dict(N=90, bq=32, bk=16, keep=True),
+    "keep+levels+ragged": dict(N=70, bq=16, bk=8, keep=True, levels=True, ragged=True),
+    "shared": dict(N=50, bq=16, bk=8, levels=True, share=True),
+}
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["no-text", "text"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_torch_backend_matches_reference(case, extra, dtype, seed):
+    B, H, D = 2, 3, 16
+    plan = random_plan(B=B, H=H, seed=seed, **CASES[case])
+    q, k, v = random_qkv(B, plan.num_tokens, H, D, dtype=dtype, seed=seed)
+    kw = {}
+    if extra:
+        ek, ev, _ = random_qkv(B, 5, H, D, dtype=dtype, seed=seed + 1)
+        kw = dict(extra_k=ek, extra_v=ev, extra_mask=torch.rand(B, 5) < 0.7)
+    expected = run_plan(q.double(), k.double(), v.double(), plan, backend="reference",
+                        **{n: (t.double() if t.is_floating_point() else t) for n, t in kw.items()})
+    out = run_plan(q, k, v, plan, backend="torch", **kw)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, case)
+
+
+def test_torch_backend_chunking_does_not_change_result(seed):
+    plan = random_plan(100, 16, 16, 2, 2, levels=True, keep=True, seed=seed)
+    q, k, v = random_qkv(2, 100, 2, 8, dtype=torch.float64, seed=seed)
+    qp, kp, vp = (plan.permute(x) for x in (q, k, v))
+    one = gather_attention(qp, kp, vp, plan, chunk_bytes=1)
+    all_ = gather_attention(qp, kp, vp, plan, chunk_bytes=2**40)
+    assert_close(one, all_, torch.float64, "chunking")
+
+
+def test_torch_backend_window_plan(seed):
+    grid = (3, 5, 7)
+    order = tile_order(grid, (1, 2, 4))
+    coords = token_coords(grid, order.perm)
+    reach = torch.tensor([1, 1, 2])
+    window = TokenWindow(coords, (coords - reach).clamp(min=0), coords + reach, (1, 1, 2))
+    nb = order.num_blocks
+    index = torch.arange(nb).expand(1, 1, nb, nb).contiguous()
+    plan = AttentionPlan(order.perm, order.offsets, order.offsets, index, window=window)
+    q, k, v = random_qkv(2, 105, 2, 8, dtype=torch.float64, seed=seed)
+    # Brute force from the window's definition: inside [lo, hi] per axis, and w on the
+    # dilation-2 lattice that starts at lo.
+    c = token_coords(grid, None)
+    lo, hi = (c - reach).clamp(min=0), c + reach
+    allowed = ((c[None, :, :] >= lo[:, None, :]) & (c[None, :, :] <= hi[:, None, :])).all(-1)
+    allowed &= (c[None, :, 2] - lo[:, None, 2]) % 2 == 0
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed
+    ).transpose(1, 2)
+    for backend in ("reference", "torch"):
+        assert_close(run_plan(q, k, v, plan, backend=backend), expected, torch.float64, backend)
+    assert plan.density() == pytest.approx(allowed.double().mean().item())
+
+
+@pytest.mark.parametrize("case", ["levels", "keep+levels+ragged", "shared"], ids=str)
+def test_torch_backend_gradients_match_reference(case, seed):
+    B, H, D = 2, 2, 8
+    plan = random_plan(B=B, H=H, seed=seed, **CASES[case])
+    N = plan.num_tokens
+    q, k, v = random_qkv(B, N, H, D, dtype=torch.float64, seed=seed, requires_grad=True)
+    ek, ev, _ = random_qkv(B, 4, H, D, dtype=torch.float64, seed=seed + 1, requires_grad=True)
+    grad_out = torch.randn(B, N, H, D, dtype=torch.float64)
+    grads = {}
+    for backend in ("reference", "torch"):
+        out = run_plan(q, k, v, plan, extra_k=ek, extra_v=ev, backend=backend)
+        grads[backend] = torch.autograd.grad((out * grad_out).sum(), (q, k, v, ek, ev))
+    for name, a, b in zip("q k v ek ev".split(), grads["reference"], grads["torch"]):
+        assert_close(b, a, torch.float64, f"d{name}")
+
+
+def test_torch_backend_float32_gradients_with_checkpointed_chunks(seed):
+    plan = random_plan(96, 16, 16, 1, 2, levels=True, seed=seed)
+    q, k, v = random_qkv(1, 96, 2, 16, dtype=torch.float32, seed=seed, requires_grad=True)
+    out = gather_attention(*(plan.permute(x) for x in (q, k, v)), plan, chunk_bytes=4096)
+    gq, gk, gv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(*(plan.permute(x) for x in (q64, k64, v64)), plan)
+    rq, rk, rv = torch.autograd.grad(ref.square().sum(), (q64, k64, v64))
+    for a, b in ((gq, rq), (gk, rk), (gv, rv)):
+        assert (a.double() - b).abs().max() < 20 * TOLERANCE[torch.float32]
+
+
+# --- dispatch and errors -------------------------------------------------------------------
+
+
+def test_auto_backend_on_cpu_is_torch():
+    q = torch.randn(1, 10, 1, 8)
+    assert select_backend("auto", q, dense_plan(10, 4)).name in ("torch", "triton")
+    with pytest.raises(ValueError, match=r"backend must be one of .*'torch'.*got 'cuda'"):
+        select_backend("cuda", q, dense_plan(10, 4))
+
+
+def test_run_plan_errors():
+    q, k, v = random_qkv(1, 10, 2, 8)
+    with pytest.raises(ValueError, match="plan covers N=12 tokens but q has N=10"):
+        run_plan(q, k, v, dense_plan(12, 4))
+    with pytest.raises(ValueError, match=r"extra_k must be \[B=1, Ne, heads=2, D=8\]"):
+        run_plan(q, k, v, dense_plan(10, 4), extra_k=torch.randn(1, 3, 2, 4), extra_v=torch.randn(1, 3, 2, 4))
+    with pytest.raises(ValueError, match="extra_k and extra_v must be given together"):
+        run_plan(q, k, v, dense_plan(10, 4), extra_k=torch.randn(1, 3, 2, 8))
