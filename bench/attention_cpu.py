@@ -1,0 +1,179 @@
+"""Dense SDPA vs each sparse method on the torch backend, on the CPU, side by side.
+
+For N in {8K, 16K, 32K} (4 heads, D = 64, float32) and target densities {5, 10, 20%}: median
+time of dense SDPA and of each method (selection included), the speedup, the plan's
+FLOP-equivalent density, and the peak extra memory of one call (measured in a fresh
+subprocess, so one call's peak is not hidden by another's).
+
+    python bench/attention_cpu.py                      # full sweep, writes bench/results/
+    python bench/attention_cpu.py --sizes 8192 --repeats 1 --out /tmp/x.json   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+GRIDS = {8192: (8, 32, 32), 16384: (16, 32, 32), 32768: (16, 32, 64)}
+HEADS, HEAD_DIM = 4, 64
+
+
+def method_call(method: str, grid, density: float):
+    """A function (q, k, v) -> (out, plan) running ``method`` at about ``density``."""
+    from vdiff_sparse import gna_attention, psa_attention, vmoba_attention
+
+    if method == "dense":
+        from vdiff_sparse import dense_attention
+
+        return lambda q, k, v: (dense_attention(q, k, v), None)
+    if method == "gna":
+        # Window volume / N = density: scale every axis by density^(1/3).
+        scale = density ** (1 / 3)
+        window = tuple(max(2, round(n * scale)) for n in grid)
+        return lambda q, k, v: gna_attention(q, k, v, grid, window=window, backend="torch",
+                                             return_plan=True)
+    if method == "psa":
+        return lambda q, k, v: psa_attention(q, k, v, grid, mode="quantile",
+                                             fractions={1: density}, backend="torch",
+                                             return_plan=True)
+    if method == "psa-pyramid":
+        # Same FLOP-equivalent density spread over levels: d = f1 + f2/2 + f4/4.
+        f = {1: density / 2, 2: density / 2, 4: density}
+        return lambda q, k, v: psa_attention(q, k, v, grid, mode="quantile", fractions=f,
+                                             backend="torch", return_plan=True)
+    if method == "vmoba":
+        cube = (4, 8, 8)
+        blocks = 1
+        for n, c in zip(grid, cube):
+            blocks *= -(-n // c)
+        topk = max(1, round(density * blocks))
+        return lambda q, k, v: vmoba_attention(q, k, v, grid, layer_index=2,
+                                               block_3d=cube, topk=topk, mode="topk",
+                                               scope="local", backend="torch", return_plan=True)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def inputs(n: int):
+    from vdiff_sparse.synthetic import video_qkv
+
+    return video_qkv(GRIDS[n], HEADS, HEAD_DIM, seed=0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_child(method: str, n: int, density: float) -> None:
+    """Run one call in this (fresh) process and print its peak memory above the inputs."""
+    q, k, v = inputs(n)
+    fn = method_call(method, GRIDS[n], density)
+    base = _rss_bytes()
+    with torch.no_grad():
+        fn(q, k, v)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_extra_bytes": max(0, peak - base)}))
+
+
+def peak_memory(method: str, n: int, density: float) -> int:
+    cmd = [sys.executable, __file__, "--child", method, str(n), str(density)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=sorted(GRIDS), choices=sorted(GRIDS))
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.20])
+    parser.add_argument("--methods", nargs="+", default=["gna", "psa", "psa-pyramid", "vmoba"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_cpu.json"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, n, density = args.child
+        peak_memory_child(method, int(n), float(density))
+        return
+
+    results = []
+    for n in args.sizes:
+        q, k, v = inputs(n)
+        with torch.no_grad():
+            t_dense = median_time(lambda: method_call("dense", GRIDS[n], 1)(q, k, v), args.repeats)
+        mem_dense = None if args.no_memory else peak_memory("dense", n, 1.0)
+        print(f"N={n} grid={GRIDS[n]} dense SDPA {t_dense * 1e3:.1f} ms"
+              + ("" if mem_dense is None else f", peak +{mem_dense / 2**20:.0f} MiB"), flush=True)
+        for method in args.methods:
+            for density in args.densities:
+                fn = method_call(method, GRIDS[n], density)
+                with torch.no_grad():
+                    _, plan = fn(q, k, v)
+                    t = median_time(lambda: fn(q, k, v), args.repeats)
+                mem = None if args.no_memory else peak_memory(method, n, density)
+                row = {
+                    "N": n, "grid": GRIDS[n], "method": method, "target_density": density,
+                    "density": plan.density(), "block_density": plan.stats()["block_density"],
+                    "dense_s": t_dense, "sparse_s": t, "speedup": t_dense / t,
+                    "dense_peak_extra_bytes": mem_dense, "sparse_peak_extra_bytes": mem,
+                    "memory_ratio": None if mem is None or not mem_dense else mem / mem_dense,
+                }
+                results.append(row)
+                print(f"  {method:<12} target {density:.2f} density {row['density']:.3f}: "
+                      f"{t * 1e3:8.1f} ms  speedup {row['speedup']:5.2f}x"
+                      + ("" if mem is None else f"  peak +{mem / 2**20:.0f} MiB "
+                         f"({row['memory_ratio']:.2f}x dense)"), flush=True)
+    report = {
+        "benchmark": "attention_cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": machine(),
+        "shape": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32"},
+        "timing": f"median of {args.repeats} runs after one warm-up; selection included",
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
