@@ -35,6 +35,8 @@ def check_per_axis(
     A tuple shorter than ``ndim`` describes the trailing axes (a 2D window ``(7, 7)`` means
     ``(1, 7, 7)`` for ints, ``(False, ...)`` for bools).
     """
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {ndim} of them, got {value!r}")
     if isinstance(value, (int, bool)) or (kind is float and isinstance(value, float)):
         values = (kind(value),) * ndim
     else:

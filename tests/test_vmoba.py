@@ -1,0 +1,360 @@
+"""VMoBA: selection against a loop-by-loop reference of DESIGN §4.1, attention against masked
+dense attention, backends against each other, config and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import TOLERANCE, assert_close, random_qkv
+from vdiff_sparse.attention import dense_attention
+from vdiff_sparse.methods.vmoba import (
+    VMoBAConfig,
+    partition_for_layer,
+    partition_order,
+    plan_vmoba,
+    vmoba_attention,
+)
+
+GRIDS = {"3x5x7": (3, 5, 7), "5x6x10": (5, 6, 10)}
+# Small ragged blocks: none of the grids above divides evenly on every axis.
+SMALL = dict(block_1d=1, block_2d=(2, 3), block_3d=(2, 4, 3))
+LAYERS = {"1d": 0, "2d": 1, "3d": 2}
+
+
+# --- brute-force reference, straight from DESIGN §4.1 -----------------------------------------
+def reference_blocks(grid, partition, config):
+    """Block id of every token (original order), from its coordinates only."""
+    T, H, W = grid
+    ct, ch, cw = {
+        "1d": (config.block_1d, H, W),
+        "2d": (T, *config.block_2d),
+        "3d": config.block_3d,
+    }[partition]
+    nbh, nbw = math.ceil(H / ch), math.ceil(W / cw)
+    ids = []
+    for t in range(T):
+        for h in range(H):
+            for w in range(W):
+                ids.append(((t // ct) * nbh + h // ch) * nbw + w // cw)
+    return ids
+
+
+def _shortest_prefix(own_pairs, others, values, tau):
+    """Own pairs, then ``others`` by descending value until the share of the total reaches tau."""
+    lo, hi = min(values.values()), max(values.values())
+    norm = {p: (x - lo) / (hi - lo) if hi > lo else 1.0 for p, x in values.items()}
+    total = sum(norm.values())
+    chosen = set(own_pairs)
+    acc = sum(norm[p] for p in own_pairs)
+    for p in sorted(others, key=lambda p: -values[p]):
+        if acc >= tau * total:
+            break
+        chosen.add(p)
+        acc += norm[p]
+    return chosen
+
+
+def reference_selection(q, k, grid, partition, config):
+    """``{(b, h): set of (token, block)}`` chosen pairs, with simple loops."""
+    block_of = reference_blocks(grid, partition, config)
+    B, N, Hh, D = q.shape
+    blocks = sorted(set(block_of))
+    members = {j: [n for n in range(N) if block_of[n] == j] for j in blocks}
+    out = {}
+    for b in range(B):
+        for h in range(Hh):
+            qs = q[b, :, h].double().tolist()
+            kmean = {}
+            for j in blocks:
+                rows = [k[b, n, h].double().tolist() for n in members[j]]
+                kmean[j] = [sum(col) / len(rows) for col in zip(*rows)]
+            s = {(i, j): sum(a * c for a, c in zip(qs[i], kmean[j])) for i in range(N) for j in blocks}
+            own = [(i, block_of[i]) for i in range(N)]
+            chosen = set()
+            if config.scope == "local":
+                for i in range(N):
+                    others = [(i, j) for j in blocks if j != block_of[i]]
+                    if config.mode == "topk":
+                        best = sorted(others, key=lambda p: -s[p])[: config.topk - 1]
+                        chosen |= {(i, block_of[i]), *best}
+                    else:
+                        row = {(i, j): s[(i, j)] for j in blocks}
+                        chosen |= _shortest_prefix([(i, block_of[i])], others, row, config.tau)
+            else:
+                others = [p for p in s if p[1] != block_of[p[0]]]
+                if config.mode == "topk":
+                    best = sorted(others, key=lambda p: -s[p])[: (config.topk - 1) * N]
+                    chosen = set(own) | set(best)
+                else:
+                    chosen = _shortest_prefix(own, others, s, config.tau)
+            out[(b, h)] = chosen
+    return out, block_of
+
+
+def reference_mask(q, k, grid, partition, config):
+    """``[B, heads, N, N]`` bool: query token may see key token (original order)."""
+    selection, block_of = reference_selection(q, k, grid, partition, config)
+    B, N, Hh, _ = q.shape
+    key_block = torch.tensor(block_of)
+    mask = torch.zeros(B, Hh, N, N, dtype=torch.bool)
+    for (b, h), pairs in selection.items():
+        token_block = torch.zeros(N, max(block_of) + 1, dtype=torch.bool)
+        for i, j in pairs:
+            token_block[i, j] = True
+        mask[b, h] = token_block[:, key_block]
+    return mask
+
+
+def plan_mask(plan, B, Hh):
+    """``[B, heads, N, N]`` bool from the plan: per token, the key tokens of its kept entries."""
+    N = plan.num_tokens
+    perm = torch.arange(N) if plan.perm is None else plan.perm
+    tile = plan.query_block_of_position()
+    mask_plan = torch.zeros(B, Hh, N, N, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hh):
+            bi = b if plan.kv_index.shape[0] > 1 else 0
+            hi = h if plan.kv_index.shape[1] > 1 else 0
+            for p in range(N):
+                for e, j in enumerate(plan.kv_index[bi, hi, tile[p]].tolist()):
+                    keep = plan.token_keep is None or bool(plan.token_keep[bi, hi, p, e])
+                    if j >= 0 and keep:
+                        mask_plan[b, h, p, plan.k_offsets[j] : plan.k_offsets[j + 1]] = True
+    mask = torch.zeros_like(mask_plan)
+    mask[:, :, perm[:, None], perm[None, :]] = mask_plan
+    return mask
+
+
+def masked_attention(q, k, v, mask, extra_k=None, extra_v=None, extra_mask=None, scale=None):
+    """Float64 dense softmax over the keys allowed by ``mask`` [B, heads, N, N] plus extra keys."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = (x.double().transpose(1, 2) for x in (q, k, v))
+    logits = (qf @ kf.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    if extra_k is not None:
+        ek, ev = extra_k.double().transpose(1, 2), extra_v.double().transpose(1, 2)
+        extra_logits = qf @ ek.transpose(-1, -2) * scale
+        if extra_mask is not None:
+            extra_logits = extra_logits.masked_fill(~extra_mask[:, None, None, :], float("-inf"))
+        logits = torch.cat([logits, extra_logits], -1)
+        vf = torch.cat([vf, ev], 2)
+    return (torch.softmax(logits, -1) @ vf).transpose(1, 2)
+
+
+def make_config(mode, scope, value, query_block=16, **kw):
+    extra = {"topk": value} if mode == "topk" else {"tau": value}
+    return VMoBAConfig(mode=mode, scope=scope, query_block=query_block, **SMALL, **extra, **kw)
+
+
+SELECTION_CASES = [
+    pytest.param(mode, scope, value, id=f"{mode}-{scope}-{value}")
+    for mode, values in (("topk", (2, 4)), ("threshold", (0.25, 0.7)))
+    for scope in ("local", "global")
+    for value in values
+]
+
+
+# --- selection ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("partition", list(LAYERS))
+@pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
+@pytest.mark.parametrize("mode,scope,value", SELECTION_CASES)
+def test_selection_matches_loop_reference(mode, scope, value, grid, partition, seed):
+    N = math.prod(grid)
+    q, k, _ = random_qkv(2, N, 2, 8, dtype=torch.float64, seed=seed)
+    config = make_config(mode, scope, value, query_block=[16, 37][seed % 2])
+    plan = plan_vmoba(q, k, grid, LAYERS[partition], config)
+    expected = reference_mask(q, k, grid, partition, config)
+    got = plan_mask(plan, 2, 2)
+    assert torch.equal(got, expected), f"{int((got != expected).sum())} pairs differ"
+    assert plan.method == "vmoba" and plan.info["partition"] == partition
+    # Stats: FLOP density is the reference's share of kept pairs.
+    assert plan.density() == pytest.approx(expected.double().mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("partition", list(LAYERS))
+@pytest.mark.parametrize("mode,scope,value", SELECTION_CASES)
+def test_plan_lists_only_blocks_some_token_uses(mode, scope, value, partition, seed):
+    grid = (5, 6, 10)
+    q, k, _ = random_qkv(1, 300, 3, 16, seed=seed)
+    plan = plan_vmoba(q, k, grid, LAYERS[partition], make_config(mode, scope, value, query_block=24))
+    tile = plan.query_block_of_position()
+    users = torch.zeros(plan.kv_index.shape, dtype=torch.int32)
+    used = users.index_add_(2, tile, plan.token_keep.to(torch.int32)) > 0
+    valid = plan.kv_index >= 0
+    assert torch.equal(used, valid), "a listed block is used by no token of its tile, or vice versa"
+    assert not plan.token_keep[~valid[:, :, tile]].any(), "a token keeps an unused slot"
+    # Every token keeps its own block under the layer's partition.
+    block = torch.repeat_interleave(torch.arange(plan.num_k_blocks), plan.k_offsets.diff())
+    own_kept = (plan.kv_index[:, :, tile] == block[:, None]) & plan.token_keep
+    assert own_kept.any(-1).all()
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_topk_keeps_exactly_k_blocks(scope, seed):
+    grid, topk = (3, 5, 7), 3
+    q, k, _ = random_qkv(2, 105, 2, 8, seed=seed)
+    plan = plan_vmoba(q, k, grid, 2, make_config("topk", scope, topk))
+    per_token = plan.token_keep.sum(-1)  # [B, H, N]
+    if scope == "local":
+        assert (per_token == topk).all()
+    else:
+        assert (per_token.sum(-1) == topk * 105).all()
+
+
+def test_partition_recurs_by_layer():
+    assert [partition_for_layer(l) for l in range(7)] == ["1d", "2d", "3d", "1d", "2d", "3d", "1d"]
+    q, k, _ = random_qkv(1, 105, 1, 8, seed=1)
+    counts = [plan_vmoba(q, k, (3, 5, 7), l, make_config("topk", "local", 2)).info["num_blocks"] for l in range(6)]
+    # 1D: 3 frames; 2D: ceil(5/2) * ceil(7/3) = 9; 3D: ceil(3/2) * ceil(5/4) * ceil(7/3) = 12.
+    assert counts == [3, 9, 12, 3, 9, 12]
+    assert plan_vmoba(q, k, (3, 5, 7), 0, make_config("topk", "local", 1)).perm is None
+
+
+@pytest.mark.parametrize("partition", list(LAYERS))
+@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 9, 11), (1, 1, 5)], ids=["3x5x7", "2x9x11", "1x1x5"])
+def test_partition_blocks_are_coordinate_blocks(grid, partition):
+    config = VMoBAConfig(**SMALL)
+    order = partition_order(grid, LAYERS[partition], config)
+    expected = torch.tensor(reference_blocks(grid, partition, config))
+    perm = torch.arange(math.prod(grid)) if order.perm is None else order.perm
+    # Contiguous plan blocks hold exactly the tokens of one coordinate block each.
+    got = order.block_of_position()
+    assert order.num_blocks == len(set(expected.tolist()))
+    assert torch.equal(expected[perm].unique_consecutive(), torch.arange(order.num_blocks))
+    assert torch.equal(got, expected[perm])
+
+
+@pytest.mark.parametrize("tau", [1e-9, 1.0], ids=["tiny", "one"])
+def test_threshold_extremes(tau, seed):
+    q, k, _ = random_qkv(1, 300, 2, 8, dtype=torch.float64, seed=seed)
+    plan = plan_vmoba(q, k, (5, 6, 10), 1, make_config("threshold", "local", tau))
+    kept = plan.token_keep.sum(-1)
+    if tau < 1e-3:
+        # Only the own block, unless it is the row's lowest (normalised score 0, share 0).
+        assert ((kept == 1) | (kept == 2)).all() and (kept == 1).float().mean() > 0.8
+    else:
+        # Everything but the row's lowest block (normalised score 0, never needed to reach the
+        # total) unless that one is the own block.
+        nb = plan.num_k_blocks
+        assert (kept >= nb - 1).all() and (kept == nb - 1).float().mean() > 0.8
+
+
+# --- attention -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("partition", list(LAYERS))
+@pytest.mark.parametrize("mode,scope", [("topk", "local"), ("threshold", "global")])
+def test_attention_equals_masked_dense_with_text(mode, scope, partition, seed):
+    grid, N, Hh = (3, 5, 7), 105, 2
+    q, k, v = random_qkv(2, N, Hh, 8, dtype=torch.float64, seed=seed, requires_grad=True)
+    ek, ev, _ = random_qkv(2, 5, Hh, 8, dtype=torch.float64, seed=seed + 1, requires_grad=True)
+    emask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    config = make_config(mode, scope, 3 if mode == "topk" else 0.4)
+    scale = 0.3
+    out = vmoba_attention(
+        q, k, v, grid, LAYERS[partition], config,
+        extra_k=ek, extra_v=ev, extra_mask=emask, scale=scale, backend="reference",
+    )
+    mask = reference_mask(q.detach(), k.detach(), grid, partition, config)
+    expected = masked_attention(q, k, v, mask, ek, ev, emask, scale)
+    assert_close(out, expected, torch.float64, "forward")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, ek, ev), grad)
+    want = torch.autograd.grad(expected, (q, k, v, ek, ev), grad)
+    for name, g, w in zip(("q", "k", "v", "extra_k", "extra_v"), got, want):
+        assert_close(g, w, torch.float64, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("partition", list(LAYERS))
+def test_dense_limit_equals_sdpa(partition, scope, backend, seed):
+    grid = (5, 6, 10)
+    q, k, v = random_qkv(1, 300, 2, 16, seed=seed)
+    config = make_config("topk", scope, 10_000)
+    out, plan = vmoba_attention(q, k, v, grid, LAYERS[partition], config, backend=backend, return_plan=True)
+    assert plan.density() == pytest.approx(1.0)
+    assert_close(out, dense_attention(q, k, v), torch.float32, "dense limit")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("partition", list(LAYERS))
+@pytest.mark.parametrize("mode,scope,value", SELECTION_CASES[::2])
+def test_torch_backend_matches_reference(mode, scope, value, partition, dtype, seed):
+    grid, Hh = (5, 6, 10), 2
+    q, k, v = random_qkv(2, 300, Hh, 16, dtype=dtype, seed=seed, requires_grad=True)
+    ek, ev, _ = random_qkv(2, 4, Hh, 16, dtype=dtype, seed=seed + 1, requires_grad=True)
+    emask = torch.tensor([[True, False, True, True], [True] * 4])
+    config = make_config(mode, scope, value, query_block=32)
+    grad = torch.randn(2, 300, Hh, 16, dtype=dtype)
+    results = {}
+    for backend in ("reference", "torch"):
+        out = vmoba_attention(
+            q, k, v, grid, LAYERS[partition], config,
+            extra_k=ek, extra_v=ev, extra_mask=emask, backend=backend,
+        )
+        results[backend] = (out, *torch.autograd.grad(out, (q, k, v, ek, ev), grad))
+    for name, got, want in zip(("out", "q", "k", "v", "ek", "ev"), results["torch"], results["reference"]):
+        # Gradients sum over many keys: allow a few times the output tolerance in float32.
+        tol = TOLERANCE[dtype] * (1 if name == "out" or dtype == torch.float64 else 5)
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.1g}"
+
+
+# --- config and arguments ------------------------------------------------------------------------
+def test_config_defaults_and_omegaconf():
+    default = VMoBAConfig()
+    assert (default.mode, default.scope) == ("topk", "local")
+    training = VMoBAConfig.training()
+    assert (training.mode, training.scope, training.tau) == ("threshold", "global", 0.25)
+    structured = OmegaConf.structured(VMoBAConfig)
+    merged = OmegaConf.merge(structured, {"block_3d": [2, 4, 4], "scope": "global"})
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, VMoBAConfig) and config.block_3d == (2, 4, 4)
+    assert config.scope == "global"
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mode", "topp"),
+        ("scope", "regional"),
+        ("tau", 0.0),
+        ("tau", 1.5),
+        ("topk", 0),
+        ("block_1d", 0),
+        ("block_2d", (4,)),
+        ("block_3d", (2, 0, 2)),
+        ("query_block", 0),
+    ],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        VMoBAConfig(**{field: value})
+
+
+def test_argument_errors():
+    q, k, v = random_qkv(1, 105, 2, 8, seed=3)
+    with pytest.raises(ValueError, match="grid"):
+        vmoba_attention(q, k, v, (3, 5, 6), backend="reference")
+    with pytest.raises(ValueError, match="topk"):
+        vmoba_attention(q, k, v, (3, 5, 7), topk=0, backend="reference")
+    with pytest.raises(ValueError, match="tau"):
+        vmoba_attention(q, k, v, (3, 5, 7), mode="threshold", tau=2.0, backend="reference")
+    with pytest.raises(ValueError, match="mode"):
+        vmoba_attention(q, k, v, (3, 5, 7), mode="sample", backend="reference")
+    with pytest.raises(ValueError, match="scope"):
+        vmoba_attention(q, k, v, (3, 5, 7), scope="all", backend="reference")
+    with pytest.raises(ValueError, match="valid options are .*topk"):
+        vmoba_attention(q, k, v, (3, 5, 7), top_k=3, backend="reference")
+    with pytest.raises(ValueError, match="layer_index"):
+        vmoba_attention(q, k, v, (3, 5, 7), layer_index=-1, backend="reference")
+    bad = q.clone()
+    bad[0, 7, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="q contains"):
+        vmoba_attention(bad, k, v, (3, 5, 7), 2, **SMALL, topk=2, backend="reference")
+    bad_k = k.clone()
+    bad_k[0, 3, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="k contains"):
+        plan_vmoba(q, bad_k, (3, 5, 7), 1, make_config("threshold", "global", 0.5))
