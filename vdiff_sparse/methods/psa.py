@@ -1,0 +1,434 @@
+"""PSA: pyramid sparse attention — every (query block, key block) pair gets a pool level.
+
+Semantics (DESIGN §4.2), per batch and head:
+
+1. Tokens are optionally reordered (``reorder``: ``"none"``, ``"tile"`` cubes or a 3D
+   ``"hilbert"`` curve), then cut into query blocks of ``block_q`` and key blocks of ``block_k``
+   consecutive plan positions (the last block of each may be shorter).
+2. Importance of each (query block, key block), ``[n_q_blocks, n_k_blocks]`` per head:
+
+   * ``"sampled"`` (default): ``s`` evenly spaced tokens of every block (``s = block / 4``
+     unless ``samples_per_block`` is set; fixed positions, so the same inputs always give the
+     same plan). Logits of the sampled queries against the sampled keys (scale ``D**-0.5``),
+     the max over each key block's samples, ``exp(blockmax - rowmax)`` per sampled query, the
+     max over the query block's samples, then each row normalised to sum 1. With ``s``
+     samples per block of ``b`` tokens this costs ``(s / b)**2`` of the dense ``q kᵀ``
+     (1/16 at the default ``s = b / 4``).
+   * ``"mean_pooled"``: softmax over key blocks of ``mean(q_block) . mean(k_block) * scale``;
+     ``(1 / (b_q b_k))`` of the dense cost.
+
+3. Level allocation per row (:func:`allocate_levels`), ``0`` = skipped:
+
+   * ``"threshold"``: rank the row descending; a block's *share before* is the cumulative
+     importance of the blocks ranked above it. It gets the finest pool factor ``p`` whose
+     threshold ``thresholds[p]`` its share before has not reached yet (so the block crossing
+     each threshold is included in that level), or is skipped if it has reached every
+     threshold. The top ``max(1, ceil(min_full_fraction * n_k_blocks))`` blocks are at ``p = 1``
+     whatever the thresholds.
+   * ``"quantile"``: fixed fractions of the row's blocks per level, by rank: the first
+     ``ceil(fractions[1] * n)`` blocks at ``p = 1``, up to ``ceil((fractions[1] + fractions[2])
+     * n)`` at ``p = 2``, and so on; the rest are skipped. ``fractions={1: 1.0}`` is dense,
+     ``fractions={2: 1.0}`` puts every pair at ``p = 2`` (density 1/2).
+
+4. Optional ``similarity_cap``: key block ``j`` may be seen at factor ``p`` only if the mean
+   cosine similarity between the first and last key of its pool groups of ``p`` (adjacent keys
+   for ``p = 2``) is above ``similarity_cap[p]``; otherwise it gets the largest lower factor
+   that is allowed (``p = 1`` always is).
+5. Attention (any backend): a pooled key's logit gets ``+ ln(count)``, all entries of a query
+   share one softmax, plus the always-attended extra (text) keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..attention import run_plan
+from ..checks import check_choice, check_finite, check_qkv
+from ..layout import BlockOrder, Grid, hilbert_order, sequence_order, tile_order, uniform_offsets
+from ..plan import LEVELS, AttentionPlan, pack_block_selection
+
+MODES = ("threshold", "quantile")
+REORDERS = ("none", "tile", "hilbert")
+IMPORTANCES = ("sampled", "mean_pooled")
+
+# The sampled logits of one chunk stay below this many elements (64 MiB in fp32): one head at
+# N = 32K with 128-token blocks is 67M sampled pairs, split into a few query-block chunks.
+_CHUNK_ELEMENTS = 2**24
+
+
+def _level_dict(
+    name: str, value, keys: tuple[int, ...], lo: float, hi: float, lo_open: bool
+) -> dict[int, float]:
+    """``value`` as ``{level: float}`` sorted by level, keys among ``keys``, values in range."""
+    try:
+        items = dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be a dict {{level: float}} with levels among {list(keys)}, got {value!r}"
+        ) from None
+    if any(isinstance(key, bool) or key not in keys for key in items):
+        raise ValueError(f"{name} keys must be pool levels among {list(keys)}, got {list(items)}")
+    interval = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+    out = {}
+    for key in sorted(items):
+        val = items[key]
+        if (
+            isinstance(val, bool)
+            or not isinstance(val, (int, float))
+            or not (lo < val <= hi if lo_open else lo <= val <= hi)
+        ):
+            raise ValueError(f"{name}[{key}] must be a float in {interval}, got {val!r}")
+        out[int(key)] = float(val)
+    return out
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+@dataclass
+class PSAConfig:
+    """PSA settings (``OmegaConf.structured``-compatible).
+
+    Defaults follow the released presets of the PSA authors (``configs/attention_config.yaml``
+    of ziplab/Pyramid-Sparse-Attention): the Wan 2.1 1.3B ``psa_balanced`` preset uses
+    128 / 128 blocks and cumulative-share bounds 0.5 / 0.6 / 0.7 / 0.8 for p = 1 / 2 / 4 / 8
+    (``thresholdbound`` mode), ``min_full_attn_ratio = 0.06``, a 3D Gilbert (Hilbert-like)
+    reorder and cosine caps 0.7 / 0.65 / 0.6 for p = 2 / 4 / 8 when the similarity mask is on.
+    The quantile fractions are the repository's default ``topk`` split (10% full, 5% at 2x,
+    20% at 8x, the rest skipped).
+
+    Attributes:
+        block_q: query block size (plan positions).
+        block_k: key block size; every pool level pools within these blocks.
+        mode: ``"threshold"`` (cumulative importance share) or ``"quantile"`` (fixed
+            fractions of blocks by rank).
+        thresholds: threshold mode, ``{p: cumulative share}`` for p among 1, 2, 4, 8, each in
+            (0, 1], strictly increasing with ``p``. A level left out is never used.
+        fractions: quantile mode, ``{p: fraction of key blocks}``, each in [0, 1], summing to
+            at most 1 (and more than 0).
+        min_full_fraction: threshold mode, at least ``ceil(min_full_fraction * n_k_blocks)``
+            (and at least one) blocks per row at p = 1, in [0, 1].
+        similarity_cap: ``{p: cosine}`` for p among 2, 4, 8, each in [-1, 1], or ``None``
+            (no cap). See the module docstring.
+        reorder: ``"none"``, ``"tile"`` (``tile``-shaped cubes, ragged at the edges) or
+            ``"hilbert"`` (3D Hilbert curve).
+        tile: ``(c_t, c_h, c_w)`` cube of ``reorder="tile"``.
+        samples_per_block: tokens sampled per block for the importance estimate; ``None`` is
+            a quarter of the block (at least one).
+        importance: ``"sampled"`` or ``"mean_pooled"``.
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    mode: str = "threshold"
+    thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8})
+    fractions: dict[int, float] = field(default_factory=lambda: {1: 0.1, 2: 0.05, 8: 0.2})
+    min_full_fraction: float = 0.06
+    similarity_cap: Optional[dict[int, float]] = None
+    reorder: str = "hilbert"
+    tile: tuple[int, int, int] = (2, 4, 4)
+    samples_per_block: Optional[int] = None
+    importance: str = "sampled"
+
+    def __post_init__(self) -> None:
+        self.block_q = _positive_int("block_q", self.block_q)
+        self.block_k = _positive_int("block_k", self.block_k)
+        check_choice("mode", self.mode, MODES)
+        check_choice("reorder", self.reorder, REORDERS)
+        check_choice("importance", self.importance, IMPORTANCES)
+        self.thresholds = _level_dict("thresholds", self.thresholds, LEVELS, 0.0, 1.0, lo_open=True)
+        if not self.thresholds:
+            raise ValueError("thresholds must name at least one level among [1, 2, 4, 8], got {}")
+        values = list(self.thresholds.values())
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError(
+                f"thresholds must increase strictly with the pool level (coarser levels cover "
+                f"less important blocks), got {self.thresholds}"
+            )
+        self.fractions = _level_dict("fractions", self.fractions, LEVELS, 0.0, 1.0, lo_open=False)
+        total = sum(self.fractions.values())
+        if not 0 < total <= 1 + 1e-9:
+            raise ValueError(f"fractions must sum to a value in (0, 1], got {self.fractions} (sum {total:g})")
+        if (
+            isinstance(self.min_full_fraction, bool)
+            or not isinstance(self.min_full_fraction, (int, float))
+            or not 0 <= self.min_full_fraction <= 1
+        ):
+            raise ValueError(f"min_full_fraction must be a float in [0, 1], got {self.min_full_fraction!r}")
+        self.min_full_fraction = float(self.min_full_fraction)
+        if self.similarity_cap is not None:
+            self.similarity_cap = _level_dict(
+                "similarity_cap", self.similarity_cap, LEVELS[1:], -1.0, 1.0, lo_open=False
+            )
+        try:
+            tile = tuple(self.tile)
+        except TypeError:
+            tile = ()
+        if len(tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
+            raise ValueError(f"tile must be a tuple of 3 positive ints (c_t, c_h, c_w), got {self.tile!r}")
+        self.tile = tile
+        if self.samples_per_block is not None:
+            self.samples_per_block = _positive_int("samples_per_block", self.samples_per_block)
+
+    def replace(self, **overrides) -> "PSAConfig":
+        """A copy with ``overrides`` applied (validated); unknown names raise ``ValueError``."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown PSA option(s) {unknown}; valid options are {fields}")
+        return dataclasses.replace(self, **overrides)
+
+
+# --- level allocation ----------------------------------------------------------------------
+def allocate_levels(importance: torch.Tensor, config: PSAConfig) -> torch.Tensor:
+    """Pool factor of every key block of every row.
+
+    Args:
+        importance: ``[..., n_k_blocks]`` non-negative importance rows (need not sum to 1).
+        config: mode, thresholds / fractions and ``min_full_fraction`` are used.
+
+    Returns:
+        ``[..., n_k_blocks]`` int64, ``p`` in {1, 2, 4, 8} or ``0`` for skipped blocks.
+    """
+    nk = importance.shape[-1]
+    # Stable sort: tied blocks are ranked by block id, so ties never make a plan vary.
+    ranked, order = importance.double().sort(dim=-1, descending=True, stable=True)
+    level_of_rank = torch.zeros_like(order)
+    if config.mode == "threshold":
+        running = ranked.cumsum(-1)
+        # The total is the same running sum's end, so a threshold of 1 stops exactly at the
+        # last non-zero block instead of wherever rounding of a separate sum() would put it.
+        total = running[..., -1:]
+        before = torch.cat([torch.zeros_like(total), running[..., :-1]], -1)
+        # Coarsest level first: a finer level whose (smaller) threshold is not reached yet wins.
+        for p in sorted(config.thresholds, reverse=True):
+            level_of_rank = torch.where(before < config.thresholds[p] * total, p, level_of_rank)
+        n_full = max(1, math.ceil(config.min_full_fraction * nk - 1e-9))
+        level_of_rank[..., :n_full] = 1
+    else:
+        rank = torch.arange(nk, device=importance.device)
+        # Coarsest level first, as above; each level ends at the cumulative fraction of the
+        # levels up to it (rounded up, so a non-zero fraction always gets a block).
+        for p in sorted(config.fractions, reverse=True):
+            cumulative = sum(f for q, f in config.fractions.items() if q <= p)
+            end = min(nk, math.ceil(cumulative * nk - 1e-9))
+            level_of_rank = torch.where(rank < end, p, level_of_rank)
+    return torch.zeros_like(order).scatter_(-1, order, level_of_rank)
+
+
+# --- importance ----------------------------------------------------------------------------
+def _sample_positions(offsets: torch.Tensor, samples: int) -> torch.Tensor:
+    """``[n_blocks, samples]`` evenly spaced plan positions inside each block (repeated when
+    a block is shorter than ``samples``)."""
+    sizes = offsets.diff()
+    i = torch.arange(samples, device=offsets.device)
+    return offsets[:-1, None] + ((2 * i + 1) * sizes[:, None]).div(2 * samples, rounding_mode="floor")
+
+
+def _block_means(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[R, N, D]`` -> ``[R, n_blocks, D]`` mean of every block."""
+    block = BlockOrder(None, offsets).block_of_position()
+    sums = x.new_zeros(x.shape[0], offsets.numel() - 1, x.shape[-1]).index_add_(1, block, x)
+    return sums / offsets.diff().to(x.dtype)[:, None]
+
+
+def _sampled_importance(
+    qp: torch.Tensor, kp: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    sq: int, sk: int, scale: float,
+) -> torch.Tensor:
+    """``[R, N, D]`` q, k in plan order -> ``[R, n_q_blocks, n_k_blocks]`` rows summing to 1."""
+    R = qp.shape[0]
+    nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
+    qs = qp[:, _sample_positions(q_offsets, sq)] * scale  # [R, nqb, sq, D]; scaled here, not the logits
+    ks = kp[:, _sample_positions(k_offsets, sk).reshape(-1)]  # [R, nkb*sk, D]
+    per_query_block = sq * nkb * sk
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // per_query_block)
+    heads_per_chunk = max(1, rows_per_chunk // nqb)
+    blocks_per_chunk = min(nqb, rows_per_chunk)
+    out = qp.new_empty(R, nqb, nkb)
+    for r0 in range(0, R, heads_per_chunk):
+        r1 = min(R, r0 + heads_per_chunk)
+        for b0 in range(0, nqb, blocks_per_chunk):
+            b1 = min(nqb, b0 + blocks_per_chunk)
+            logits = torch.einsum("rbsd,rkd->rbsk", qs[r0:r1, b0:b1], ks[r0:r1])
+            block_max = logits.reshape(r1 - r0, b1 - b0, sq, nkb, sk).amax(-1)
+            row_max = block_max.amax(-1, keepdim=True)
+            out[r0:r1, b0:b1] = (block_max - row_max).exp_().amax(2)
+    return out / out.sum(-1, keepdim=True)
+
+
+def _mean_pooled_importance(
+    qp: torch.Tensor, kp: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, scale: float
+) -> torch.Tensor:
+    logits = torch.einsum("rbd,rkd->rbk", _block_means(qp, q_offsets), _block_means(kp, k_offsets))
+    return torch.softmax(logits * scale, dim=-1)
+
+
+def block_similarity(kp: torch.Tensor, k_offsets: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean cosine similarity between the first and last key of every pool group of ``p``.
+
+    Args:
+        kp: ``[R, N, D]`` keys in plan order.
+        k_offsets: key block boundaries; groups start at each block start, the last group of
+            a block may be shorter.
+        p: pool factor.
+
+    Returns:
+        ``[R, n_k_blocks]``; a block without any group of two or more keys (pooling it is
+        exact) gets 1.
+    """
+    n = kp.shape[1]
+    nkb = k_offsets.numel() - 1
+    block = BlockOrder(None, k_offsets).block_of_position()
+    within = torch.arange(n, device=kp.device) - k_offsets[:-1][block]
+    first = torch.nonzero(within % p == 0).squeeze(1)
+    last = torch.minimum(first + p, k_offsets[1:][block[first]]) - 1
+    cos = torch.nn.functional.cosine_similarity(kp[:, first], kp[:, last], dim=-1)
+    real = (last > first).to(kp.dtype)
+    sums = kp.new_zeros(kp.shape[0], nkb).index_add_(1, block[first], cos * real)
+    counts = kp.new_zeros(nkb).index_add_(0, block[first], real)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), 1.0)
+
+
+def _cap_levels(
+    levels: torch.Tensor, kp: torch.Tensor, k_offsets: torch.Tensor, cap: dict[int, float]
+) -> torch.Tensor:
+    """Lower ``levels`` ``[R, nqb, nkb]`` where a key block's keys are too dissimilar."""
+    for p in (8, 4, 2):  # coarse first, so a demoted block is checked again one level down
+        if p not in cap:
+            continue
+        denied = block_similarity(kp, k_offsets, p) <= cap[p]  # [R, nkb]
+        levels = torch.where((levels == p) & denied[:, None, :], p // 2, levels)
+    return levels
+
+
+# --- plan ----------------------------------------------------------------------------------
+def _order(grid: Grid, n: int, config: PSAConfig, device) -> BlockOrder:
+    if config.reorder == "tile":
+        return tile_order(grid, config.tile, device=device)
+    if config.reorder == "hilbert":
+        return hilbert_order(grid, config.block_q, device=device)
+    return sequence_order(n, config.block_q, device=device)
+
+
+def plan_psa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grid: Grid,
+    config: PSAConfig | None = None,
+    *,
+    scale: float | None = None,
+) -> AttentionPlan:
+    """Give every (query block, key block) pair of every batch and head a pool level.
+
+    Args:
+        q, k: ``[B, N, heads, D]`` video tokens, ``N = T*H*W`` frame-major row-major.
+        grid: latent grid ``(T, H, W)``.
+        config: :class:`PSAConfig`; ``None`` for the defaults.
+        scale: logit scale of the importance estimate, ``D ** -0.5`` if ``None`` (pass the
+            attention's own scale when it differs).
+
+    Returns:
+        An :class:`AttentionPlan` (``method="psa"``) with ``perm`` the reorder, uniform query
+        blocks of ``block_q`` and key blocks of ``block_k`` plan positions, ``kv_index`` /
+        ``kv_level`` ``[B, H, n_q_blocks, max_kv]`` in ascending key block order, and ``info``
+        holding the config and ``level_histogram`` (number of (b, h, query block, key block)
+        pairs per pool factor, ``0`` = skipped).
+    """
+    config = PSAConfig() if config is None else config
+    grid = check_qkv(q, k, k, grid)
+    check_finite(q=q, k=k)
+    B, n, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    order = _order(grid, n, config, q.device)
+    q_offsets = uniform_offsets(n, config.block_q).to(q.device)
+    k_offsets = uniform_offsets(n, config.block_k).to(q.device)
+    nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
+
+    work_dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.no_grad():
+        # [B*H, N, D] in plan order: every row below is one (batch, head).
+        qp = order.permute(q.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(work_dtype)
+        kp = order.permute(k.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(work_dtype)
+        if config.importance == "sampled":
+            sq = config.samples_per_block or max(1, config.block_q // 4)
+            sk = config.samples_per_block or max(1, config.block_k // 4)
+            importance = _sampled_importance(qp, kp, q_offsets, k_offsets, sq, sk, scale)
+        else:
+            importance = _mean_pooled_importance(qp, kp, q_offsets, k_offsets, scale)
+        levels = allocate_levels(importance, config)
+        if config.similarity_cap:
+            levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
+        levels = levels.view(B, H, nqb, nkb)
+        kv_index, kv_level = pack_block_selection(levels > 0, levels)
+        counts = torch.bincount(levels.reshape(-1), minlength=max(LEVELS) + 1).tolist()
+
+    return AttentionPlan(
+        perm=order.perm,
+        q_offsets=q_offsets,
+        k_offsets=k_offsets,
+        kv_index=kv_index,
+        kv_level=kv_level,
+        method="psa",
+        info={
+            "config": config,
+            "level_histogram": {p: counts[p] for p in (0, *LEVELS)},
+            "num_q_blocks": nqb,
+            "num_k_blocks": nkb,
+        },
+    )
+
+
+def psa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Grid,
+    config: PSAConfig | None = None,
+    *,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_plan: bool = False,
+    **overrides,
+):
+    """Pyramid sparse attention of video tokens (plus always-attended extra keys).
+
+    Args:
+        q, k, v: ``[B, N, heads, D]`` video tokens, ``N = T*H*W`` frame-major row-major.
+        grid: latent grid ``(T, H, W)``.
+        config: :class:`PSAConfig`; ``None`` for the defaults.
+        extra_k, extra_v: ``[B, Ne, heads, D]`` keys every query attends (text), or ``None``.
+        extra_mask: ``[B, Ne]`` bool, False for padding among the extra keys.
+        scale: logit scale, ``D ** -0.5`` if ``None`` (also used by the importance estimate).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
+        return_plan: also return the :class:`AttentionPlan`.
+        **overrides: :class:`PSAConfig` fields replacing those of ``config``
+            (e.g. ``mode="quantile", fractions={1: 0.2}``); unknown names raise ``ValueError``.
+
+    Returns:
+        ``[B, N, heads, D]`` in the original token order, or ``(out, plan)``.
+    """
+    config = PSAConfig() if config is None else config
+    if overrides:
+        config = config.replace(**overrides)
+    check_qkv(q, k, v, grid)
+    plan = plan_psa(q, k, grid, config, scale=scale)
+    out = run_plan(
+        q, k, v, plan,
+        extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, scale=scale, backend=backend,
+    )
+    return (out, plan) if return_plan else out
+
+
+__all__ = ["PSAConfig", "allocate_levels", "block_similarity", "plan_psa", "psa_attention"]
