@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..plan import LEVELS, AttentionPlan, TokenWindow
+from ..plan import LEVELS, AttentionPlan
 from .base import Backend, ExtraKeys
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
@@ -51,40 +51,28 @@ def _to_blocks(x: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor) -> tor
     return torch.cat([xt, xt.new_zeros(B, H, 1, D)], 2)[:, :, pos]
 
 
-def _window_outside(window: TokenWindow, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """``[r, bq, E, w]`` True where key ``k_pos [r, E, w]`` is outside the window of query
-    ``q_pos [r, bq]`` (pad positions past the end are clamped; they are masked elsewhere)."""
-    n = window.coords.shape[0]
-    q_pos = q_pos.clamp(max=n - 1)
-    k_pos = k_pos.clamp(max=n - 1)
-    outside = None
-    for axis in range(3):
-        lo = window.lo[q_pos, axis][:, :, None, None]  # [r, bq, 1, 1]
-        hi = window.hi[q_pos, axis][:, :, None, None]
-        x = window.coords[k_pos, axis].unsqueeze(1)  # [r, 1, E, w]
-        out = (x < lo) | (x > hi)
-        d = window.dilation[axis]
-        if d > 1:
-            out |= torch.remainder(x - lo, d) != 0
-        outside = out if outside is None else outside | out
-    return outside
-
-
 class _Level:
-    """One pool level: pooled key/value blocks and each row's entries at this level."""
+    """One pool level: where its pooled keys sit in the flat key table, and each row's
+    entries at this level."""
 
-    def __init__(self, p, keys, values, bias, index, drop, counts):
+    def __init__(self, p, table_offset, width, index, drop, counts):
         self.p = p
-        self.keys = keys  # [B*H*n_k_blocks, width/p, D]
-        self.values = values  # [B*H*n_k_blocks, width/p, Dv]
-        self.bias = bias  # [n_k_blocks, width/p]: ln(count), -inf in empty slots
+        self.table_offset = table_offset  # first row of this level in the flat key table
+        self.width = width  # pooled keys per block
         self.index = index  # [R, E] key block ids, packed to the front, -1 = unused
         self.drop = drop  # [B'|1, H'|1, N + 1, E] True where a query skips an entry, or None
         self.counts = counts  # entries used by each row (a list, in sorted row order)
 
 
 class _Problem:
-    """Everything the chunks need, prepared once per call."""
+    """Everything the chunks need, prepared once per call.
+
+    All keys any row can see (every pool level's pooled blocks and the extra keys, for every
+    batch and head) sit in one flat table with a matching bias table (``ln count``, ``-inf``
+    for pad slots and masked extra keys) and a final all-zero "null" key with bias ``-inf``.
+    A chunk then builds one index list per row and does one gather: no concatenation of
+    gathered keys.
+    """
 
     def __init__(self, q, k, v, plan: AttentionPlan, extra: ExtraKeys | None, scale: float):
         B, N, H, D = q.shape
@@ -108,12 +96,14 @@ class _Problem:
         # Row r = (b, h, query block); plan tensors may broadcast over b and h.
         r = torch.arange(self.rows, device=dev)
         self.row_b, self.row_h, self.row_qb = r // (H * nqb), (r // nqb) % H, r % nqb
+        self.row_bh = self.row_b * H + self.row_h
         bp, hp = plan.kv_index.shape[:2]
         self.plan_b = self.row_b if bp > 1 else torch.zeros_like(r)
         self.plan_h = self.row_h if hp > 1 else torch.zeros_like(r)
-        # Offset of each row's (b, h) in the flattened [B*H*n_k_blocks] key tables.
-        self.key_base = (self.row_b * H + self.row_h) * nkb
+        self.nkb = nkb
 
+        key_parts, val_parts, bias_parts = [], [], []
+        offset = 0
         self.levels: list[_Level] = []
         cost = torch.zeros(self.rows, device=dev)
         for p in present:
@@ -126,6 +116,9 @@ class _Problem:
                 denom = count.clamp(min=1).to(q.dtype)[:, :, None]
                 pk = k_blocks.unflatten(3, (width // p, p)).sum(4) / denom
                 pv = v_blocks.unflatten(3, (width // p, p)).sum(4) / denom
+            key_parts.append(pk.reshape(-1, D))
+            val_parts.append(pv.reshape(-1, self.Dv))
+            bias_parts.append(bias.reshape(-1).repeat(B * H))
             e = int(use.sum(-1).max())
             order = (~use).to(torch.int8).argsort(dim=-1, stable=True)[..., :e]
             index = torch.where(use.gather(-1, order), plan.kv_index.gather(-1, order), -1)
@@ -138,30 +131,35 @@ class _Problem:
             row_index = index[self.plan_b, self.plan_h, self.row_qb]  # [R, e]
             row_count = (row_index >= 0).sum(-1)
             cost += row_count * (width // p)
-            self.levels.append(
-                _Level(
-                    p,
-                    pk.reshape(B * H * nkb, width // p, D),
-                    pv.reshape(B * H * nkb, width // p, -1),
-                    bias,
-                    row_index,
-                    drop,
-                    row_count,
-                )
-            )
+            self.levels.append(_Level(p, offset, width // p, row_index, drop, row_count))
+            offset += B * H * nkb * (width // p)
+        self.extra_offset = offset
+        if extra is not None:
+            bias = torch.zeros(extra.k.shape[:2], dtype=q.dtype, device=dev)
+            if extra.mask is not None:
+                bias = bias.masked_fill(~extra.mask, float("-inf"))
+            key_parts.append(extra.k.transpose(1, 2).reshape(-1, D))
+            val_parts.append(extra.v.transpose(1, 2).reshape(-1, self.Dv))
+            bias_parts.append(bias[:, None, :].expand(B, H, -1).reshape(-1))
+            offset += extra.k.shape[1] * B * H
+        self.null = offset
+        key_parts.append(q.new_zeros(1, D))
+        val_parts.append(v.new_zeros(1, self.Dv))
+        bias_parts.append(torch.full((1,), float("-inf"), dtype=q.dtype, device=dev))
+        self.key_table = torch.cat(key_parts)
+        self.value_table = torch.cat(val_parts)
+        self.bias_table = torch.cat(bias_parts)
+        if plan.window is not None:  # small ints: the window test is many full-size passes
+            window = plan.window
+            small = torch.int16 if int(window.coords.max()) < 2**14 else torch.int32
+            self.window = (window.coords.to(small), window.lo.to(small), window.hi.to(small),
+                           window.dilation)
+
         # Longest rows first, so each chunk pads to a length close to all of its rows.
         self.order = torch.argsort(cost, descending=True, stable=True)
         self.cost = cost[self.order].tolist()
         for level in self.levels:
             level.counts = level.counts[self.order].tolist()
-
-        if extra is not None:
-            bias = torch.zeros(extra.k.shape[:2], dtype=q.dtype, device=dev)
-            if extra.mask is not None:
-                bias = bias.masked_fill(~extra.mask, float("-inf"))
-            self.extra_k = extra.k.transpose(1, 2).reshape(B * H, -1, D)
-            self.extra_v = extra.v.transpose(1, 2).reshape(B * H, -1, extra.v.shape[-1])
-            self.extra_bias = bias  # [B, Ne]
 
     def chunks(self, chunk_bytes: int, itemsize: int):
         """Slices of the sorted rows whose gathered keys and values fit ``chunk_bytes``."""
@@ -176,24 +174,41 @@ class _Problem:
             yield start, stop
             start = stop
 
-    def chunk(self, start: int, stop: int, q_rows: torch.Tensor, *tables) -> torch.Tensor:
+    def _window_outside(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """``[r, bq, E, w]`` True where key ``k_pos [r, E, w]`` is outside the window of query
+        ``q_pos [r, bq]`` (pad positions are clamped; they are masked by their bias)."""
+        coords, lo_all, hi_all, dilation = self.window
+        n = coords.shape[0]
+        q_pos = q_pos.clamp(max=n - 1)
+        k_pos = k_pos.clamp(max=n - 1)
+        outside = None
+        for axis in range(3):
+            lo = lo_all[q_pos, axis][:, :, None, None]  # [r, bq, 1, 1]
+            hi = hi_all[q_pos, axis][:, :, None, None]
+            x = coords[k_pos, axis].unsqueeze(1)  # [r, 1, E, w]
+            out = (x < lo) | (x > hi)
+            if dilation[axis] > 1:
+                out |= torch.remainder(x - lo, dilation[axis]) != 0
+            outside = out if outside is None else outside.logical_or_(out)
+        return outside
+
+    def chunk(self, start: int, stop: int, q_rows, key_table, value_table) -> torch.Tensor:
         """Output ``[stop - start, bq, Dv]`` for sorted rows ``start:stop``."""
         rows = self.order[start:stop]
         qc = q_rows.index_select(0, rows)  # [r, bq, D]
         r, bq = qc.shape[0], qc.shape[1]
-        keys, vals, biases, drops = [], [], [], []
-        for level, pk, pv in zip(self.levels, tables[0::2], tables[1::2]):
+        index, drops, widths = [], [], []
+        for level in self.levels:
             e = max(level.counts[start:stop])
             if e == 0:
                 continue
+            w = level.width
             idx = level.index[rows, :e]  # [r, e]
-            idx0 = idx.clamp(min=0)
-            flat = (self.key_base[rows, None] + idx0).reshape(-1)
-            w = pk.shape[1]
-            keys.append(pk.index_select(0, flat).view(r, e * w, -1))
-            vals.append(pv.index_select(0, flat).view(r, e * w, -1))
-            bias = torch.where((idx >= 0)[..., None], level.bias[idx0], float("-inf"))
-            biases.append(bias.view(r, 1, e * w))
+            first = level.table_offset + ((self.row_bh[rows, None] * self.nkb + idx) * w)
+            first = torch.where(idx >= 0, first, self.null)
+            step = torch.arange(w, device=idx.device) * (idx >= 0)[..., None]
+            index.append((first[..., None] + step).reshape(r, e * w))
+            widths.append(e * w)
             dropped = None
             if level.drop is not None:
                 q_pos = self.q_pos[self.row_qb[rows]]  # [r, bq]
@@ -201,23 +216,29 @@ class _Problem:
                 dropped = dropped.unsqueeze(-1)  # [r, bq, e, 1]
             if level.p == 1 and self.plan.window is not None:
                 q_pos = self.q_pos[self.row_qb[rows]]
-                outside = _window_outside(self.plan.window, q_pos, self.k_pos[idx0])
+                outside = self._window_outside(q_pos, self.k_pos[idx.clamp(min=0)])
                 dropped = outside if dropped is None else dropped | outside
             drops.append(None if dropped is None else dropped.expand(r, bq, e, w).reshape(r, bq, e * w))
         if self.extra is not None:
-            bh = self.row_b[rows] * self.H + self.row_h[rows]
-            keys.append(self.extra_k.index_select(0, bh))
-            vals.append(self.extra_v.index_select(0, bh))
-            biases.append(self.extra_bias.index_select(0, self.row_b[rows]).unsqueeze(1))
+            ne = self.extra.k.shape[1]
+            first = self.extra_offset + self.row_bh[rows, None] * ne
+            index.append(first + torch.arange(ne, device=first.device))
             drops.append(None)
-        if not keys:
+            widths.append(ne)
+        if not index:
             return qc.new_zeros(r, bq, self.Dv)
-        rows_needed = bq if any(d is not None for d in drops) else 1
-        parts = []
-        for bias, dropped in zip(biases, drops):
-            part = bias.expand(r, rows_needed, bias.shape[-1])
-            parts.append(part if dropped is None else part.masked_fill(dropped, float("-inf")))
-        mask = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        index = index[0] if len(index) == 1 else torch.cat(index, 1)  # [r, L]
+        flat = index.reshape(-1)
+        keys = key_table.index_select(0, flat).view(r, 1, -1, self.D)
+        values = value_table.index_select(0, flat).view(r, 1, -1, self.Dv)
+        mask = self.bias_table[index].unsqueeze(1)  # [r, 1, L]
+        if any(d is not None for d in drops):
+            parts = [
+                d if d is not None else torch.zeros(r, bq, width, dtype=torch.bool, device=qc.device)
+                for d, width in zip(drops, widths)
+            ]
+            dropped = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+            mask = mask.expand(r, bq, -1).masked_fill(dropped, float("-inf"))
         # Queries with no key at all must get 0, like the reference. SDPA's CPU kernels do
         # that for fully masked rows (finite gradients too); elsewhere give such rows a
         # harmless all-zero mask row and zero their output after.
@@ -227,11 +248,7 @@ class _Problem:
             mask = mask.masked_fill(empty, 0.0)
         # 4D [r, 1, bq, D]: the layout SDPA's fused CPU kernel takes (3D falls back to math).
         out = F.scaled_dot_product_attention(
-            qc.unsqueeze(1),
-            (keys[0] if len(keys) == 1 else torch.cat(keys, 1)).unsqueeze(1),
-            (vals[0] if len(vals) == 1 else torch.cat(vals, 1)).unsqueeze(1),
-            attn_mask=mask.to(qc.dtype).unsqueeze(1),
-            scale=self.scale,
+            qc.unsqueeze(1), keys, values, attn_mask=mask.unsqueeze(1), scale=self.scale
         ).squeeze(1)
         return out if empty is None else out.masked_fill(empty, 0.0)
 
@@ -260,7 +277,7 @@ def gather_attention(
     B, N, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
     prob = _Problem(q, k, v, plan, extra, scale)
-    tables = [t for level in prob.levels for t in (level.keys, level.values)]
+    tables = (prob.key_table, prob.value_table)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, *(() if extra is None else (extra.k, extra.v)))
     )
