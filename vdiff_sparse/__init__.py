@@ -7,6 +7,11 @@ Functional API (q, k, v are ``[B, N, heads, D]`` with ``N = T*H*W`` frame-major)
 
     from vdiff_sparse import gna_attention, psa_attention, vmoba_attention
     out = gna_attention(q, k, v, grid=(T, H, W), window=(3, 7, 7))
+
+In a diffusers pipeline (video self-attention goes sparse, everything else stays the model's)::
+
+    vdiff_sparse.enable(pipe, PSAProcessor(preset="wan2.1-1.3b"))
+    vdiff_sparse.disable(pipe)
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ _EXPORTS = {
     "VMoBAConfig": "methods.vmoba",
     "plan_vmoba": "methods.vmoba",
     "vmoba_attention": "methods.vmoba",
+    # Processors and their attachment to diffusers models (these import diffusers lazily).
+    "DenseProcessor": "processors",
+    "GNAProcessor": "processors",
+    "PSAProcessor": "processors",
+    "VMoBAProcessor": "processors",
+    "ScheduleConfig": "processors",
+    "available_presets": "processors",
+    "enable": "integration",
+    "disable": "integration",
+    "get_context": "integration",
+    "set_context": "integration",
 }
 
 __all__ = sorted(_EXPORTS)

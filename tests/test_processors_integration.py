@@ -1,0 +1,339 @@
+"""Processor integration: step counting, schedules, stats, presets, errors, pipelines,
+gradient checkpointing, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vdiff_sparse.processors as P
+from vdiff_sparse import integration
+from vdiff_sparse.processors.base import ScheduleConfig
+from vdiff_sparse.tiny_models import tiny_inputs, tiny_wan_pipeline, tiny_wan_transformer
+
+GRID = (3, 4, 5)
+SPARSE = dict(topk=1, block_1d=1, block_2d=(2, 2), block_3d=(1, 2, 2), query_block=16)
+
+
+class Recorder(P.DenseProcessor):
+    """Dense processor that records (layer, step, dense_reason) of every video call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
+        self.calls.append((binding.index, binding.context.step, reason))
+        return super()._attend(q, k, v, extra_k, extra_v, extra_mask, binding=binding, grid=grid, reason=reason)
+
+
+def _forward(model, inputs, t):
+    with torch.no_grad():
+        return model(**dict(inputs, timestep=torch.full_like(inputs["timestep"], t))).sample
+
+
+@pytest.fixture
+def wan(seed):
+    model = tiny_wan_transformer(seed=seed % 1000)
+    return model, tiny_inputs("wan", GRID, seed=seed)
+
+
+# --- step counting and schedules ---------------------------------------------------------------
+def test_step_counter_cfg_and_new_generation(wan):
+    model, inputs = wan
+    rec = Recorder()
+    model.set_attn_processor(rec)  # plain diffusers call: the processor attaches itself
+    # CFG: two calls per step with the same timestep; then a new generation (timestep goes up).
+    for t in (900, 900, 600, 600, 300, 300, 950, 500):
+        _forward(model, inputs, t)
+    steps = [s for layer, s, _ in rec.calls if layer == 0]
+    assert steps == [0, 0, 1, 1, 2, 2, 0, 1]
+    assert integration.get_context(model).grid == GRID
+    integration.disable(model)
+
+
+@pytest.mark.parametrize(
+    "schedule, total, expected",
+    [
+        (dict(dense_steps=2), None, {0: "warmup", 1: "warmup", 2: "", 3: ""}),
+        (dict(dense_steps=0.3), 4, {0: "warmup", 1: "warmup", 2: "", 3: ""}),  # ceil(1.2) = 2
+        (dict(dense_steps=0.25), 4, {0: "warmup", 1: "", 2: "", 3: ""}),
+        (dict(dense_steps=0), None, {0: "", 1: "", 2: "", 3: ""}),
+    ],
+    ids=["count2", "fraction0.3", "fraction0.25", "none"],
+)
+def test_warmup_schedule(wan, schedule, total, expected):
+    model, inputs = wan
+    rec = Recorder(schedule=schedule)
+    integration.enable(model, rec)
+    if total is not None:
+        integration.set_context(model, total_steps=total)
+    for t in (900, 700, 500, 300):
+        _forward(model, inputs, t)
+    got = {s: r for layer, s, r in rec.calls if layer == 0}
+    integration.disable(model)
+    assert got == expected
+
+
+def test_fractional_warmup_needs_total_steps(wan):
+    model, inputs = wan
+    integration.enable(model, P.DenseProcessor(dense_steps=0.5))
+    with pytest.raises(ValueError, match="number of steps is unknown"):
+        _forward(model, inputs, 900)
+    integration.disable(model)
+
+
+def test_dense_layers_and_per_layer_overrides(wan):
+    model, inputs = wan
+    rec = Recorder(dense_layers=[-1])
+    integration.enable(model, rec)
+    _forward(model, inputs, 900)
+    assert [(layer, r) for layer, _, r in rec.calls] == [(0, ""), (1, "layer")]
+    proc = P.VMoBAProcessor(**SPARSE, layers={1: {"topk": 100}}, stats=True)
+    integration.enable(model, proc)
+    _forward(model, inputs, 900)
+    integration.disable(model)
+    dens = {r.layer: r.flop_density for r in proc.stats.records}
+    assert dens[0] < 1.0 and dens[1] == pytest.approx(1.0)
+    assert proc.config_for(1).topk == 100 and proc.config_for(0).topk == 1
+
+
+def test_schedule_config_validation():
+    with pytest.raises(ValueError, match="dense_steps"):
+        ScheduleConfig(dense_steps=2.5)
+    with pytest.raises(ValueError, match="dense_steps"):
+        ScheduleConfig(dense_steps=-1)
+    with pytest.raises(ValueError, match="layers keys"):
+        ScheduleConfig(layers={-1: {}})
+
+
+def test_vmoba_partition_follows_layer_index(seed):
+    """One shared VMoBA instance: each layer plans with its own 1D/2D/3D partition."""
+    model = tiny_wan_transformer(num_layers=3, seed=seed % 1000)
+    inputs = tiny_inputs("wan", GRID, seed=seed)
+    partitions = {}
+
+    class Spy(P.VMoBAProcessor):
+        def attention(self, q, k, v, grid, layer, *, return_plan, **extras):
+            out, plan = super().attention(q, k, v, grid, layer, return_plan=True, **extras)
+            partitions[layer] = plan.info["partition"]
+            return (out, plan) if return_plan else out
+
+    integration.enable(model, Spy(**SPARSE))
+    _forward(model, inputs, 900)
+    integration.disable(model)
+    assert partitions == {0: "1d", 1: "2d", 2: "3d"}
+
+
+# --- stats -------------------------------------------------------------------------------------
+def test_stats_off_by_default_and_records_when_on(wan):
+    model, inputs = wan
+    quiet = P.GNAProcessor(window=2, stride=1)
+    integration.enable(model, quiet)
+    _forward(model, inputs, 900)
+    assert quiet.stats.records == []
+    loud = P.GNAProcessor(window=2, stride=1, stats=True)
+    integration.enable(model, loud)
+    _forward(model, inputs, 900)
+    _forward(model, inputs, 800)
+    integration.disable(model)
+    recs = loud.stats.records
+    assert [(r.layer, r.step) for r in recs] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    n = GRID[0] * GRID[1] * GRID[2]
+    assert all(r.num_tokens == n and 0 < r.flop_density < 1 and r.time_ms > 0 for r in recs)
+    # window 2 per axis with borders shifted inward: exactly 8 keys per query
+    assert recs[0].flop_density == pytest.approx(8 / n)
+    summary = loud.stats.summary()
+    assert summary["calls"] == 4 and set(summary["per_layer"]) == {0, 1}
+    loud.stats.clear()
+    assert loud.stats.records == []
+
+
+def test_psa_density_counts_pooled_keys_fully(wan):
+    model, inputs = wan
+    proc = P.PSAProcessor(mode="quantile", fractions={2: 1.0}, block_q=8, block_k=8, dense_steps=0, stats=True)
+    integration.enable(model, proc)
+    _forward(model, inputs, 900)
+    integration.disable(model)
+    rec = proc.stats.records[0]
+    assert rec.density == pytest.approx(1.0)
+    assert rec.flop_density < 0.75
+
+
+# --- presets and configuration -----------------------------------------------------------------
+@pytest.mark.parametrize("cls", [P.VMoBAProcessor, P.PSAProcessor, P.GNAProcessor, P.DenseProcessor],
+                         ids=lambda c: c.__name__)
+def test_every_preset_loads(cls):
+    presets = P.available_presets()
+    assert {"wan2.1-1.3b", "wan2.2-a14b", "hunyuanvideo", "cogvideox-5b", "ltx-video", "mochi-1"} <= set(presets["models"])
+    for name in [None, *presets["models"]]:
+        proc = cls(preset=name)
+        assert isinstance(proc.config, proc.config_cls)
+
+
+def test_config_sources_in_order():
+    from vdiff_sparse.methods.gna import GNAConfig
+
+    assert P.GNAProcessor(preset="wan2.1-1.3b").config.window == (9, 16, 24)
+    assert P.PSAProcessor(preset="wan2.1-1.3b").schedule.dense_steps == 0.3
+    obj = P.GNAProcessor(GNAConfig(window=(3, 5, 5), stride=2), preset="wan2.1-1.3b", dense_steps=3)
+    assert obj.config.window == (3, 5, 5) and obj.schedule.dense_steps == 3
+    assert P.GNAProcessor({"window": 4}, stride=2).config.stride == 2
+    assert P.VMoBAProcessor(schedule=ScheduleConfig(dense_layers=[0])).schedule.dense_layers == [0]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown preset 'wan9'"):
+        P.PSAProcessor(preset="wan9")
+    with pytest.raises(ValueError, match="is for method 'gna'"):
+        P.PSAProcessor(preset="gna")
+    with pytest.raises(ValueError, match="unknown PSAProcessor option 'treshold'"):
+        P.PSAProcessor(treshold=0.5)
+    with pytest.raises(ValueError, match="unknown vmoba option"):
+        P.VMoBAProcessor({"top_k": 3})
+
+
+# --- errors ------------------------------------------------------------------------------------
+def test_grid_mismatch_error(wan):
+    model, inputs = wan
+    proc = P.DenseProcessor()
+    integration.enable(model, proc)
+    attn = model.blocks[0].attn1
+    integration.set_context(model, grid=(2, 3, 3))
+    x = torch.randn(1, 20, attn.inner_dim)
+    with pytest.raises(ValueError, match=r"grid \(2, 3, 3\) has 18 tokens .* 20 video tokens"):
+        attn(x)
+    integration.disable(model)
+
+
+def test_unsupported_model_and_no_context_errors():
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    attn.set_processor(P.PSAProcessor())
+    with pytest.raises(RuntimeError, match="vdiff_sparse.enable"):
+        attn(torch.randn(1, 6, 16))
+
+    class Other(torch.nn.Module):  # an unsupported diffusers-like model
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def set_attn_processor(self, p):
+            self.attn.set_processor(p)
+
+        def forward(self, x):
+            return self.attn(x)
+
+    with pytest.raises(NotImplementedError, match="unsupported model Other"):
+        Other()(torch.randn(1, 6, 16))
+    with pytest.raises(NotImplementedError, match="unsupported model Other"):
+        integration.enable(Other(), P.PSAProcessor())
+
+
+def test_ltx_without_grid_kwargs_says_how(seed):
+    from vdiff_sparse.tiny_models import tiny_ltx_transformer
+
+    model = tiny_ltx_transformer(seed=seed % 1000)
+    inputs = tiny_inputs("ltx", GRID, seed=seed)
+    integration.enable(model, P.DenseProcessor())
+    inputs = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width")}
+    inputs["video_coords"] = torch.zeros(1, 3, 60)
+    with pytest.raises(RuntimeError, match="set_context"):
+        with torch.no_grad():
+            model(**inputs)
+    integration.disable(model)
+
+
+# --- pipelines ---------------------------------------------------------------------------------
+PIPE_KW = dict(prompt="a cat runs on the beach", negative_prompt="snow", height=32, width=64, num_frames=9,
+               num_inference_steps=3, guidance_scale=2.0, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return tiny_wan_pipeline(seed=1), tiny_wan_pipeline(two_experts=True, seed=2)
+
+
+def _generate(pipe):
+    return pipe(**PIPE_KW, generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.mark.parametrize("make", [
+    lambda: P.DenseProcessor(),
+    lambda: P.VMoBAProcessor(**SPARSE, stats=True),
+    lambda: P.PSAProcessor(block_q=8, block_k=8, mode="quantile", fractions={1: 0.4, 4: 0.3}, dense_steps=1, stats=True),
+    lambda: P.GNAProcessor(window=(2, 2, 3), stride=1, stats=True),
+], ids=["dense", "vmoba", "psa", "gna"])
+def test_wan_pipeline_generates(pipes, make):
+    pipe = pipes[0]
+    ref = _generate(pipe)
+    proc = make()
+    integration.enable(pipe, proc)
+    out = _generate(pipe)
+    integration.disable(pipe)
+    assert out.shape == ref.shape == (1, 9, 3, 32, 64) and torch.isfinite(out).all()
+    if proc.method == "dense":
+        assert (out - ref).abs().max() <= 1e-5
+    else:
+        steps = {r.step for r in proc.stats.records}
+        assert steps == {0, 1, 2}, "steps counted per generation with CFG"
+        assert any(r.flop_density < 1 for r in proc.stats.records)
+    assert torch.equal(_generate(pipe), ref)
+    assert "set_timesteps" not in vars(pipe.scheduler)
+
+
+def test_wan22_two_experts_share_steps(pipes):
+    pipe = pipes[1]
+    ref = _generate(pipe)
+    rec = Recorder(dense_steps=0.5)
+    ctx = integration.enable(pipe, rec)
+    out = _generate(pipe)
+    assert integration.get_context(pipe.transformer_2) is ctx and ctx.total_steps == 3
+    # 3 steps x 2 CFG calls x 2 layers, over both experts; ceil(0.5 * 3) = 2 warm-up steps.
+    assert [(s, r) for layer, s, r in rec.calls if layer == 0] == [
+        (0, "warmup"), (0, "warmup"), (1, "warmup"), (1, "warmup"), (2, ""), (2, "")]
+    _generate(pipe)  # a second generation starts again at step 0
+    assert [s for layer, s, _ in rec.calls if layer == 0][6:] == [0, 0, 1, 1, 2, 2]
+    integration.disable(pipe)
+    assert (out - ref).abs().max() <= 1e-5
+    assert torch.equal(_generate(pipe), ref)
+
+
+# --- training and compilation ------------------------------------------------------------------
+def test_gradient_checkpointing_and_batch(seed):
+    model = tiny_wan_transformer(seed=seed % 1000)
+    inputs = tiny_inputs("wan", GRID, batch=2, seed=seed)
+
+    def grads(proc):
+        model.zero_grad()
+        if proc is not None:
+            integration.enable(model, proc)
+        out = model(**inputs).sample
+        out.square().mean().backward()
+        integration.disable(model)
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    ref = grads(None)
+    model.enable_gradient_checkpointing()
+    dense = grads(P.VMoBAProcessor(topk=1000, stats=True))
+    assert max((a - b).abs().max().item() for a, b in zip(dense, ref)) <= 1e-5
+    proc = P.VMoBAProcessor(**SPARSE, stats=True)
+    sparse = grads(proc)
+    assert len(sparse) == len(ref) and all(torch.isfinite(g).all() for g in sparse)
+    assert max((a - b).abs().max().item() for a, b in zip(sparse, ref)) > 1e-6
+    # recomputation in backward does not log the calls twice
+    assert len(proc.stats.records) == 2
+
+
+def test_torch_compile(wan):
+    model, inputs = wan
+    proc = P.GNAProcessor(window=2, stride=1)
+    integration.enable(model, proc)
+    eager = [_forward(model, inputs, t) for t in (900, 600)]
+    compiled = torch.compile(model, backend="eager")
+    got = [_forward(compiled, inputs, t) for t in (900, 600)]
+    integration.disable(model)
+    for a, b in zip(got, eager):
+        assert (a - b).abs().max() <= 1e-6

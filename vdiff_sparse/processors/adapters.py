@@ -1,0 +1,159 @@
+"""Model adapters: where each diffusers video transformer keeps its video self-attention.
+
+An adapter knows one model family: which attention modules are video self-attention (and their
+layer order), how to read the latent grid and the timestep from the transformer's forward
+inputs, which processor the model uses by default, and how its default processor computes
+q/k/v. Its :meth:`ModelAdapter.forward` repeats that computation exactly (projections, norms,
+RoPE, fused projections, text streams) and hands the video part to ``attend``, the processor's
+attention over video tokens; text queries and everything else stay on the dense path.
+
+Adding a model: subclass :class:`ModelAdapter` in a new file of this package, decorate it with
+:func:`register_adapter` and import the file in ``processors/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import Grid
+
+
+class AttendFn(Protocol):
+    """The processor's attention over video tokens of one layer.
+
+    ``q, k, v``: ``[B, N, heads, D]`` video tokens (frame-major, ``N = T*H*W``);
+    ``extra_k, extra_v``: ``[B, Ne, heads, D]`` keys every video query attends (text), with
+    ``extra_mask`` ``[B, Ne]`` bool (False = padding). Returns ``[B, N, heads, D]``.
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra_k: torch.Tensor | None = None,
+        extra_v: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class ModelAdapter:
+    """One model family. Subclasses set the class attributes and implement the methods."""
+
+    #: short family name used in presets and messages
+    name: str = ""
+    #: class names of the transformers of this family
+    transformer_classes: tuple[str, ...] = ()
+    #: forward argument that carries the diffusion timestep
+    timestep_arg: str = "timestep"
+
+    def grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> Grid | None:
+        """The latent grid ``(T, H, W)`` after patchify from the forward inputs (by name),
+        or ``None`` if these inputs do not tell it."""
+        raise NotImplementedError
+
+    def video_attention(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, module)`` of every video self-attention module, in layer order."""
+        raise NotImplementedError
+
+    def default_processor(self, name: str, module: torch.nn.Module):
+        """A new instance of the processor the model gives ``module`` by default."""
+        cls = getattr(module, "_default_processor_cls", None)
+        if cls is not None:
+            return cls()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()
+
+    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+        """Whether :meth:`forward` handles this call; if not the dense processor runs."""
+        return True
+
+    def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
+        """The default processor's computation with video attention done by ``attend``."""
+        raise NotImplementedError
+
+
+_ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    adapter = cls()
+    for name in cls.transformer_classes:
+        _ADAPTERS[name] = adapter
+    return cls
+
+
+def supported_models() -> list[str]:
+    """Class names of the transformers that have an adapter."""
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(transformer: torch.nn.Module) -> ModelAdapter | None:
+    """The adapter of ``transformer``'s class (or of a base class), or ``None``."""
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__]
+    return None
+
+
+def patched_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> Grid:
+    """Latent ``(frames, height, width)`` -> token grid for a ``(p_t, p_h, p_w)`` patchify."""
+    return tuple(n // p for n, p in zip(shape, patch))  # type: ignore[return-value]
+
+
+def key_mask_from(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
+    """A boolean key-padding mask ``[B, S]`` from a ``[B, S]`` or ``[B, 1, 1, S]`` mask, or
+    ``None`` if it is absent; anything else (per-query masks) raises ``NotImplementedError``."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0]
+    if mask.dim() != 2 or mask.shape[1] != total:
+        raise NotImplementedError(
+            f"only key-padding masks [B, S] or [B, 1, 1, S] with S={total} are supported, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return mask if mask.dtype == torch.bool else mask > 0
+
+
+def joint_attention(
+    attend: AttendFn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    video: slice,
+    text: slice,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention over one joint sequence of video and text tokens, ``[B, S, heads, D]``.
+
+    Video queries go through ``attend`` with the text keys as extra keys; text queries attend
+    every key densely (SDPA). ``key_mask`` ``[B, S]`` bool marks the real keys (text padding
+    False). Returns ``[B, S, heads, D]`` in the input's token order.
+    """
+    qt, kt, vt = q[:, text], k[:, text], v[:, text]
+    text_mask = None if key_mask is None else key_mask[:, text]
+    out_video = attend(q[:, video], k[:, video], v[:, video], kt, vt, text_mask)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out_text = F.scaled_dot_product_attention(
+        qt.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    parts = sorted([(video.start or 0, out_video), (text.start or 0, out_text)], key=lambda p: p[0])
+    return torch.cat([p[1] for p in parts], dim=1)
+
+
+def check_grid_matches(grid: Grid, num_tokens: int, where: str) -> None:
+    if math.prod(grid) != num_tokens:
+        raise ValueError(
+            f"the latent grid {tuple(grid)} has {math.prod(grid)} tokens but {where} has "
+            f"{num_tokens} video tokens; the grid must be (T, H, W) after patchify with "
+            f"T*H*W == number of video tokens (set it with vdiff_sparse.set_context(model, grid=...) "
+            f"or let the transformer's forward pre-hook infer it)"
+        )
+

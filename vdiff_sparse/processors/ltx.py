@@ -1,0 +1,45 @@
+"""LTX-Video (``LTXVideoTransformer3DModel``): the grid comes as forward kwargs.
+
+The transformer takes packed tokens ``[B, N, C]`` with ``num_frames``, ``height``, ``width``
+(latent sizes before patchify) as keyword arguments; without them (``video_coords`` only) the
+grid is unknown and must be given with ``vdiff_sparse.set_context(transformer, grid=...)``.
+Self-attention (``transformer_blocks.i.attn1``) uses the processor's attention; cross-attention
+(``attn2``) stays dense. q/k/v as ``LTXVideoAttnProcessor``: projections, RMSNorm across heads,
+RoPE before the head split.
+"""
+
+from __future__ import annotations
+
+from .adapters import ModelAdapter, patched_grid, register_adapter
+
+
+@register_adapter
+class LTXAdapter(ModelAdapter):
+    name = "ltx"
+    transformer_classes = ("LTXVideoTransformer3DModel",)
+
+    def grid(self, transformer, inputs):
+        sizes = [inputs.get(k) for k in ("num_frames", "height", "width")]
+        if any(s is None for s in sizes):
+            return None
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return patched_grid(tuple(int(s) for s in sizes), (p_t, p, p))
+
+    def video_attention(self, transformer):
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
+
+    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        return encoder_hidden_states is None and attention_mask is None
+
+    def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, rotary_emb)
+            key = apply_rotary_emb(key, rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        out = attend(query, key, value).flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))

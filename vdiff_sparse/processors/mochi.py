@@ -1,0 +1,72 @@
+"""Mochi (``MochiTransformer3DModel``): joint attention with the text after the video.
+
+``transformer_blocks.i.attn1`` as ``MochiAttnProcessor2_0``: video and text projections,
+per-head RMSNorm, interleaved RoPE on the video tokens. The model drops padded text tokens per
+sample (``encoder_attention_mask [B, L]``): video queries attend the real text keys as extra
+keys (masked), real text queries attend everything densely, padded text queries give 0 as in the
+model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import ModelAdapter, joint_attention, patched_grid, register_adapter
+
+
+def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+@register_adapter
+class MochiAdapter(ModelAdapter):
+    name = "mochi"
+    transformer_classes = ("MochiTransformer3DModel",)
+
+    def grid(self, transformer, inputs):
+        frames, height, width = inputs["hidden_states"].shape[2:]
+        p = transformer.config.patch_size
+        return patched_grid((frames, height, width), (1, p, p))
+
+    def video_attention(self, transformer):
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
+
+    def default_processor(self, name, module):
+        from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+        return MochiAttnProcessor2_0()
+
+    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        return encoder_hidden_states is not None and attention_mask is not None and attention_mask.dim() == 2
+
+    def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
+        n_video = hidden_states.shape[1]
+        query, key, value = (p(hidden_states).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        eq, ek, ev = (
+            p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        if rotary_emb is not None:
+            query, key = _rope(query, *rotary_emb), _rope(key, *rotary_emb)
+        text_mask = attention_mask.bool()
+        mask = torch.cat([text_mask.new_ones(text_mask.shape[0], n_video), text_mask], dim=1)
+        q, k, v = torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1)
+        out = joint_attention(attend, q, k, v, slice(0, n_video), slice(n_video, None), mask)
+        out = out * mask[:, :, None, None].to(out.dtype)  # padded text queries give 0
+        out = out.flatten(2, 3)
+        video, text = out[:, :n_video], out[:, n_video:]
+        video = attn.to_out[1](attn.to_out[0](video))
+        if hasattr(attn, "to_add_out"):
+            text = attn.to_add_out(text)
+        return video, text

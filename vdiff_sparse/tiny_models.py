@@ -1,0 +1,183 @@
+"""Tiny random diffusers video models, built offline from configs in code.
+
+For tests, demos and the CLI's default model: every builder seeds torch, builds a model of a
+few thousand parameters on CPU in float32 and downloads nothing. Shapes follow DESIGN §6
+(Wan: patch (1, 2, 2), 2 heads x 32 dims, 2 layers). Latent inputs for each transformer come
+from :func:`tiny_inputs`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TEXT_LEN = 8  # text tokens of the tiny inputs
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def tiny_wan_transformer(*, i2v: bool = False, seed: int = 0, **overrides):
+    """A ``WanTransformer3DModel``: T2V, or I2V (image K/V in cross-attention) if ``i2v``."""
+    from diffusers import WanTransformer3DModel
+
+    _seeded(seed)
+    config = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    if i2v:
+        config.update(image_dim=16, added_kv_proj_dim=64, in_channels=36)
+    config.update(overrides)
+    return WanTransformer3DModel(**config).eval()
+
+
+def tiny_hunyuan_video_transformer(*, seed: int = 0, **overrides):
+    """A ``HunyuanVideoTransformer3DModel`` with 2 dual-stream and 2 single-stream blocks."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    _seeded(seed)
+    config = dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
+    )
+    config.update(overrides)
+    return HunyuanVideoTransformer3DModel(**config).eval()
+
+
+def tiny_cogvideox_transformer(*, rope: bool = True, patch_size_t: int | None = None, seed: int = 0, **overrides):
+    """A ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 with ``patch_size_t=None``, 1.5 with
+    ``patch_size_t=2``); ``rope`` selects RoPE (5B) or learned-free sincos positions (2B)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    _seeded(seed)
+    config = dict(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, patch_size_t=patch_size_t, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        use_rotary_positional_embeddings=rope,
+    )
+    config.update(overrides)
+    return CogVideoXTransformer3DModel(**config).eval()
+
+
+def tiny_ltx_transformer(*, seed: int = 0, **overrides):
+    """An ``LTXVideoTransformer3DModel`` (patch 1; the grid is passed as forward kwargs)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    _seeded(seed)
+    config = dict(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+        attention_head_dim=16, cross_attention_dim=32, num_layers=2, caption_channels=16,
+    )
+    config.update(overrides)
+    return LTXVideoTransformer3DModel(**config).eval()
+
+
+def tiny_mochi_transformer(*, seed: int = 0, **overrides):
+    """A ``MochiTransformer3DModel`` (text after the video, per-sample text masks)."""
+    from diffusers import MochiTransformer3DModel
+
+    _seeded(seed)
+    config = dict(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        pooled_projection_dim=16, in_channels=4, out_channels=None, qk_norm="rms_norm",
+        text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu", max_sequence_length=TEXT_LEN,
+    )
+    config.update(overrides)
+    return MochiTransformer3DModel(**config).eval()
+
+
+def tiny_inputs(family: str, grid: tuple[int, int, int], *, batch: int = 1, seed: int = 0,
+                timestep: float = 500.0, text_len: int = TEXT_LEN, model=None) -> dict:
+    """Random forward kwargs of a tiny transformer of ``family`` whose token grid after patchify
+    is ``grid`` (``"wan"``, ``"wan_i2v"``, ``"hunyuan_video"``, ``"cogvideox"``, ``"ltx"``,
+    ``"mochi"``). Text masks pad the last text tokens of every sample but the first."""
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = grid
+    B = batch
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    t = torch.full((B,), float(timestep))
+    text_mask = torch.ones(B, text_len, dtype=torch.bool)
+    text_mask[1:, text_len // 2:] = False
+    if family == "wan":
+        return dict(hidden_states=randn(B, 16, T, 2 * H, 2 * W), timestep=t,
+                    encoder_hidden_states=randn(B, text_len, 32))
+    if family == "wan_i2v":
+        # The model splits the context into image tokens and the last 512 text tokens.
+        return dict(hidden_states=randn(B, 36, T, 2 * H, 2 * W), timestep=t,
+                    encoder_hidden_states=randn(B, 512, 32), encoder_hidden_states_image=randn(B, 4, 16))
+    if family == "hunyuan_video":
+        return dict(hidden_states=randn(B, 4, T, 2 * H, 2 * W), timestep=t,
+                    encoder_hidden_states=randn(B, text_len, 16), encoder_attention_mask=text_mask.long(),
+                    pooled_projections=randn(B, 8), guidance=torch.full((B,), 1000.0))
+    if family == "cogvideox":
+        p_t = 1 if model is None or model.config.patch_size_t is None else model.config.patch_size_t
+        return dict(hidden_states=randn(B, T * p_t, 4, 2 * H, 2 * W), timestep=t.long(),
+                    encoder_hidden_states=randn(B, text_len, 16))
+    if family == "ltx":
+        return dict(hidden_states=randn(B, T * H * W, 8), timestep=t.long(),
+                    encoder_hidden_states=randn(B, text_len, 16), encoder_attention_mask=text_mask.long(),
+                    num_frames=T, height=H, width=W)
+    if family == "mochi":
+        return dict(hidden_states=randn(B, 4, T, 2 * H, 2 * W), timestep=t.long(),
+                    encoder_hidden_states=randn(B, text_len, 16), encoder_attention_mask=text_mask)
+    raise ValueError(f"family must be one of wan, wan_i2v, hunyuan_video, cogvideox, ltx, mochi; got {family!r}")
+
+
+def tiny_text_encoder(*, seed: int = 0):
+    """A tiny ``UMT5EncoderModel`` (d_model 32) and an in-process word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>"] + "a the cat dog runs on beach in snow red blue video of".split()
+    model = models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    _seeded(seed)
+    config = UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return tokenizer, UMT5EncoderModel(config).eval()
+
+
+def tiny_wan_vae(*, seed: int = 0):
+    """A tiny ``AutoencoderKLWan`` (16 latent channels, 8x spatial and 4x temporal compression)."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded(seed)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def tiny_wan_pipeline(*, two_experts: bool = False, seed: int = 0):
+    """A full ``WanPipeline`` (tiny VAE, tiny UMT5 with an in-process tokenizer, tiny
+    transformer; ``two_experts`` adds Wan 2.2's ``transformer_2`` with ``boundary_ratio=0.5``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer, text_encoder = tiny_text_encoder(seed=seed)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_vae(seed=seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_transformer(seed=seed),
+        transformer_2=tiny_wan_transformer(seed=seed + 1) if two_experts else None,
+        boundary_ratio=0.5 if two_experts else None,
+    )
+
+
+__all__ = [
+    "tiny_cogvideox_transformer",
+    "tiny_hunyuan_video_transformer",
+    "tiny_inputs",
+    "tiny_ltx_transformer",
+    "tiny_mochi_transformer",
+    "tiny_text_encoder",
+    "tiny_wan_pipeline",
+    "tiny_wan_transformer",
+    "tiny_wan_vae",
+]
