@@ -1,0 +1,69 @@
+"""``backend="triton"``: the fused block-sparse kernels behind the :class:`Backend` interface.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
+how the tests exercise the kernels without a GPU). Importing this module does not compile or
+decorate any kernel; the kernel modules load on the first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from vdiff_sparse.backends.base import Backend
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ops():
+    """The kernel modules, (re)loaded in the current interpreter mode.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is decorated (module import);
+    if the flag changed since (e.g. a test process imported the kernels before setting it),
+    the kernel module is reloaded so the kernels match the mode of the tensors they get.
+    """
+    from . import attention, ops
+
+    if attention.INTERPRET != _interpreting():
+        importlib.reload(attention)
+        importlib.reload(ops)
+    return ops
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels, forward and backward, for any plan."""
+
+    name = "triton"
+
+    def why_not(self, q, plan) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            return f"triton cannot be imported ({err})"
+        if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+            return (
+                f"q is on {q.device.type}; the Triton kernels need a CUDA tensor "
+                "(or CPU tensors with TRITON_INTERPRET=1)"
+            )
+        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            return f"head dim {q.shape[-1]} is not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+        if q.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {q.dtype} is not supported (supported: float16, bfloat16, float32)"
+        return None
+
+    def forward(self, q, k, v, plan, extra=None, scale=None):
+        if v.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            raise NotImplementedError(
+                f"value head dim {v.shape[-1]} is not supported (supported: {SUPPORTED_HEAD_DIMS})"
+            )
+        return _ops().plan_attention(q, k, v, plan, extra, scale)
+
+
+__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "TritonBackend"]
