@@ -126,7 +126,8 @@ class PlanTables:
             self.list_qb = self.list_j = torch.zeros(1, dtype=i32, device=dev)
         self.rowptr_strides = (Hp * n_ranges if Bp > 1 else 0, n_ranges if Hp > 1 else 0)
         self.has_keep = plan.token_keep is not None
-        self.has_window = plan.window is not None
+        # The kernels' WINDOW switch: 0 none, 1 a window, 2 a dilated one (needs a modulo).
+        self.window_mode = 0 if plan.window is None else 2 if any(d > 1 for d in plan.window.dilation) else 1
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -157,7 +158,7 @@ def _rows(kernel, q, k_all, v_all, out, do, lse, delta, t: PlanTables, extra, sc
         ek, ev, emask,
         N, k_all.shape[1], n_extra, H, t.max_kv, t.q_block_max,
         scale * _k.LOG2E, scale,
-        HEAD_D=D, HEAD_DV=v_all.shape[-1], HAS_KEEP=t.has_keep, WINDOW=t.has_window,
+        HEAD_D=D, HEAD_DV=v_all.shape[-1], HAS_KEEP=t.has_keep, WINDOW=t.window_mode,
         HAS_EXTRA=n_extra > 0, EXTRA_MASK=extra is not None and extra.mask is not None,
         BACKWARD=backward, UPCAST=_k.INTERPRET, PRECISION=_precision(q),
     )
@@ -178,7 +179,7 @@ def _keys(q, k, v, do, lse, delta, dk, dv, t: PlanTables, scale, *, ranges, n_ra
         N, k.shape[1], H, n_ranges, block_max,
         scale * _k.LOG2E, scale,
         HEAD_D=D, HEAD_DV=v.shape[-1], HAS_KEEP=t.has_keep and not all_queries,
-        WINDOW=t.has_window and not all_queries, ALL_QUERIES=all_queries,
+        WINDOW=0 if all_queries else t.window_mode, ALL_QUERIES=all_queries,
         COL_MASK=mask is not None, UPCAST=_k.INTERPRET, PRECISION=_precision(q),
     )
 
