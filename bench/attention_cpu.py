@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,20 +68,26 @@ def inputs(n: int):
     return video_qkv(GRIDS[n], HEADS, HEAD_DIM, seed=0)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory_kib() -> dict:
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith(("VmHWM", "VmRSS"))}
 
 
 def peak_memory_child(method: str, n: int, density: float) -> None:
-    """Run one call in this (fresh) process and print its peak memory above the inputs."""
+    """Run one call in this (fresh) process and print its peak memory above the inputs.
+
+    The high-water mark is reset after the inputs exist (``/proc/self/clear_refs`` "5"), so
+    temporaries of input creation do not count and the peak is this call's own.
+    """
     q, k, v = inputs(n)
     fn = method_call(method, GRIDS[n], density)
-    base = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _memory_kib()["VmRSS"]
     with torch.no_grad():
         fn(q, k, v)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_extra_bytes": max(0, peak - base)}))
+    peak = _memory_kib()["VmHWM"]
+    print(json.dumps({"peak_extra_bytes": max(0, peak - base) * 1024}))
 
 
 def peak_memory(method: str, n: int, density: float) -> int:
