@@ -1,0 +1,239 @@
+"""The benchmark suite: the video-like attention generator, the fidelity sweep and the Wan
+end-to-end script (smoke mode on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vdiff_sparse.benchmarks import attention_scripts, fidelity, main, wan_e2e
+from vdiff_sparse.video_attention_data import (
+    HEAD_KINDS,
+    default_head_profile,
+    patch_features,
+    rope_3d,
+    video_attention_qkv,
+    video_frames,
+)
+
+RAGGED_GRIDS = [(3, 5, 7), (2, 9, 11), (1, 6, 10)]
+
+
+def _coords(grid):
+    axes = torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")
+    return torch.stack(axes, -1).reshape(-1, 3)
+
+
+def _attention_probs(q, k, head):
+    logits = q[0, :, head].double() @ k[0, :, head].double().T / math.sqrt(q.shape[-1])
+    return logits.softmax(-1)
+
+
+# --- generator -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", RAGGED_GRIDS, ids=lambda g: "x".join(map(str, g)))
+def test_generator_is_deterministic_and_seed_dependent(grid, seed):
+    seed %= 1000
+    a = video_attention_qkv(grid, 3, 10, batch=2, seed=seed)
+    b = video_attention_qkv(grid, 3, 10, batch=2, seed=seed)
+    c = video_attention_qkv(grid, 3, 10, batch=2, seed=seed + 1)
+    n = grid[0] * grid[1] * grid[2]
+    for x, y, z in zip(a, b, c):
+        assert x.shape == (2, n, 3, 10) and x.dtype == torch.float32
+        assert torch.equal(x, y)
+        assert not torch.allclose(x, z)
+        assert torch.isfinite(x).all()
+    # The two videos of a batch differ.
+    assert not torch.allclose(a[2][0], a[2][1])
+
+
+def test_generator_dtype_device_and_default_heads():
+    q, k, v = video_attention_qkv((2, 4, 6), 5, 12, dtype=torch.float64)
+    assert q.dtype == k.dtype == v.dtype == torch.float64
+    locality, content, kinds = default_head_profile(5)
+    assert kinds == [*HEAD_KINDS, "global"] and len(locality) == len(content) == 5
+
+
+def test_nearby_tokens_are_more_similar_than_far_ones(seed):
+    grid = (4, 12, 16)
+    features = patch_features(video_frames(grid, seed=seed % 1000))[0]
+    f = torch.nn.functional.normalize(features, dim=-1)
+    sim = f @ f.T
+    c = _coords(grid)
+    cheb = (c[:, None] - c[None]).abs().amax(-1)
+    near, mid, far = (sim[cheb == d].mean().item() for d in (1, 3, 8))
+    assert near > mid + 0.1 > far + 0.1, (near, mid, far)
+
+
+def test_video_moves_between_frames(seed):
+    frames = video_frames((5, 8, 8), seed=seed % 1000)[0]
+    steps = [(frames[t + 1] - frames[t]).norm() / frames[t].norm() for t in range(4)]
+    assert all(s > 0.05 for s in steps), steps
+    # Consecutive frames are closer than the first and the last.
+    assert (frames[1] - frames[0]).norm() < (frames[4] - frames[0]).norm()
+
+
+def test_heads_differ_in_locality():
+    grid = (4, 10, 12)
+    q, k, _ = video_attention_qkv(grid, 4, 64, seed=3)
+    c = _coords(grid)
+    dist = (c[:, None] - c[None]).abs()
+    near = dist.amax(-1) <= 1
+    same_place = dist[..., 1:].amax(-1) == 0
+    mass = {}
+    for head, kind in enumerate(HEAD_KINDS):
+        p = _attention_probs(q, k, head)
+        mass[kind] = ((p * near).sum(-1).mean().item(), (p * same_place).sum(-1).mean().item())
+    # Strongly local > mid > global in the 3x3x3 neighbourhood.
+    assert mass["local"][0] > mass["mid"][0] + 0.15 > mass["global"][0] + 0.15, mass
+    # The temporal head looks at its own (h, w) place in other frames more than any other head.
+    assert mass["temporal"][1] > 1.5 * max(mass[k][1] for k in ("global", "mid")), mass
+
+
+def test_rope_3d_is_relative_and_norm_preserving(seed):
+    grid = (4, 5, 6)
+    g = torch.Generator().manual_seed(seed)
+    base_q, base_k = torch.randn(2, 1, 1, 1, 12, generator=g)
+    n = math.prod(grid)
+    q = rope_3d(base_q.expand(1, n, 1, 12), grid)
+    k = rope_3d(base_k.expand(1, n, 1, 12), grid)
+    assert torch.allclose(q.norm(dim=-1), base_q.norm().expand(1, n, 1), atol=1e-5)
+    index = {tuple(x): i for i, x in enumerate(_coords(grid).tolist())}
+    dots = [(q[0, index[a], 0] @ k[0, index[b], 0]).item()
+            for a, b in (((0, 0, 0), (1, 2, 3)), ((2, 2, 1), (3, 4, 4)))]
+    assert dots[0] == pytest.approx(dots[1], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(head_dim=7), "head_dim"),
+        (dict(heads=0), "heads"),
+        (dict(locality=[1.0, 2.0]), "locality"),
+        (dict(locality=[(1.0, 1.0), 0, 0]), "locality"),
+        (dict(content=[1.0, -1.0, 1.0]), "content"),
+        (dict(grid=(0, 4, 4)), "grid"),
+    ],
+    ids=["odd-head-dim", "no-heads", "locality-count", "locality-triple", "negative-content", "bad-grid"],
+)
+def test_generator_rejects_bad_arguments(kwargs, match):
+    args = dict(grid=(2, 4, 4), heads=3, head_dim=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        video_attention_qkv(args.pop("grid"), **args)
+
+
+# --- fidelity sweep ------------------------------------------------------------------------------
+def test_interpolate_is_linear_in_log_density():
+    points = [{"density": 0.1, "block_density": 0.2, "rel_l2": 0.4},
+              {"density": 0.4, "block_density": 0.8, "rel_l2": 0.2},
+              {"density": 1.0, "block_density": 1.0, "rel_l2": 0.0}]
+    assert fidelity.interpolate(points, 0.2) == pytest.approx(0.3)
+    assert fidelity.interpolate(points, 0.4) == pytest.approx(0.2)
+    assert fidelity.interpolate(points, 0.05) is None
+    assert fidelity.interpolate(points, 0.4, x="block_density") == pytest.approx(0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity") / "fidelity.json"
+    report = fidelity.run(fidelity.build_parser().parse_args(
+        ["--grid", "2", "8", "12", "--heads", "2", "--head-dim", "16", "--vmoba-cube", "1", "4", "4",
+         "--psa-block", "16", "--out", str(out)]))
+    return out, report
+
+
+def test_sweep_writes_json_and_png_with_metadata(tiny_sweep):
+    out, report = tiny_sweep
+    saved = json.loads(out.read_text())
+    for key in ("date", "command", "machine", "versions", "git_commit", "problem", "curves", "summary"):
+        assert key in saved
+    assert saved["versions"]["torch"] == torch.__version__.split("+")[0] or saved["versions"]["torch"]
+    assert saved["problem"]["tokens"] == 2 * 8 * 12
+    assert {c["family"] for c in saved["curves"]} == {"gna", "psa", "vmoba"}
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert out.with_name("fidelity_block_density.png").stat().st_size > 10_000
+    for key in ("best_per_family", "best_per_family_by_block_density"):
+        assert set(saved["summary"][key]) == {"gna", "psa", "vmoba"}
+
+
+def test_sweep_errors_are_sensible(tiny_sweep):
+    _, report = tiny_sweep
+    for curve in report["curves"]:
+        pts = sorted(curve["points"], key=lambda p: p["density"])
+        name = f"{curve['family']}: {curve['name']}"
+        for p in pts:
+            assert 0 < p["density"] <= 1 + 1e-9, name
+            assert 0 <= p["rel_l2"] < 1.5 and -1 <= p["cosine"] <= 1 + 1e-9, name
+            assert len(p["rel_l2_per_head"]) == 2
+            if p["density"] >= 1 - 1e-9:
+                assert p["rel_l2"] < 1e-5 and p["cosine"] > 1 - 1e-9, (name, p)
+        # Monotone-ish: more density never costs much more error, and the densest point of a
+        # curve beats its sparsest.
+        for a, b in zip(pts, pts[1:]):
+            assert b["rel_l2"] <= a["rel_l2"] * 1.3 + 1e-6, (name, a, b)
+        if pts[-1]["density"] > pts[0]["density"] + 1e-6:
+            assert pts[-1]["rel_l2"] < pts[0]["rel_l2"], name
+
+
+def test_psa_pairs_are_at_equal_density(tiny_sweep):
+    _, report = tiny_sweep
+    assert report["psa_pairs"], "no multi-level PSA point below density 1"
+    for pair in report["psa_pairs"]:
+        ml, binary = pair["multi_level"], pair["binary"]
+        # Binary keeps whole blocks (ceil of the target's count per row): one block of slack.
+        assert abs(binary["density"] - ml["density"]) <= 16 / 192 + 1e-9, pair
+        assert pair["multi_level_better"] == (ml["rel_l2"] < binary["rel_l2"])
+    summary = report["summary"]["psa_multi_vs_binary"]
+    assert summary["pairs"] == len(report["psa_pairs"])
+
+
+def test_bench_dispatch_runs_one_family(tmp_path):
+    out = tmp_path / "gna.json"
+    assert main(["fidelity", "--grid", "2", "6", "8", "--heads", "1", "--head-dim", "8",
+                 "--families", "gna", "--no-plot", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert {c["family"] for c in saved["curves"]} == {"gna"}
+    assert saved["summary"]["best_per_family"]["vmoba"] == {str(d): None for d in fidelity.MATCHED_DENSITIES}
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_attention_scripts_exist_in_the_checkout():
+    scripts = attention_scripts(gpu=True)
+    assert [s.name for s in scripts] == ["attention_cpu.py", "attention_gpu.py"]
+    assert all(s.exists() for s in scripts)
+    assert [s.name for s in attention_scripts(gpu=False)] == ["attention_cpu.py"]
+
+
+# --- Wan end-to-end ------------------------------------------------------------------------------
+def test_wan_config_is_the_1_3b_architecture():
+    config = wan_e2e.model_config(smoke=False)
+    assert (config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (30, 12, 128)
+    assert (config["ffn_dim"], config["text_dim"]) == (8960, 4096)
+    assert (config["in_channels"], config["out_channels"], config["patch_size"]) == (16, 16, (1, 2, 2))
+    grid = [n // p for n, p in zip(wan_e2e.LATENT_480P, config["patch_size"])]
+    assert math.prod(grid) == 32760
+
+
+def test_wan_e2e_smoke_runs(tmp_path):
+    out = tmp_path / "smoke.json"
+    assert wan_e2e.main(["--smoke", "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["problem"]["smoke"] and saved["problem"]["config"]["num_layers"] == 2
+    assert "command" in saved and "machine" in saved and saved["versions"]["diffusers"]
+    rows = {r["method"]: r for r in saved["results"]}
+    assert set(rows) == set(wan_e2e.METHODS)
+    assert rows["dense"]["speedup_vs_dense"] == 1.0
+    for method in ("gna", "psa", "vmoba"):
+        # The smoke settings keep every method on its sparse path.
+        assert 0 < rows[method]["flop_density"] < 1, (method, rows[method])
+        assert rows[method]["median_step_s"] > 0 and rows[method]["projected_generation_s"] > 0
+    assert rows["psa"]["preset_dense_warmup_steps"] == 15  # the released 15 of 50 steps
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_wan_e2e_without_gpu_says_so(capsys):
+    assert wan_e2e.main([]) == 2
+    assert "--smoke" in capsys.readouterr().out
