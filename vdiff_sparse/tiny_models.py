@@ -170,6 +170,36 @@ def tiny_wan_pipeline(*, two_experts: bool = False, seed: int = 0):
     )
 
 
+def tiny_wan_light_vae(*, seed: int = 0):
+    """A cheaper tiny ``AutoencoderKLWan`` for end-to-end generation on CPU: one down level,
+    so 2x spatial and 2x temporal compression (``scale_factor_spatial/temporal`` in its config
+    say so, and ``WanPipeline`` reads them). Decoding costs a quarter of :func:`tiny_wan_vae`'s
+    per latent token, which keeps the transformer's attention the visible cost."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded(seed)
+    return AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                            scale_factor_spatial=2, scale_factor_temporal=2).eval()
+
+
+def tiny_wan_generation_pipeline(*, seed: int = 0, num_layers: int = 3, num_attention_heads: int = 2,
+                                 attention_head_dim: int = 32):
+    """The CLI's built-in model: a ``WanPipeline`` with :func:`tiny_wan_light_vae`, the tiny
+    UMT5 and a tiny Wan transformer of ``num_layers`` blocks (3 by default, so VMoBA's 1D / 2D /
+    3D partitions each get a layer). Wider settings (more heads, larger head dim) make attention
+    dominate at a given token count; ``rope_max_seq_len`` covers grids up to 1024 per axis."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer, text_encoder = tiny_text_encoder(seed=seed)
+    inner = num_attention_heads * attention_head_dim
+    transformer = tiny_wan_transformer(
+        seed=seed, num_layers=num_layers, num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim, ffn_dim=2 * inner, rope_max_seq_len=1024,
+    )
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_light_vae(seed=seed),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+
+
 __all__ = [
     "tiny_cogvideox_transformer",
     "tiny_hunyuan_video_transformer",
@@ -177,6 +207,8 @@ __all__ = [
     "tiny_ltx_transformer",
     "tiny_mochi_transformer",
     "tiny_text_encoder",
+    "tiny_wan_generation_pipeline",
+    "tiny_wan_light_vae",
     "tiny_wan_pipeline",
     "tiny_wan_transformer",
     "tiny_wan_vae",
