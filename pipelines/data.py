@@ -1,0 +1,320 @@
+"""Fine-tuning data: videos with captions, encoded once into a cache of latents.
+
+A dataset is a folder of videos plus a caption file naming them:
+
+* ``captions.jsonl``: one JSON object per line, ``{"video": "clip.mp4", "caption": "..."}``
+  (``file``/``path`` and ``text``/``prompt`` are accepted as the key names);
+* ``captions.csv``: a header row with the same column names.
+
+:func:`build_cache` samples ``num_frames`` frames evenly over each clip, resizes (shorter side,
+then a centre crop) to ``height x width``, encodes the frames with the VAE and the caption with
+the text encoder, and writes one safetensors file per clip (``latents`` ``[C, T, h, w]``,
+``prompt_embeds`` ``[L, D]``). A file whose source (path, size, mtime, caption, settings) is
+unchanged is reused, so an interrupted caching run resumes, and training reads only latents.
+A folder of such files made elsewhere is accepted directly (:class:`LatentDataset`).
+
+Bad input: a caption file with malformed lines (bad JSON, missing fields, empty captions,
+a video named twice) or whose lines name no video of the folder is a ``ValueError`` naming the
+lines; videos that are missing or cannot be decoded are reported, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+VIDEO_KEYS = ("video", "file", "path")
+CAPTION_KEYS = ("caption", "text", "prompt")
+CACHE_FORMAT = "vdiff_sparse-latents-v1"
+
+
+@dataclass(frozen=True)
+class CaptionEntry:
+    """One line of a caption file: ``line`` is 1-based (the header of a CSV is line 1)."""
+
+    line: int
+    video: str
+    caption: str
+
+
+def _lines(numbers: Sequence[int], limit: int = 20) -> str:
+    shown = ", ".join(str(n) for n in numbers[:limit])
+    return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+
+
+def _field(row: dict, keys: tuple[str, ...]):
+    return next((row[k] for k in keys if k in row and row[k] is not None), None)
+
+
+def read_captions(path: str | os.PathLike) -> list[CaptionEntry]:
+    """Parse a ``.jsonl`` or ``.csv`` caption file.
+
+    Raises:
+        ValueError: unknown suffix, a CSV header without a video and a caption column, or
+            malformed lines (named by line number and reason).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"captions must be a .jsonl or .csv file, got {str(path)!r}")
+    rows: list[tuple[int, object]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if suffix == ".jsonl":
+            for number, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    rows.append((number, json.loads(text)))
+                except json.JSONDecodeError as e:
+                    rows.append((number, f"invalid JSON ({e.msg})"))
+        else:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if not set(columns) & set(VIDEO_KEYS) or not set(columns) & set(CAPTION_KEYS):
+                raise ValueError(
+                    f"{path}: the CSV header {columns} needs a video column (one of {VIDEO_KEYS}) "
+                    f"and a caption column (one of {CAPTION_KEYS})"
+                )
+            rows = [(reader.line_num, row) for row in reader]
+    entries, problems, first_line = [], {}, {}
+    for number, row in rows:
+        if isinstance(row, str):
+            problems[number] = row
+            continue
+        if not isinstance(row, dict):
+            problems[number] = "not a JSON object"
+            continue
+        video, caption = _field(row, VIDEO_KEYS), _field(row, CAPTION_KEYS)
+        if not isinstance(video, str) or not video.strip():
+            problems[number] = f"no video name (one of {VIDEO_KEYS})"
+        elif not isinstance(caption, str) or not caption.strip():
+            problems[number] = f"no caption (one of {CAPTION_KEYS})"
+        elif video in first_line:
+            problems[number] = f"{video!r} already captioned on line {first_line[video]}"
+        else:
+            first_line[video] = number
+            entries.append(CaptionEntry(number, video.strip(), caption.strip()))
+    if problems:
+        detail = "; ".join(f"line {n}: {why}" for n, why in list(problems.items())[:10])
+        raise ValueError(f"{path}: malformed caption lines {_lines(list(problems))}: {detail}")
+    if not entries:
+        raise ValueError(f"{path}: no captions")
+    return entries
+
+
+def match_videos(entries: list[CaptionEntry], video_dir: str | os.PathLike) -> tuple[list[CaptionEntry], list[CaptionEntry]]:
+    """Split ``entries`` into those whose video exists under ``video_dir`` and the missing ones.
+
+    Raises:
+        ValueError: no line names an existing video (the caption file does not belong to the
+            folder); the message names the lines and a few names from each side.
+    """
+    video_dir = Path(video_dir)
+    present = [e for e in entries if (video_dir / e.video).is_file()]
+    missing = [e for e in entries if not (video_dir / e.video).is_file()]
+    if not present:
+        on_disk = sorted(p.name for p in video_dir.iterdir())[:5] if video_dir.is_dir() else []
+        raise ValueError(
+            f"the caption file does not match the videos in {str(video_dir)!r}: lines "
+            f"{_lines([e.line for e in missing])} name files that do not exist there "
+            f"(e.g. {[e.video for e in missing[:3]]}; the folder holds {on_disk})"
+        )
+    return present, missing
+
+
+def read_video(path: str | os.PathLike, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """``num_frames`` frames sampled evenly over the clip (repeated if it is shorter),
+    resized so the shorter side fits and centre-cropped to ``height x width``.
+
+    Returns:
+        ``[3, num_frames, height, width]`` float32 in ``[-1, 1]``.
+    """
+    import imageio.v3 as iio
+
+    frames = np.asarray(iio.imread(path, index=None))
+    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] not in (3, 4):
+        raise ValueError(f"not an RGB video: decoded shape {frames.shape}")
+    frames = frames[..., :3]
+    index = np.round(np.linspace(0, frames.shape[0] - 1, num_frames)).astype(np.int64)
+    x = torch.from_numpy(frames[index]).permute(0, 3, 1, 2).float()  # [F, 3, H, W]
+    scale = max(height / x.shape[-2], width / x.shape[-1])
+    size = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    x = x[..., top: top + height, left: left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def _source_key(entry: CaptionEntry, video: Path, settings: dict) -> str:
+    stat = video.stat()
+    blob = json.dumps([entry.video, entry.caption, stat.st_size, stat.st_mtime_ns, settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cache_file(cache_dir: Path, entry: CaptionEntry) -> Path:
+    stem = hashlib.sha1(entry.video.encode()).hexdigest()[:16]
+    return cache_dir / f"{stem}.safetensors"
+
+
+def _cached_key(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("source_key")
+    except Exception:  # a truncated file from an interrupted run is re-encoded
+        return None
+
+
+@dataclass
+class CacheReport:
+    """What :func:`build_cache` did: the files of the usable samples (caption file order) and
+    the captions skipped because their video was missing or could not be decoded."""
+
+    files: list[Path]
+    missing: list[CaptionEntry]
+    unreadable: list[CaptionEntry]
+
+    def summary(self) -> str:
+        total = len(self.files) + len(self.missing) + len(self.unreadable)
+        text = f"{len(self.files)} of {total} videos usable"
+        if self.missing:
+            text += f"; {len(self.missing)} missing (lines {_lines([e.line for e in self.missing])})"
+        if self.unreadable:
+            text += f"; {len(self.unreadable)} unreadable (lines {_lines([e.line for e in self.unreadable])})"
+        return text
+
+
+def build_cache(
+    video_dir: str | os.PathLike,
+    captions: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    *,
+    encode_video: Callable[[torch.Tensor], torch.Tensor],
+    encode_prompt: Callable[[str], torch.Tensor],
+    num_frames: int,
+    height: int,
+    width: int,
+    settings: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> CacheReport:
+    """Encode every captioned video of ``video_dir`` into ``cache_dir`` (once).
+
+    Args:
+        encode_video: ``[1, 3, F, H, W]`` frames in ``[-1, 1]`` -> ``[C, T, h, w]`` latents.
+        encode_prompt: caption -> ``[L, D]`` prompt embeddings.
+        num_frames, height, width: what :func:`read_video` produces.
+        settings: anything else the cached tensors depend on (model name, text length); a
+            change re-encodes.
+        rank, world_size, barrier: process ``rank`` encodes every ``world_size``-th video, then
+            all processes meet at ``barrier`` and read the same list of files.
+
+    Raises:
+        ValueError: from :func:`read_captions` / :func:`match_videos`.
+    """
+    from safetensors.torch import save_file
+
+    video_dir, cache_dir = Path(video_dir), Path(cache_dir)
+    entries = read_captions(captions)
+    present, missing = match_videos(entries, video_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"format": CACHE_FORMAT, "num_frames": num_frames, "height": height, "width": width, **(settings or {})}
+    keys = {e: _source_key(e, video_dir / e.video, settings) for e in present}
+    for i, entry in enumerate(present):
+        target = _cache_file(cache_dir, entry)
+        if i % world_size != rank or (target.is_file() and _cached_key(target) == keys[entry]):
+            continue
+        try:
+            frames = read_video(video_dir / entry.video, num_frames, height, width)
+        except Exception as e:  # any decoder failure means the same thing: skip this clip
+            logger.warning("skipping %s (captions line %d): cannot read it: %s", entry.video, entry.line, e)
+            target.unlink(missing_ok=True)
+            continue
+        with torch.no_grad():
+            latents = encode_video(frames[None]).float().contiguous()
+            embeds = encode_prompt(entry.caption).float().contiguous()
+        tmp = target.with_suffix(f".tmp{rank}")
+        save_file({"latents": latents, "prompt_embeds": embeds}, str(tmp),
+                  metadata={"source_key": keys[entry], "video": entry.video, "caption": entry.caption})
+        os.replace(tmp, target)
+    barrier()
+    files, unreadable = [], []
+    for entry in present:
+        target = _cache_file(cache_dir, entry)
+        (files if target.is_file() and _cached_key(target) == keys[entry] else unreadable).append(entry)
+    report = CacheReport([_cache_file(cache_dir, e) for e in files], missing, unreadable)
+    if not report.files:
+        raise ValueError(f"no usable videos in {str(video_dir)!r}: {report.summary()}")
+    return report
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Cached samples: safetensors files with ``latents`` ``[C, T, h, w]`` and
+    ``prompt_embeds`` ``[L, D]`` (what :func:`build_cache` writes; precomputed ones work too).
+
+    Args:
+        files: the files, or a folder whose ``*.safetensors`` are used (sorted by name).
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike] | str | os.PathLike):
+        if isinstance(files, (str, os.PathLike)):
+            folder = Path(files)
+            if not folder.is_dir():
+                raise ValueError(f"latents_dir {str(folder)!r} is not a folder")
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"latents_dir {str(folder)!r} holds no .safetensors files")
+        self.files = [Path(f) for f in files]
+        first = self[0]
+        self.latent_shape = tuple(first["latents"].shape)
+        self.embed_shape = tuple(first["prompt_embeds"].shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        sample = load_file(str(self.files[index]))
+        missing = {"latents", "prompt_embeds"} - set(sample)
+        if missing:
+            raise ValueError(f"{self.files[index]}: no tensor(s) {sorted(missing)} (has {sorted(sample)})")
+        if hasattr(self, "latent_shape") and (
+            tuple(sample["latents"].shape) != self.latent_shape
+            or tuple(sample["prompt_embeds"].shape) != self.embed_shape
+        ):
+            raise ValueError(
+                f"{self.files[index]}: latents {tuple(sample['latents'].shape)} / prompt_embeds "
+                f"{tuple(sample['prompt_embeds'].shape)} differ from the first sample's "
+                f"{self.latent_shape} / {self.embed_shape}; all samples must share one size"
+            )
+        return sample
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The samples ``indices`` stacked along a new batch dimension."""
+        samples = [self[int(i)] for i in indices]
+        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+__all__ = [
+    "CacheReport",
+    "CaptionEntry",
+    "LatentDataset",
+    "build_cache",
+    "match_videos",
+    "read_captions",
+    "read_video",
+]

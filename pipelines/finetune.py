@@ -1,0 +1,862 @@
+"""Sparse-aware fine-tuning of a video transformer, launched with accelerate.
+
+::
+
+    accelerate launch -m vdiff_sparse.pipelines.finetune --config configs/finetune/wan_tiny_vmoba.yaml \\
+        train.max_steps=200 sparse.options.tau=0.3
+    accelerate launch -m vdiff_sparse.pipelines.finetune --config ... --resume latest
+    vdiff-sparse finetune --config ...                  # the same, one process
+
+What runs: the model's self-attention goes through a vdiff_sparse processor (VMoBA by default
+with its training settings: threshold selection, global scope, tau = 0.25; PSA, GNA and dense
+selectable) for the whole run; the objective is the model's own (rectified flow matching for
+Wan: ``x_t = (1 - s) x_0 + s e``, target ``e - x_0``, timestep ``1000 s``); full fine-tuning or
+LoRA (peft through diffusers' ``add_adapter``).
+
+Reproducibility and exact resume: nothing depends on hidden RNG state. The data order is a
+permutation per epoch seeded by ``(seed, epoch)``; the noise and timestep of every sample are
+drawn from a generator seeded by ``(seed, optimizer step, micro-batch, position in the global
+batch)``; the learning rate is a function of the step. A run resumed from a checkpoint (saved
+with ``accelerator.save_state``: model, optimizer, EMA, step) therefore takes exactly the steps
+the uninterrupted run takes, and a run on P processes with per-process batch b sees the same
+samples and noise as one process with batch P*b.
+
+Outputs under ``output_dir``: ``config.yaml``, ``cache/`` (latents), ``checkpoints/step-N``,
+``logs/metrics.csv`` (and tensorboard events when tensorboard is installed),
+``validation/step-N-i.mp4``, ``final/`` (``transformer/`` for full fine-tuning, or
+``pytorch_lora_weights.safetensors`` loadable with ``pipe.load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import functools
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from vdiff_sparse.pipelines.data import LatentDataset, build_cache
+
+logger = logging.getLogger("vdiff_sparse.finetune")
+
+TINY_MODEL = "tiny-wan"
+METHODS = ("vmoba", "psa", "gna", "dense")
+# Per method, the selection settings used while training (DESIGN §4.1: VMoBA trains with
+# threshold selection over the whole head, tau = 0.25); the user's options override them.
+TRAINING_OPTIONS: dict[str, dict[str, Any]] = {
+    "vmoba": {"mode": "threshold", "scope": "global", "tau": 0.25},
+}
+_CHECKPOINT_PREFIX = "step-"
+_METRICS = ("step", "loss", "lr", "grad_norm", "density", "step_time_s", "tokens_per_s")
+
+
+# --- configuration -----------------------------------------------------------------------------
+def _check(condition: bool, name: str, value, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune.
+
+    Attributes:
+        name: ``"tiny-wan"`` (the tiny random Wan of :mod:`vdiff_sparse.tiny_models`, offline) or
+            a diffusers Wan T2V checkpoint (a local folder or a Hub id, loaded with
+            ``WanPipeline.from_pretrained``).
+        revision: Hub revision of ``name``.
+    """
+
+    name: str = TINY_MODEL
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Training data: videos + captions (encoded once into ``cache_dir``) or ready latents.
+
+    Attributes:
+        video_dir: folder of videos; with ``captions`` (``.jsonl`` or ``.csv``, see
+            :mod:`vdiff_sparse.pipelines.data`).
+        captions: caption file.
+        latents_dir: folder of precomputed ``*.safetensors`` samples (``latents`` ``[C, T, h, w]``
+            normalised as the denoiser sees them, ``prompt_embeds`` ``[L, D]``); replaces
+            ``video_dir``/``captions``.
+        cache_dir: where encoded samples go; default ``<output_dir>/cache``.
+        num_frames: frames per clip (Wan's VAE wants ``4k + 1``).
+        height, width: frame size (multiples of 16 for Wan).
+        max_text_len: prompt tokens (Wan: 512).
+    """
+
+    video_dir: Optional[str] = None
+    captions: Optional[str] = None
+    latents_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    max_text_len: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.num_frames >= 1 and (self.num_frames - 1) % 4 == 0, "data.num_frames", self.num_frames,
+               "4k + 1 (Wan's VAE compresses time 4x after the first frame)")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value >= 16 and value % 16 == 0, f"data.{name}", value, "a positive multiple of 16")
+        _check(self.max_text_len >= 1, "data.max_text_len", self.max_text_len, ">= 1")
+
+    def check_source(self) -> None:
+        """Raise ``ValueError`` unless there is data: ``latents_dir``, or ``video_dir`` and
+        ``captions``."""
+        if not self.latents_dir and not (self.video_dir and self.captions):
+            raise ValueError(
+                f"no training data: set data.latents_dir, or data.video_dir and data.captions "
+                f"(got video_dir={self.video_dir!r}, captions={self.captions!r})"
+            )
+
+
+@dataclass
+class SparseConfig:
+    """The attention method active while training.
+
+    Attributes:
+        method: ``vmoba`` (default), ``psa``, ``gna`` or ``dense`` (the baseline).
+        preset: a model or method preset of ``configs/`` (``None``: the method's defaults).
+        options: method config fields, over the preset and the training defaults
+            (VMoBA: ``mode=threshold, scope=global, tau=0.25``).
+        dense_layers: self-attention layers that stay dense.
+        backend: ``auto`` (Triton on CUDA, else torch), ``torch``, ``triton``.
+    """
+
+    method: str = "vmoba"
+    preset: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    dense_layers: List[int] = field(default_factory=list)
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "sparse.method", self.method, f"one of {METHODS}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation.
+
+    Attributes:
+        max_steps: optimizer steps of the whole run.
+        batch_size: samples per process per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr, lr_scheduler, lr_warmup_steps: peak learning rate; ``constant``, ``linear`` (decay to
+            0) or ``cosine``, after a linear warm-up.
+        weight_decay, adam_beta1, adam_beta2, adam_eps: AdamW.
+        max_grad_norm: gradient clipping (0: off).
+        mixed_precision: ``no``, ``fp16``, ``bf16``, or ``None`` for accelerate's setting.
+        gradient_checkpointing: recompute each block in the backward pass.
+        lora_rank: 0 for full fine-tuning, else the LoRA rank.
+        lora_alpha: LoRA alpha (default: the rank).
+        lora_targets: module names that get LoRA layers.
+        ema_decay: 0 (off) or the EMA decay of the trained weights (saved as the final weights).
+        timestep_sampling: ``logit_normal`` (u = sigmoid(N(logit_mean, logit_std))) or
+            ``uniform``; the flow sigma is ``shift u / (1 + (shift - 1) u)``.
+        checkpoint_every: save a checkpoint every so many steps (and at the end).
+        checkpoints_keep: checkpoints kept (older ones are deleted; 0 keeps all).
+        log_every: log metrics every so many steps.
+        stop_after: end this invocation after so many steps *without saving*, as a killed or
+            preempted job would (0: off); a later ``resume=latest`` continues from the last
+            checkpoint.
+        cpu: run on CPU even if CUDA is available.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Optional[str] = None
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
+    lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    ema_decay: float = 0.0
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0
+    checkpoint_every: int = 500
+    checkpoints_keep: int = 2
+    log_every: int = 1
+    stop_after: int = 0
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an int >= 1")
+        for name in ("lr_warmup_steps", "checkpoints_keep", "stop_after", "lora_rank"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an int >= 0")
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.lr_scheduler in ("constant", "linear", "cosine"), "train.lr_scheduler", self.lr_scheduler,
+               "constant, linear or cosine")
+        _check(self.mixed_precision in (None, "no", "fp16", "bf16"), "train.mixed_precision",
+               self.mixed_precision, "no, fp16, bf16 or null")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
+        _check(self.timestep_sampling in ("logit_normal", "uniform"), "train.timestep_sampling",
+               self.timestep_sampling, "logit_normal or uniform")
+        _check(self.shift > 0, "train.shift", self.shift, "> 0")
+
+
+@dataclass
+class ValidationConfig:
+    """Sample videos during training (main process; skipped when the weights are sharded:
+    FSDP, DeepSpeed ZeRO-3).
+
+    Attributes:
+        every: every so many steps, and at the end (0: never).
+        prompts: one video per prompt.
+        num_frames, height, width: video size (``None``: the training size).
+        steps: denoising steps.
+        guidance_scale: classifier-free guidance.
+        fps: of the written mp4.
+    """
+
+    every: int = 0
+    prompts: List[str] = field(default_factory=list)
+    num_frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: int = 30
+    guidance_scale: float = 5.0
+    fps: int = 16
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run (``OmegaConf.structured``: unknown keys in a YAML file fail).
+
+    Attributes:
+        output_dir: checkpoints, logs, cache, samples and the final weights.
+        seed: seeds the model's random init (tiny model), data order, noise and timesteps.
+        resume: ``None``, ``"latest"`` (the newest checkpoint in ``output_dir``, if any) or a
+            checkpoint folder.
+    """
+
+    output_dir: str = "runs/finetune"
+    seed: int = 0
+    resume: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def config_path(name: str | os.PathLike) -> Path:
+    """A YAML file, or the name of one shipped in ``configs/finetune`` (``"tiny_wan_vmoba"``).
+
+    Raises:
+        ValueError: neither exists.
+    """
+    import importlib.resources
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    file_name = path.name if path.name.endswith(".yaml") else f"{path.name}.yaml"
+    shipped = importlib.resources.files("vdiff_sparse.configs") / "finetune" / file_name
+    if path.parent == Path(".") and shipped.is_file():
+        return Path(str(shipped))
+    available = sorted(p.name for p in (importlib.resources.files("vdiff_sparse.configs") / "finetune").iterdir()
+                       if p.name.endswith(".yaml"))
+    raise ValueError(f"config {str(name)!r} is neither a file nor a shipped config ({available})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: List[str] | None = None) -> FinetuneConfig:
+    """The defaults, updated by the YAML file ``path`` (see :func:`config_path`) and
+    ``key=value`` ``overrides``.
+
+    Raises:
+        ValueError: an unknown key, a value of the wrong type or an invalid setting.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.structured(FinetuneConfig)
+        if path is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(config_path(path)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ValueError(f"overrides must be key=value, got {bad}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"fine-tuning config: {e}") from None
+    config.data.check_source()
+    return config
+
+
+# --- model -------------------------------------------------------------------------------------
+def load_pipeline(model: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  transformer_dtype: torch.dtype = torch.float32):
+    """A diffusers ``WanPipeline`` with the components to train and to encode data: the
+    transformer at ``transformer_dtype``, the VAE in float32 (as Wan's own scripts keep it), the
+    text encoder at ``dtype``."""
+    if model.name == TINY_MODEL:
+        from vdiff_sparse.tiny_models import tiny_wan_pipeline
+
+        return tiny_wan_pipeline(seed=seed)
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    kwargs = dict(revision=model.revision)
+    transformer = WanTransformer3DModel.from_pretrained(model.name, subfolder="transformer",
+                                                        torch_dtype=transformer_dtype, **kwargs)
+    vae = AutoencoderKLWan.from_pretrained(model.name, subfolder="vae", torch_dtype=torch.float32, **kwargs)
+    return WanPipeline.from_pretrained(model.name, transformer=transformer, vae=vae, torch_dtype=dtype, **kwargs)
+
+
+def make_processor(sparse: SparseConfig):
+    """The processor of ``sparse.method`` with training settings and statistics on."""
+    from vdiff_sparse.processors import DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor
+
+    cls = {"vmoba": VMoBAProcessor, "psa": PSAProcessor, "gna": GNAProcessor, "dense": DenseProcessor}[sparse.method]
+    options = {**TRAINING_OPTIONS.get(sparse.method, {}), **dict(sparse.options)}
+    # Training sees random timesteps, so step-based dense warm-up has no meaning here.
+    return cls(preset=sparse.preset, backend=sparse.backend, stats=True, dense_steps=0,
+               dense_layers=list(sparse.dense_layers), **options)
+
+
+def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's per-channel latent mean and std, ``[1, C, 1, 1, 1]``."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
+
+
+def wan_encoders(pipe, max_text_len: int, device: torch.device):
+    """``(encode_video, encode_prompt)`` for :func:`build_cache`: VAE mode latents normalised
+    as ``WanPipeline`` expects (``(z - mean) / std``), and UMT5 prompt embeddings."""
+    mean, std = latent_stats(pipe.vae)
+
+    def encode_video(frames: torch.Tensor) -> torch.Tensor:
+        z = pipe.vae.encode(frames.to(device, pipe.vae.dtype)).latent_dist.mode().float().cpu()
+        return ((z - mean) / std)[0]
+
+    def encode_prompt(caption: str) -> torch.Tensor:
+        embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_text_len, device=device)
+        return embeds[0].float().cpu()
+
+    return encode_video, encode_prompt
+
+
+# --- deterministic randomness ------------------------------------------------------------------
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (independent streams for different tuples)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+_EPOCH_STREAM, _NOISE_STREAM = 0, 1
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed_of(seed, _EPOCH_STREAM, epoch))
+    return tuple(torch.randperm(num_samples, generator=g).tolist())
+
+
+def global_batch(num_samples: int, global_size: int, seed: int, index: int) -> list[int]:
+    """Sample indices of global micro-batch ``index`` (``global_size`` samples: all processes
+    together). Each epoch is a fresh seeded permutation; the incomplete tail is dropped.
+
+    Raises:
+        ValueError: fewer samples than one global micro-batch.
+    """
+    per_epoch = num_samples // global_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{num_samples} samples cannot fill one global batch of {global_size} "
+            f"(train.batch_size x processes); lower train.batch_size or add data"
+        )
+    epoch, position = divmod(index, per_epoch)
+    return list(_epoch_permutation(num_samples, seed, epoch)[position * global_size:(position + 1) * global_size])
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based)."""
+    if step < config.lr_warmup_steps:
+        return (step + 1) / config.lr_warmup_steps
+    span = max(1, config.max_steps - config.lr_warmup_steps)
+    progress = min(1.0, (step - config.lr_warmup_steps) / span)
+    if config.lr_scheduler == "linear":
+        return 1.0 - progress
+    if config.lr_scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def flow_matching_loss(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, seeds: List[int],
+                       config: TrainConfig, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Rectified-flow loss of a Wan transformer on a batch.
+
+    Args:
+        model: the (wrapped) transformer.
+        latents: ``[B, C, T, h, w]`` normalised clean latents.
+        prompt_embeds: ``[B, L, D]``.
+        seeds: one per sample; sample ``i``'s noise and timestep come from ``seeds[i]`` only.
+        config: timestep sampling settings.
+
+    Returns:
+        The mean squared error between the prediction and ``noise - latents`` (fp32 scalar).
+    """
+    noise, u = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(latents.shape[1:], generator=g))
+        if config.timestep_sampling == "uniform":
+            u.append(torch.rand((), generator=g))
+        else:
+            u.append(torch.sigmoid(config.logit_mean + config.logit_std * torch.randn((), generator=g)))
+    noise = torch.stack(noise).to(latents.device)
+    u = torch.stack(u).to(latents.device)
+    sigma = config.shift * u / (1 + (config.shift - 1) * u)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    pred = model(hidden_states=noisy, timestep=sigma * num_train_timesteps,
+                 encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+
+
+# --- checkpoints and logs ----------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Checkpointed training position (``accelerator.register_for_checkpointing``)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob(f"{_CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(_CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder to resume from (``None``: start fresh)."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(f"resume must be 'latest' or a checkpoint folder, got {resume!r} (not a folder)")
+    return path
+
+
+class MetricsLog:
+    """Metrics per step to ``<dir>/metrics.csv`` (appended on resume), and to tensorboard
+    when it is installed."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "metrics.csv"
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(_METRICS)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(directory))
+        except ImportError:
+            pass
+
+    def log(self, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([values.get(k, "") for k in _METRICS])
+        if self.writer is not None:
+            for k in _METRICS[1:]:
+                if values.get(k) is not None:
+                    self.writer.add_scalar(f"train/{k}", values[k], values["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's ``logs/metrics.csv`` (values as floats; the last row of a step wins)."""
+    rows = {}
+    with open(Path(output_dir) / "logs" / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if v != ""}
+            rows[int(values["step"])] = values
+    return [rows[s] for s in sorted(rows)]
+
+
+# --- validation --------------------------------------------------------------------------------
+def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
+    """``[F, H, W, 3]`` floats in [0, 1] to an mp4."""
+    import imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(str(path), (np.clip(frames, 0, 1) * 255).round().astype(np.uint8), fps=fps)
+
+
+def sample_videos(pipe, config: FinetuneConfig, step: int, device, autocast) -> list[Path]:
+    """One mp4 per validation prompt with the current weights (processor active)."""
+    v = config.validation
+    transformer = pipe.transformer
+    transformer.eval()
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    paths = []
+    try:
+        for i, prompt in enumerate(v.prompts):
+            generator = torch.Generator("cpu").manual_seed(seed_of(config.seed, 2, i))
+            with torch.no_grad(), autocast():
+                out = pipe(
+                    prompt=prompt, num_frames=v.num_frames or config.data.num_frames,
+                    height=v.height or config.data.height, width=v.width or config.data.width,
+                    num_inference_steps=v.steps, guidance_scale=v.guidance_scale, generator=generator,
+                    output_type="np", max_sequence_length=config.data.max_text_len,
+                )
+            path = Path(config.output_dir) / "validation" / f"step-{step:08d}-{i}.mp4"
+            write_video(path, np.asarray(out.frames[0], dtype=np.float32), v.fps)
+            paths.append(path)
+    finally:
+        transformer.train()
+    return paths
+
+
+# --- training ----------------------------------------------------------------------------------
+def _build_dataset(config: FinetuneConfig, pipe, accelerator) -> LatentDataset:
+    data = config.data
+    if data.latents_dir:
+        return LatentDataset(data.latents_dir)
+    cache_dir = data.cache_dir or os.path.join(config.output_dir, "cache")
+    device = accelerator.device
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    encode_video, encode_prompt = wan_encoders(pipe, data.max_text_len, device)
+    report = build_cache(
+        data.video_dir, data.captions, cache_dir, encode_video=encode_video, encode_prompt=encode_prompt,
+        num_frames=data.num_frames, height=data.height, width=data.width,
+        settings={"model": config.model.name, "revision": config.model.revision, "max_text_len": data.max_text_len},
+        rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+    )
+    pipe.vae.to("cpu")
+    pipe.text_encoder.to("cpu")
+    if accelerator.is_main_process:
+        logger.info("data: %s", report.summary())
+        for entry in report.missing + report.unreadable:
+            logger.warning("skipped %s (captions line %d)", entry.video, entry.line)
+    return LatentDataset(report.files)
+
+
+def _trainable_setup(transformer, config: TrainConfig) -> list[torch.nn.Parameter]:
+    if config.lora_rank == 0:
+        transformer.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights=True,
+            target_modules=list(config.lora_targets),
+        ))
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # fp32 master copy of the adapter weights
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def _save_final(accelerator, model, config: FinetuneConfig, ema, params) -> Path:
+    from safetensors.torch import save_file
+
+    final = Path(config.output_dir) / "final"
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if config.train.lora_rank:
+            from diffusers import WanPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrapped, state_dict=state))
+            WanPipeline.save_lora_weights(str(final), transformer_lora_layers=lora)
+        else:
+            target = final / "transformer"
+            target.mkdir(parents=True, exist_ok=True)
+            unwrapped.save_config(str(target))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      str(target / "diffusion_pytorch_model.safetensors"))
+    if ema is not None:
+        ema.restore(params)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_checkpoint(accelerator, config: FinetuneConfig, step: int) -> Path:
+    root = Path(config.output_dir) / "checkpoints"
+    final = root / f"{_CHECKPOINT_PREFIX}{step:08d}"
+    partial = root / f".partial-{step:08d}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    # Only whole checkpoints carry the step-N name, so "latest" never picks a torn one.
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        keep = config.train.checkpoints_keep
+        for old in checkpoints(config.output_dir)[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` did."""
+
+    step: int
+    stopped_early: bool
+    output_dir: Path
+    last_checkpoint: Optional[Path]
+    final_dir: Optional[Path]
+    losses: List[float]
+    validation_videos: List[Path]
+
+
+def train(config: FinetuneConfig) -> RunResult:
+    """Run (or resume) the fine-tuning described by ``config`` in the current process group
+    (one process, or every process of an ``accelerate launch``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from vdiff_sparse.integration import enable
+
+    t = config.train
+    config.data.check_source()
+    accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
+                              gradient_accumulation_steps=t.grad_accum)
+    distributed = accelerator.distributed_type
+    fsdp = distributed == DistributedType.FSDP
+    deepspeed = distributed == DistributedType.DEEPSPEED
+    if t.ema_decay and (fsdp or deepspeed):
+        raise NotImplementedError("train.ema_decay with FSDP or DeepSpeed (sharded weights) is not supported")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        from omegaconf import OmegaConf
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(config), output_dir / "config.yaml")
+
+    # Full fine-tuning keeps fp32 master weights; LoRA trains fp32 adapters on frozen weights
+    # stored at the mixed-precision dtype.
+    pipe = load_pipeline(config.model, seed=config.seed, dtype=weight_dtype,
+                         transformer_dtype=weight_dtype if t.lora_rank else torch.float32)
+    dataset = _build_dataset(config, pipe, accelerator)
+    transformer = pipe.transformer
+    params = _trainable_setup(transformer, t)
+    processor = make_processor(config.sparse)
+    enable(pipe, processor)
+    model_dtype = next(transformer.parameters()).dtype
+
+    def make_optimizer(parameters):
+        return torch.optim.AdamW(parameters, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                 weight_decay=t.weight_decay)
+
+    if deepspeed:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+    if fsdp:  # FSDP flattens the parameters: the optimizer must see the wrapped ones
+        model = accelerator.prepare(transformer)
+        optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad]))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        model, optimizer = accelerator.prepare(transformer, make_optimizer(params))
+
+    ema = None
+    if t.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=t.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+
+    resume_from = resolve_resume(config.resume, output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        if accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", resume_from, progress.step)
+    elif config.resume == "latest" and accelerator.is_main_process:
+        logger.info("resume=latest: no checkpoint in %s, starting at step 0", output_dir)
+
+    world = accelerator.num_processes
+    rank = accelerator.process_index
+    global_size = t.batch_size * world
+    patch = tuple(transformer.config.patch_size)
+    c, tt, h, w = dataset.latent_shape
+    tokens_per_sample = (tt // patch[0]) * (h // patch[1]) * (w // patch[2])
+    log = MetricsLog(output_dir / "logs", accelerator.is_main_process)
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    # Sampling runs the bare model on the main process: impossible when the weights are sharded.
+    sharded = fsdp or (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    validate = bool(config.validation.every and config.validation.prompts) and not sharded and accelerator.is_main_process
+
+    losses: list[float] = []
+    videos: list[Path] = []
+    last_checkpoint = resume_from
+    started = progress.step
+    stopped_early = False
+    if accelerator.is_main_process:
+        logger.info(
+            "training %s (%s) with %s from step %d to %d: %d samples, %d tokens/sample, %d process(es) x "
+            "batch %d x accumulation %d", config.model.name, "LoRA r=%d" % t.lora_rank if t.lora_rank else "full",
+            config.sparse.method, started, t.max_steps, len(dataset), tokens_per_sample, world, t.batch_size,
+            t.grad_accum,
+        )
+    while progress.step < t.max_steps:
+        if t.stop_after and progress.step - started >= t.stop_after:
+            stopped_early = True
+            break
+        step = progress.step
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * lr_factor(t, step)
+        start = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for micro in range(t.grad_accum):
+            indices = global_batch(len(dataset), global_size, config.seed, step * t.grad_accum + micro)
+            positions = range(rank * t.batch_size, (rank + 1) * t.batch_size)
+            batch = dataset.batch([indices[i] for i in positions])
+            seeds = [seed_of(config.seed, _NOISE_STREAM, step, micro, i) for i in positions]
+            with accelerator.accumulate(model):
+                loss = flow_matching_loss(
+                    model, batch["latents"].to(accelerator.device, model_dtype),
+                    batch["prompt_embeds"].to(accelerator.device, model_dtype), seeds, t, num_train_timesteps,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / t.grad_accum
+        if ema is not None:
+            ema.step(params)
+        progress.step = step + 1
+        elapsed = time.perf_counter() - start
+        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+        losses.append(mean_loss)
+        records = processor.stats.records
+        density = sum(r.density for r in records) / len(records) if records else float("nan")
+        processor.stats.clear()
+        if progress.step % t.log_every == 0 or progress.step == t.max_steps:
+            log.log({
+                "step": progress.step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": None if grad_norm is None else float(grad_norm), "density": density,
+                "step_time_s": elapsed, "tokens_per_s": global_size * t.grad_accum * tokens_per_sample / elapsed,
+            })
+            if accelerator.is_main_process:
+                logger.info("step %d loss %.4f density %.3f %.2fs/step", progress.step, mean_loss, density, elapsed)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {progress.step}")
+        if progress.step % t.checkpoint_every == 0 or progress.step == t.max_steps:
+            last_checkpoint = _save_checkpoint(accelerator, config, progress.step)
+        if validate and (progress.step % config.validation.every == 0 or progress.step == t.max_steps):
+            videos += sample_videos(pipe, config, progress.step, accelerator.device, accelerator.autocast)
+            processor.stats.clear()
+        accelerator.wait_for_everyone()
+    final_dir = None
+    if not stopped_early:
+        final_dir = _save_final(accelerator, model, config, ema, params)
+    log.close()
+    accelerator.end_training()
+    return RunResult(progress.step, stopped_early, output_dir, last_checkpoint, final_dir, losses, videos)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``[--config FILE] [--resume latest|DIR] [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="vdiff-sparse finetune",
+        description="Sparse-aware fine-tuning (run under `accelerate launch -m vdiff_sparse.pipelines.finetune` "
+                    "for several processes). Overrides are OmegaConf dot-keys, e.g. train.max_steps=100.",
+    )
+    parser.add_argument("--config", help="training YAML, or the name of one in configs/finetune/ (tiny_wan_vmoba, "
+                                         "wan2.1-1.3b_vmoba, wan2.1-1.3b_vmoba_lora)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings")
+    args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    result = train(config)
+    if result.stopped_early:
+        logger.info("stopped after step %d (train.stop_after); resume with resume=latest", result.step)
+    return 0
+
+
+__all__ = [
+    "DataConfig",
+    "FinetuneConfig",
+    "ModelConfig",
+    "RunResult",
+    "SparseConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "checkpoints",
+    "config_path",
+    "flow_matching_loss",
+    "global_batch",
+    "load_config",
+    "main",
+    "make_processor",
+    "read_metrics",
+    "train",
+]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

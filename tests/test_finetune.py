@@ -1,0 +1,297 @@
+"""Sparse-aware fine-tuning (pipelines/finetune.py, pipelines/data.py) on the tiny Wan, on CPU.
+
+The runs are tiny (4 clips of 9 frames at 48x80 -> a 3x3x5 token grid, VMoBA blocks small
+enough that every partition has several blocks) so the whole file stays within seconds, apart
+from the two-process test (two ``accelerate launch`` runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vdiff_sparse.pipelines import data as ft_data
+from vdiff_sparse.pipelines import finetune as ft
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "finetune" / "tiny_wan_vmoba.yaml"
+CAPTIONS = ["a red cat runs on the beach", "a blue dog in snow", "the cat on a video", "a dog runs in the snow"]
+
+
+def write_clip(path: Path, seed: int, frames: int = 9, size=(48, 80)) -> None:
+    import imageio
+
+    rng = np.random.default_rng(seed)
+    # Smooth moving gradients (not noise), so the codec keeps them recognisable.
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(size[0]), np.arange(size[1]), indexing="ij")
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    video = np.stack([127 + 120 * np.sin(x / 9 + y / 13 + t / 3 + p) for p in phase], -1)
+    imageio.mimwrite(str(path), video.astype(np.uint8), fps=8)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    lines = []
+    for i, caption in enumerate(CAPTIONS):
+        write_clip(root / f"clip{i}.mp4", seed=100 + i)
+        lines.append(json.dumps({"video": f"clip{i}.mp4", "caption": caption}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def overrides(videos: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={output_dir}", f"data.video_dir={videos}", f"data.captions={videos / 'captions.jsonl'}",
+        f"data.cache_dir={videos / 'cache'}", "train.max_steps=4", "train.checkpoint_every=2",
+        "validation.every=0", *extra,
+    ]
+
+
+def run(videos: Path, output_dir: Path, *extra: str) -> ft.RunResult:
+    return ft.train(ft.load_config(TINY_CONFIG, overrides(videos, output_dir, *extra)))
+
+
+def final_weights(result_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    lora = result_dir / "final" / "pytorch_lora_weights.safetensors"
+    full = result_dir / "final" / "transformer" / "diffusion_pytorch_model.safetensors"
+    return load_file(str(lora if lora.exists() else full))
+
+
+# Full fine-tuning with a global batch of 2 (one process), gradient accumulation and EMA.
+FULL = ("train.batch_size=2", "train.grad_accum=2", "train.ema_decay=0.9")
+LORA = ("train.lora_rank=4", "train.lr=1e-2")
+
+
+@pytest.fixture(scope="module")
+def reference_full(videos, tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run (FULL), with a validation video at the end."""
+    out = tmp_path_factory.mktemp("reference_full")
+    result = run(videos, out, *FULL, "validation.every=4", "validation.steps=2")
+    assert result.step == 4 and not result.stopped_early
+    return out
+
+
+# --- data ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lines, named", [
+    pytest.param(['{"video": "a.mp4", "caption": "x"}', "{not json"], "2", id="bad-json"),
+    pytest.param(['{"video": "a.mp4"}', '{"video": "b.mp4", "caption": "ok"}', '{"caption": "y"}'], "1, 3",
+                 id="missing-fields"),
+    pytest.param(['{"video": "a.mp4", "caption": "x"}', '{"video": "a.mp4", "caption": "y"}'], "2", id="duplicate"),
+    pytest.param(['{"file": "a.mp4", "text": "  "}'], "1", id="empty-caption"),
+])
+def test_malformed_caption_lines_are_named(tmp_path, lines, named):
+    path = tmp_path / "captions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"malformed caption lines {named}"):
+        ft_data.read_captions(path)
+
+
+def test_csv_captions_and_header_check(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text('path,prompt\nclip0.mp4,"a cat, running"\nclip1.mp4,a dog\n')
+    entries = ft_data.read_captions(good)
+    assert [(e.line, e.video, e.caption) for e in entries] == [(2, "clip0.mp4", "a cat, running"), (3, "clip1.mp4", "a dog")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,caption\nclip0.mp4,a cat\n")
+    with pytest.raises(ValueError, match="needs a video column"):
+        ft_data.read_captions(bad)
+
+
+def test_caption_file_of_another_folder_is_an_error(videos, tmp_path):
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"video": "x.mp4", "caption": "a"}\n\n{"video": "y.mp4", "caption": "b"}\n')
+    with pytest.raises(ValueError, match=r"does not match the videos .* lines 1, 3"):
+        ft_data.match_videos(ft_data.read_captions(path), videos)
+
+
+def test_missing_and_unreadable_videos_are_skipped_and_counted(videos, tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    for i in range(2):
+        os.symlink(videos / f"clip{i}.mp4", tmp_path / f"clip{i}.mp4")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps({"video": v, "caption": "a cat"}) for v in
+                                  ["clip0.mp4", "gone.mp4", "broken.mp4", "clip1.mp4"]) + "\n")
+    calls = []
+
+    def encode_video(frames):
+        calls.append(frames.shape)
+        return frames[0, :, ::4].mean(0, keepdim=True)
+
+    kwargs = dict(encode_video=encode_video, encode_prompt=lambda c: torch.ones(3, 2),
+                  num_frames=5, height=16, width=32)
+    report = ft_data.build_cache(tmp_path, captions, tmp_path / "cache", **kwargs)
+    assert [e.line for e in report.missing] == [2] and [e.line for e in report.unreadable] == [3]
+    assert len(report.files) == 2 and "2 of 4 videos usable; 1 missing (lines 2); 1 unreadable (lines 3)" == report.summary()
+    assert calls == [(1, 3, 5, 16, 32)] * 2
+    dataset = ft_data.LatentDataset(tmp_path / "cache")
+    assert len(dataset) == 2 and dataset.latent_shape == (1, 2, 16, 32)
+    ft_data.build_cache(tmp_path, captions, tmp_path / "cache", **kwargs)
+    assert len(calls) == 2, "an unchanged cache must not be re-encoded"
+
+
+@pytest.mark.parametrize("frames, size, target", [
+    pytest.param(10, (50, 70), (5, 32, 48), id="fewer-frames-ragged"),
+    pytest.param(3, (40, 40), (9, 16, 32), id="repeat-frames-wide-crop"),
+])
+def test_read_video_samples_resizes_and_crops(tmp_path, seed, frames, size, target):
+    path = tmp_path / "v.mp4"
+    write_clip(path, seed, frames=frames, size=size)
+    x = ft_data.read_video(path, *target)
+    assert x.shape == (3, *target) and x.dtype == torch.float32
+    assert -1 <= float(x.min()) < float(x.max()) <= 1
+
+
+def test_global_batches_cover_each_epoch_once(seed):
+    n, size = 7, 2
+    batches = [ft.global_batch(n, size, seed, i) for i in range(6)]  # 3 per epoch, 1 sample dropped
+    for epoch in (batches[:3], batches[3:]):
+        flat = [i for b in epoch for i in b]
+        assert len(set(flat)) == 6 and set(flat) <= set(range(n))
+    assert batches[:3] != batches[3:]
+    assert batches == [ft.global_batch(n, size, seed, i) for i in range(6)]
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        ft.global_batch(1, 2, seed, 0)
+
+
+# --- config --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, match", [
+    pytest.param(["train.max_stepz=3"], "max_stepz", id="typo"),
+    pytest.param(["sparse.method=flash"], "sparse.method", id="method"),
+    pytest.param(["data.num_frames=8"], "4k", id="frames"),
+    pytest.param(["data.video_dir=null"], "no training data", id="no-data"),
+    pytest.param(["train.lr"], "key=value", id="not-key-value"),
+])
+def test_config_errors(tmp_path, extra, match):
+    base = [f"data.video_dir={tmp_path}", f"data.captions={tmp_path}/c.jsonl"]
+    with pytest.raises(ValueError, match=match):
+        ft.load_config(TINY_CONFIG, base + extra)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "finetune").glob("*.yaml")))
+def test_shipped_training_configs_load(name, tmp_path):
+    config = ft.load_config(name, [f"data.latents_dir={tmp_path}"])
+    assert config.sparse.method in ft.METHODS and config.train.max_steps >= 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "finetune" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2 and config.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+
+
+# --- training ------------------------------------------------------------------------------------
+def test_loss_decreases_on_a_fixed_batch(seed):
+    from vdiff_sparse.integration import enable
+    from vdiff_sparse.tiny_models import tiny_wan_transformer
+
+    config = ft.load_config(TINY_CONFIG, ["data.latents_dir=unused"])
+    model = tiny_wan_transformer(seed=seed % 1000).train()
+    processor = ft.make_processor(config.sparse)
+    enable(model, processor)
+    g = torch.Generator().manual_seed(seed)
+    latents, embeds = torch.randn(2, 16, 3, 6, 10, generator=g), torch.randn(2, 16, 32, generator=g)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss = ft.flow_matching_loss(model, latents, embeds, [seed, seed + 1], config.train)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.75 * losses[0]
+    densities = [r.density for r in processor.stats.records]
+    assert densities and max(densities) < 0.9, "VMoBA must actually be sparse on this grid"
+
+
+def test_uninterrupted_run_writes_checkpoints_logs_and_samples(reference_full):
+    names = [p.name for p in ft.checkpoints(reference_full)]
+    assert names == ["step-00000002", "step-00000004"]
+    rows = ft.read_metrics(reference_full)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert np.isfinite(row["loss"]) and 0 < row["density"] < 0.9 and row["tokens_per_s"] > 0
+    # 2 samples x 2 micro-batches of 45 tokens per step.
+    assert rows[0]["tokens_per_s"] == pytest.approx(180 / rows[0]["step_time_s"], rel=1e-6)
+    videos = list((reference_full / "validation").glob("*.mp4"))
+    assert [v.name for v in videos] == ["step-00000004-0.mp4"]
+    import imageio.v3 as iio
+
+    assert iio.imread(videos[0], index=None).shape == (9, 48, 80, 3)
+
+
+@pytest.mark.parametrize("settings", [pytest.param(FULL, id="full-accum-ema"), pytest.param(LORA, id="lora")])
+def test_killed_run_resumes_exactly(videos, tmp_path, reference_full, settings):
+    reference = reference_full
+    if settings is LORA:
+        reference = tmp_path / "reference"
+        run(videos, reference, *settings)
+    # "Killed" after step 3: the last checkpoint is step 2, so step 3 is done again.
+    killed = run(videos, tmp_path / "run", *settings, "train.stop_after=3")
+    assert killed.stopped_early and killed.step == 3 and killed.final_dir is None
+    resumed = run(videos, tmp_path / "run", *settings, "resume=latest")
+    assert resumed.step == 4 and len(resumed.losses) == 2
+    expected, actual = final_weights(reference), final_weights(tmp_path / "run")
+    assert expected.keys() == actual.keys() and len(expected) > 0
+    if settings is LORA:
+        assert all("lora" in k for k in actual)
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_other_methods_train_from_precomputed_latents(videos, reference_full, tmp_path):
+    # The cache written by the reference run is a folder of precomputed latents.
+    for method in ("psa", "gna"):
+        result = ft.train(ft.load_config(None, [
+            f"output_dir={tmp_path / method}", f"data.latents_dir={videos / 'cache'}", f"sparse.method={method}",
+            "train.max_steps=2", "train.lr=1e-3",
+        ]))
+        assert result.step == 2 and all(np.isfinite(result.losses))
+        assert 0 < ft.read_metrics(tmp_path / method)[-1]["density"] <= 1
+
+
+def _launch(videos: Path, output_dir: Path, *extra: str) -> None:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "finetune" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port", "0",
+        "-m", "vdiff_sparse.pipelines.finetune", "--config", str(TINY_CONFIG),
+        *overrides(videos, output_dir, *extra),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_and_match_one_process(videos, tmp_path, reference_full):
+    # Per-process batch 1 on 2 processes = the reference's global batch 2 (same samples, same
+    # noise), gradients averaged by DDP instead of within the batch: equal up to rounding.
+    out = tmp_path / "ddp"
+    per_process = ("train.batch_size=1", "train.grad_accum=2", "train.ema_decay=0.9")
+    _launch(videos, out, *per_process, "train.stop_after=3", f"data.cache_dir={tmp_path / 'cache'}")
+    assert [p.name for p in ft.checkpoints(out)] == ["step-00000002"]
+    assert not (out / "final").exists()
+    _launch(videos, out, *per_process, "--resume", "latest", f"data.cache_dir={tmp_path / 'cache'}")
+    assert [p.name for p in ft.checkpoints(out)] == ["step-00000002", "step-00000004"]
+    rows = ft.read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    reference_rows = ft.read_metrics(reference_full)
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in reference_rows], rtol=1e-4)
+    expected, actual = final_weights(reference_full), final_weights(out)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
