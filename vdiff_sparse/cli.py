@@ -276,7 +276,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in the help, except where there is none to show (the text says what happens)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default == []:
+        # store_false flags: their default (True) describes the opposite of the flag.
+        if action.default is None or action.default == [] or isinstance(action, argparse._StoreFalseAction):
             return action.help
         return super()._get_help_string(action)
 
