@@ -138,3 +138,29 @@ def test_only_video_self_attention_is_routed(model_case):
     assert n_video >= 2
     assert proc.layers == list(range(n_video)), f"{name}: video calls {proc.layers}"
     assert all(not isinstance(b.dense_processor, P.SparseProcessor) for b in bindings)
+
+
+@pytest.mark.parametrize("name", ["hunyuan_video", "mochi"])
+def test_padded_text_keys_are_masked(name, seed):
+    """HunyuanVideo and Mochi pad the text: with each sparse processor, the values of the padded
+    text tokens (mask False, second sample) do not reach the video output, while the same
+    change with those tokens unmasked does."""
+    family, build = next((f, b) for n, f, b in MODELS if n == name)
+    model = build(seed % 1000)
+    inputs = tiny_inputs(family, GRIDS[name], batch=2, seed=seed, model=model)
+    mask = inputs["encoder_attention_mask"].bool()
+    assert not mask[1].all() and mask[0].all()
+    changed = inputs["encoder_hidden_states"].clone()
+    changed[~mask] = 10 * torch.randn_like(changed[~mask])
+    for label, proc in sparse_configs().items():
+        integration.enable(model, proc)
+        out = _run(model, inputs)
+        out_changed = _run(model, {**inputs, "encoder_hidden_states": changed})
+        if label == "gna":  # control, once: unmasked, the same change reaches the video
+            unmasked = {**inputs, "encoder_attention_mask": torch.ones_like(inputs["encoder_attention_mask"])}
+            diff = _run(model, {**unmasked, "encoder_hidden_states": changed}) - _run(model, unmasked)
+            assert diff[1].abs().max().item() > 1e-3, f"{name}: the padded tokens never mattered"
+        integration.disable(model)
+        assert proc.stats.summary()["flop_density"] < 1.0, f"{name} {label}: the sparse path did not run"
+        err = (out_changed - out).abs().max().item()
+        assert err <= TOL, f"{name} {label}: padded text keys changed the video by {err:.3g}"

@@ -14,14 +14,23 @@ index. This module supplies them:
   processors and removes everything.
 * ``transformer.set_attn_processor(proc)`` without ``enable`` also works: on its first call the
   processor finds its transformer on the call stack and attaches it (see :func:`discover`).
+  When a diffusers pipeline that owns the transformer is running further up the stack, every
+  transformer of that pipeline shares one context (Wan 2.2's two experts count steps together)
+  and the number of steps is read from the pipeline's scheduler.
+* Attention modules added to an attached transformer later (``set_attn_processor`` again after
+  model surgery) are bound on their first call: video self-attention by its layer index,
+  anything else to the model's dense path.
 
-Denoising step: the context counts distinct timestep values. A call with the same timestep as
-the previous one is the same step (classifier-free guidance calls the transformer twice per
-step with one timestep, Wan / HunyuanVideo); a lower timestep is the next step; a higher one
-starts a new generation (step 0). ``enable`` also resets the count when the pipeline calls
-``scheduler.set_timesteps`` (the start of every generation) and records the number of steps,
-which fractional warm-up schedules need. With a bare transformer, give it with
-``set_context(transformer, total_steps=N)``.
+Denoising step: the context counts distinct noise levels. A call at the same timestep as the
+previous one is the same step (classifier-free guidance calls the transformer twice per step
+with one timestep, Wan / HunyuanVideo; CogVideoX / LTX / Mochi batch both in one call); a lower
+noise level is the next step; a higher one starts a new generation (step 0). Mochi's timesteps
+run upwards (its adapter says so), the others' downwards. ``enable`` also resets the count when
+the pipeline calls ``scheduler.set_timesteps`` (the start of every generation). The number of
+steps, which fractional warm-up schedules need, comes from ``set_context(..., total_steps=N)``
+if given, else from the scheduler of the pipeline (``enable`` or a pipeline found on the
+stack); a bare transformer has none, and such a schedule raises an error that says how to give
+it.
 """
 
 from __future__ import annotations
@@ -50,21 +59,35 @@ class RunContext:
     Attributes:
         grid: latent grid ``(T, H, W)`` of the current forward call, after patchify.
         step: denoising step index of the current call (0-based).
-        total_steps: number of denoising steps of the generation, if known.
+        total_steps: number of denoising steps of the generation, if known; when ``None``,
+            :meth:`num_steps` asks the scheduler the context follows.
     """
 
     grid: Grid | None = None
     step: int = 0
     total_steps: int | None = None
     _last_timestep: float | None = field(default=None, repr=False)
+    _scheduler: Any = field(default=None, repr=False)  # weakref to a pipeline's scheduler
 
     def new_generation(self, total_steps: int | None = None) -> None:
         self.step = 0
         self._last_timestep = None
         self.total_steps = total_steps
 
+    def follow_scheduler(self, scheduler) -> None:
+        """Read the number of steps from ``scheduler`` (a diffusers scheduler) when
+        ``total_steps`` is not set."""
+        self._scheduler = None if scheduler is None else weakref.ref(scheduler)
+
+    def num_steps(self) -> int | None:
+        """The number of denoising steps of the current generation, or ``None`` if unknown."""
+        if self.total_steps is not None:
+            return self.total_steps
+        return _scheduler_steps(self._scheduler() if self._scheduler is not None else None)
+
     def observe_timestep(self, value: float) -> None:
-        """Advance the step count for a transformer call at diffusion time ``value``."""
+        """Advance the step count for a transformer call at noise level ``value`` (higher =
+        noisier)."""
         last = self._last_timestep
         if last is None or value > last:
             self.step = 0
@@ -103,6 +126,17 @@ class _Attachment:
     context: RunContext
     hook: Any
     modules: list  # (module, original processor or None)
+
+
+def _scheduler_steps(scheduler) -> int | None:
+    """Number of denoising steps a diffusers scheduler was set up for (``None`` before its
+    ``set_timesteps``)."""
+    if scheduler is None:
+        return None
+    total = getattr(scheduler, "num_inference_steps", None)
+    if total is None and getattr(scheduler, "timesteps", None) is not None:
+        total = len(scheduler.timesteps) // max(1, getattr(scheduler, "order", 1))
+    return total
 
 
 def _attention_modules(transformer: torch.nn.Module):
@@ -155,10 +189,11 @@ def _observe(module, attachment: _Attachment, inputs: dict) -> None:
     if grid is not None:
         ctx.grid = check_grid(grid)
     t = inputs.get(attachment.adapter.timestep_arg)
-    if isinstance(t, torch.Tensor):
-        ctx.observe_timestep(float(t.detach().float().max()))
-    elif t is not None:
-        ctx.observe_timestep(float(t))
+    if t is None:
+        return
+    # Batched CFG passes one timestep per sample (all equal); max() reads it.
+    value = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
+    ctx.observe_timestep(-value if attachment.adapter.timestep_increases else value)
 
 
 def _rotary_arg(processor) -> str | None:
@@ -170,9 +205,10 @@ def attach(transformer: torch.nn.Module, context: RunContext | None = None) -> R
     """Install the context hook on ``transformer`` and bind its attention modules.
 
     Idempotent: a transformer attached before keeps its context (unless ``context`` is given,
-    which replaces it). Processors that are not vdiff_sparse's are remembered and restored by
-    :func:`detach`; the dense path of each module is that processor (or, when a vdiff_sparse
-    processor is already set, the model's default one).
+    which replaces it); attention modules added since are bound now. Processors that are not
+    vdiff_sparse's are remembered and restored by :func:`detach`; the dense path of each module
+    is that processor (or, when a vdiff_sparse processor is already set, the model's default
+    one).
 
     Raises:
         NotImplementedError: the transformer's class has no adapter.
@@ -184,22 +220,34 @@ def attach(transformer: torch.nn.Module, context: RunContext | None = None) -> R
             existing.context = context
             for module, _ in existing.modules:
                 getattr(module, _BINDING).context = context
+        _bind_modules(transformer, existing)
         return existing.context
     context = RunContext() if context is None else context
+    hook = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    attachment = _Attachment(adapter, context, hook, [])
+    _bind_modules(transformer, attachment)
+    setattr(transformer, _ATTACHMENT, attachment)
+    return context
+
+
+def _bind_modules(transformer: torch.nn.Module, attachment: _Attachment) -> None:
+    """Bind every attention module of ``transformer`` that has no binding yet: video
+    self-attention gets its layer index, any other module (cross-attention, text refiners,
+    modules the adapter does not know) ``index=None``, i.e. the dense path."""
+    adapter = attachment.adapter
+    unbound = [(n, m) for n, m in _attention_modules(transformer) if binding_of(m) is None]
+    if not unbound:
+        return
     video = adapter.video_attention(transformer)
     index_of = {id(m): i for i, (_, m) in enumerate(video)}
-    modules = []
-    for name, module in _attention_modules(transformer):
+    for name, module in unbound:
         original = None if _is_ours(module.processor) else module.processor
         dense = original if original is not None else adapter.default_processor(name, module)
         binding = LayerBinding(
-            adapter, context, index_of.get(id(module)), len(video), dense, name, _rotary_arg(dense)
+            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name, _rotary_arg(dense)
         )
         setattr(module, _BINDING, binding)
-        modules.append((module, original))
-    hook = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    setattr(transformer, _ATTACHMENT, _Attachment(adapter, context, hook, modules))
-    return context
+        attachment.modules.append((module, original))
 
 
 def detach(transformer: torch.nn.Module) -> None:
@@ -225,7 +273,10 @@ def discover(attn: torch.nn.Module) -> LayerBinding | None:
     publish the context of the running forward call (its hook was not installed yet).
 
     This is what makes ``transformer.set_attn_processor(proc)`` work without :func:`enable`.
-    Returns ``None`` when no transformer on the stack owns ``attn``.
+    If a diffusers pipeline holding the transformer is running further up the stack, all its
+    transformers are attached with one shared context that follows the pipeline's scheduler
+    (the number of steps; Wan 2.2's ``transformer_2`` continues the step count of
+    ``transformer``). Returns ``None`` when no transformer on the stack owns ``attn``.
     """
     frame = sys._getframe(1)
     while frame is not None:
@@ -234,10 +285,26 @@ def discover(attn: torch.nn.Module) -> LayerBinding | None:
             if isinstance(owner, torch.nn.Module) and any(m is attn for m in owner.modules()):
                 if adapter_for(owner) is not None or _looks_like_transformer(owner):
                     attach(owner)
+                    pipe = _running_pipeline(frame.f_back, owner)
+                    if pipe is not None:
+                        _shared_context(_transformers(pipe)).follow_scheduler(getattr(pipe, "scheduler", None))
                     attachment = getattr(owner, _ATTACHMENT)
                     inputs = _named_inputs(owner, frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
                     _observe(owner, attachment, inputs)
                     return binding_of(attn)
+        frame = frame.f_back
+    return None
+
+
+def _running_pipeline(frame, transformer: torch.nn.Module):
+    """The pipeline object (a non-module ``self`` whose ``components`` hold ``transformer``)
+    of the nearest frame on the stack from ``frame`` up, or ``None``."""
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if obj is not None and not isinstance(obj, torch.nn.Module):
+            components = getattr(obj, "components", None)
+            if isinstance(components, dict) and any(c is transformer for c in components.values()):
+                return obj
         frame = frame.f_back
     return None
 
@@ -272,11 +339,7 @@ def _wrap_set_timesteps(scheduler, context: RunContext) -> None:
     @functools.wraps(original)
     def set_timesteps(*args, **kwargs):
         result = original(*args, **kwargs)
-        sched = ref()
-        total = getattr(sched, "num_inference_steps", None)
-        if total is None and getattr(sched, "timesteps", None) is not None:
-            total = len(sched.timesteps) // max(1, getattr(sched, "order", 1))
-        context.new_generation(total)
+        context.new_generation(_scheduler_steps(ref()))
         return result
 
     setattr(set_timesteps, _SCHEDULER_WRAP, True)
@@ -311,7 +374,9 @@ def enable(pipe, processor) -> RunContext:
         for module, _ in getattr(transformer, _ATTACHMENT).modules:
             _set_processor(module, processor)
     if not isinstance(pipe, torch.nn.Module):
-        _wrap_set_timesteps(getattr(pipe, "scheduler", None), context)
+        scheduler = getattr(pipe, "scheduler", None)
+        context.follow_scheduler(scheduler)
+        _wrap_set_timesteps(scheduler, context)
     return context
 
 

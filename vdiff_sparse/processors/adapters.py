@@ -50,6 +50,9 @@ class ModelAdapter:
     transformer_classes: tuple[str, ...] = ()
     #: forward argument that carries the diffusion timestep
     timestep_arg: str = "timestep"
+    #: whether the timestep grows as denoising proceeds (Mochi: ``1000 * (1 - sigma)``); the
+    #: step counter needs the direction
+    timestep_increases: bool = False
 
     def grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> Grid | None:
         """The latent grid ``(T, H, W)`` after patchify from the forward inputs (by name),
@@ -69,9 +72,12 @@ class ModelAdapter:
 
         return AttnProcessor2_0()
 
-    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
-        """Whether :meth:`forward` handles this call; if not the dense processor runs."""
-        return True
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> str | None:
+        """Why :meth:`forward` cannot handle this call of a video self-attention module (e.g.
+        ``"an attention_mask of shape (1, 1, 60, 60)"``), or ``None`` when it can. The
+        processor then raises ``NotImplementedError`` (or runs the model's processor when the
+        layer is scheduled dense)."""
+        return None
 
     def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         """The default processor's computation with video attention done by ``attend``."""
@@ -104,6 +110,11 @@ def adapter_for(transformer: torch.nn.Module) -> ModelAdapter | None:
 def patched_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> Grid:
     """Latent ``(frames, height, width)`` -> token grid for a ``(p_t, p_h, p_w)`` patchify."""
     return tuple(n // p for n, p in zip(shape, patch))  # type: ignore[return-value]
+
+
+def describe_mask(attention_mask: torch.Tensor | None) -> str | None:
+    """``"an attention_mask of shape (...)"`` for messages, or ``None`` without a mask."""
+    return None if attention_mask is None else f"an attention_mask of shape {tuple(attention_mask.shape)}"
 
 
 def key_mask_from(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:

@@ -9,8 +9,11 @@ the model's own processor), then
   unknown modules) run the model's own processor;
 * video self-attention runs the adapter's copy of the model's q/k/v computation, with video
   queries attending through the sparse method (text keys as always-attended extra keys) and
-  text queries densely; the schedule (dense warm-up steps, dense layers) can send a call to
-  dense attention instead.
+  text queries densely; the schedule (dense warm-up steps, dense layers, a per-layer method)
+  can send a call to dense attention or to another method instead;
+* a video self-attention call with inputs the adapter does not handle (e.g. an unexpected
+  ``attention_mask``) raises ``NotImplementedError`` naming the module, unless the layer is
+  scheduled dense: a sparse method is never replaced by dense attention silently.
 
 Settings come from a YAML preset (``configs/methods/<method>.yaml`` is the default, a model
 preset ``configs/models/<name>.yaml`` overrides it per method), a config object, and keyword
@@ -42,11 +45,19 @@ class ScheduleConfig:
     Attributes:
         dense_steps: dense warm-up. ``0`` none; an integer ``>= 1`` is a number of denoising
             steps; a value in ``(0, 1)`` a fraction of the generation's steps (rounded up),
-            which needs the total number of steps (known under ``vdiff_sparse.enable``).
+            which needs the total number of steps (known under ``vdiff_sparse.enable`` or when
+            a diffusers pipeline calls the transformer; else ``set_context(total_steps=N)``).
         dense_layers: video self-attention layer indices that always run dense; negative
             indices count from the last layer.
-        layers: per-layer overrides of the method config, ``{layer index: {field: value}}``
-            (e.g. a larger window in the first layer).
+        layers: per-layer overrides, ``{layer index: {field: value}}``: fields of the method
+            config (e.g. a larger window in the first layer), and optionally ``method``, one of
+            ``"dense"``, ``"gna"``, ``"psa"``, ``"vmoba"``, to run another method on that layer
+            with that method's settings from the processor's model preset (or the method's
+            defaults) updated with the other fields, e.g.
+            ``{0: {"method": "dense"}, 1: {"method": "vmoba", "topk": 4}}`` on a
+            :class:`GNAProcessor` (layer indices keep their meaning: VMoBA's 1D/2D/3D cycle
+            follows them). ``method: dense`` is the same as listing the layer in
+            ``dense_layers``.
     """
 
     dense_steps: float = 0
@@ -66,6 +77,22 @@ class ScheduleConfig:
         if any(int(i) < 0 for i in self.layers):
             raise ValueError(f"layers keys must be layer indices >= 0, got {sorted(self.layers)}")
         self.layers = {int(i): dict(o) for i, o in self.layers.items()}
+        methods = sorted(processor_classes())
+        for i, overrides in self.layers.items():
+            if "method" in overrides and overrides["method"] not in methods:
+                raise ValueError(
+                    f"layers[{i}]: unknown method {overrides['method']!r}; choose one of {methods}"
+                )
+
+    def layer_method(self, layer: int) -> str | None:
+        """The method named for ``layer`` in :attr:`layers`, or ``None``."""
+        return self.layers.get(layer, {}).get("method")
+
+    def layer_is_dense(self, layer: int, num_layers: int) -> bool:
+        """Whether ``layer`` always runs dense (``dense_layers`` or ``method: dense``)."""
+        if self.layer_method(layer) == "dense":
+            return True
+        return any(layer == (i if i >= 0 else num_layers + i) for i in self.dense_layers)
 
     def warmup_steps(self, total_steps: int | None) -> int:
         """Number of dense warm-up steps."""
@@ -75,7 +102,8 @@ class ScheduleConfig:
         if total_steps is None:
             raise ValueError(
                 f"dense_steps={d} is a fraction of the denoising steps but the number of steps is "
-                f"unknown: use vdiff_sparse.enable(pipe, processor), call "
+                f"unknown (the transformer was not called by a diffusers pipeline): use "
+                f"vdiff_sparse.enable(pipe, processor), call "
                 f"vdiff_sparse.set_context(transformer, total_steps=N), or give dense_steps as a "
                 f"number of steps"
             )
@@ -85,7 +113,7 @@ class ScheduleConfig:
         """``"warmup"``, ``"layer"`` or ``""`` (sparse) for this call."""
         if step < self.warmup_steps(total_steps):
             return "warmup"
-        if any(layer == (i if i >= 0 else num_layers + i) for i in self.dense_layers):
+        if self.layer_is_dense(layer, num_layers):
             return "layer"
         return ""
 
@@ -97,7 +125,7 @@ class CallStats:
 
     Attributes:
         layer, step: layer index and denoising step.
-        method: the method that ran (``"dense"`` when the schedule chose dense).
+        method: the method that ran on this layer (``"dense"`` when the schedule chose dense).
         num_tokens: video tokens.
         density: share of (query, key) video pairs attended, pooled keys counted fully.
         flop_density: FLOP-equivalent density (a key pooled ``p`` times counts ``1/p``).
@@ -271,19 +299,36 @@ class SparseProcessor:
                 )
         self.config = build_dataclass(self.config_cls, settings["config"], self.method)
         self.schedule = build_dataclass(ScheduleConfig, settings["schedule"], "schedule")
-        self._layer_configs = {
-            i: build_dataclass(self.config_cls, {**dataclasses.asdict(self.config), **o}, self.method)
-            for i, o in self.schedule.layers.items()
-        }
         self.backend = backend
         self.stats = StatsLog(stats)
+        # Per-layer overrides: a config of this method, or a processor of another method
+        # (its settings from the same model preset) whose attention() this one calls.
+        self._layer_configs, self._layer_processors = {}, {}
+        model_preset = preset if preset in available_presets()["models"] else None
+        for i, overrides in self.schedule.layers.items():
+            method = overrides.get("method", self.method)
+            fields = {k: v for k, v in overrides.items() if k != "method"}
+            if method == self.method:
+                self._layer_configs[i] = build_dataclass(
+                    self.config_cls, {**dataclasses.asdict(self.config), **fields}, self.method)
+            else:
+                cls = processor_classes()[method]
+                base = load_preset(method, model_preset)["config"]
+                self._layer_processors[i] = cls({**base, **fields}, backend=backend)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(config={self.config}, schedule={self.schedule}, backend={self.backend!r})"
 
     def config_for(self, layer: int):
-        """The method config of video self-attention layer ``layer``."""
+        """The method config of video self-attention layer ``layer`` (that of the layer's own
+        method when :attr:`ScheduleConfig.layers` names another one)."""
+        if layer in self._layer_processors:
+            return self._layer_processors[layer].config
         return self._layer_configs.get(layer, self.config)
+
+    def method_for(self, layer: int) -> str:
+        """The method video self-attention layer ``layer`` runs after any warm-up."""
+        return self.schedule.layer_method(layer) or self.method
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):
@@ -299,12 +344,23 @@ class SparseProcessor:
                 f"grid=(T, H, W), step=...)."
             )
         adapter = binding.adapter
-        if binding.index is None or not adapter.supports(attn, hidden_states, encoder_hidden_states, attention_mask):
-            dense = binding.dense_processor
-            if binding.dense_rotary_arg is not None:
-                kwargs[binding.dense_rotary_arg] = image_rotary_emb
-            return dense(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                         attention_mask=attention_mask, **kwargs)
+        if binding.index is None:  # cross-attention, text refiner, unknown module: dense
+            return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
+                                         attention_mask, image_rotary_emb, kwargs)
+        problem = adapter.unsupported(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if problem is None and kwargs:
+            problem = f"keyword arguments {sorted(kwargs)}"
+        if problem is not None:
+            layer_dense = self.schedule.layer_is_dense(binding.index, binding.num_layers)
+            if layer_dense or self.method_for(binding.index) == "dense":
+                return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
+                                             attention_mask, image_rotary_emb, kwargs)
+            raise NotImplementedError(
+                f"{type(self).__name__}: video self-attention {binding.name!r} of the {adapter.name} "
+                f"transformer was called with {problem}, which the "
+                f"{self.method_for(binding.index)} path does not handle; run this layer dense "
+                f"(dense_layers=[{binding.index}]) or use the model's own processor"
+            )
         ctx = binding.context
         if ctx.grid is None:
             raise RuntimeError(
@@ -316,29 +372,42 @@ class SparseProcessor:
         attend = functools.partial(self._attend, binding=binding, grid=ctx.grid, reason=reason)
         return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
+    @staticmethod
+    def _model_processor(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, kwargs):
+        """The model's own processor for this module (the dense path)."""
+        if binding.dense_rotary_arg is not None:
+            kwargs[binding.dense_rotary_arg] = rotary_emb
+        return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                       attention_mask=attention_mask, **kwargs)
+
     @torch.compiler.disable
     def _dense_reason(self, binding) -> str:
         ctx = binding.context
-        return self.schedule.dense_reason(ctx.step, ctx.total_steps, binding.index, binding.num_layers)
+        try:
+            return self.schedule.dense_reason(ctx.step, ctx.num_steps(), binding.index, binding.num_layers)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__} in {binding.name!r}: {e}") from None
 
     def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
         check_grid_matches(grid, q.shape[1], f"layer {binding.name}")
         extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask)
+        layer = binding.index
+        runner = self._layer_processors.get(layer, self)
         if not self.stats.enabled or torch._C._current_graph_task_id() != -1:
             if reason:
                 return dense_attention(q, k, v, **extras)
-            return self.attention(q, k, v, grid, binding.index, return_plan=False, **extras)
+            return runner.attention(q, k, v, grid, layer, return_plan=False, **extras)
         _sync(q)
         start = time.perf_counter()
         if reason:
             out, plan = dense_attention(q, k, v, **extras), None
         else:
-            out, plan = self.attention(q, k, v, grid, binding.index, return_plan=True, **extras)
+            out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, **extras)
         _sync(out)
         elapsed = (time.perf_counter() - start) * 1e3
         density, flop = plan_densities(plan)
         self.stats.records.append(CallStats(
-            binding.index, binding.context.step, "dense" if reason else self.method,
+            layer, binding.context.step, "dense" if reason else self.method_for(layer),
             q.shape[1], density, flop, elapsed, reason,
         ))
         return out
@@ -459,6 +528,11 @@ class GNAProcessor(SparseProcessor):
                              backend=self.backend, return_plan=return_plan, **extras)
 
 
+def processor_classes() -> dict[str, type[SparseProcessor]]:
+    """``{method name: processor class}`` of the built-in processors."""
+    return {cls.method: cls for cls in (DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor)}
+
+
 def _per_axis(value) -> tuple:
     from ..checks import check_per_axis
 
@@ -478,4 +552,5 @@ __all__ = [
     "available_presets",
     "fit_gna",
     "load_preset",
+    "processor_classes",
 ]

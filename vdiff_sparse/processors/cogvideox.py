@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter, joint_attention, patched_grid, register_adapter
+from .adapters import ModelAdapter, describe_mask, joint_attention, patched_grid, register_adapter
 
 
 @register_adapter
@@ -32,8 +32,10 @@ class CogVideoXAdapter(ModelAdapter):
 
         return CogVideoXAttnProcessor2_0()
 
-    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
-        return encoder_hidden_states is not None and attention_mask is None
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if encoder_hidden_states is None:
+            return "no encoder_hidden_states (CogVideoX's joint attention needs the text tokens)"
+        return describe_mask(attention_mask)
 
     def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         from diffusers.models.embeddings import apply_rotary_emb

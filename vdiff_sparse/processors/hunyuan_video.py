@@ -41,14 +41,14 @@ class HunyuanVideoAdapter(ModelAdapter):
             return HunyuanVideoAttnProcessor2_0()
         return super().default_processor(name, module)
 
-    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
         if encoder_hidden_states is None:
-            return False
+            return "no encoder_hidden_states (HunyuanVideo's joint attention needs the text tokens)"
         try:
             key_mask_from(attention_mask, hidden_states.shape[1] + encoder_hidden_states.shape[1])
-        except NotImplementedError:
-            return False
-        return True
+        except NotImplementedError as e:
+            return str(e)
+        return None
 
     def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         from diffusers.models.embeddings import apply_rotary_emb

@@ -10,7 +10,7 @@ RoPE before the head split.
 
 from __future__ import annotations
 
-from .adapters import ModelAdapter, patched_grid, register_adapter
+from .adapters import ModelAdapter, describe_mask, patched_grid, register_adapter
 
 
 @register_adapter
@@ -28,8 +28,10 @@ class LTXAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
-        return encoder_hidden_states is None and attention_mask is None
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if encoder_hidden_states is not None:
+            return "encoder_hidden_states (LTX's self-attention has no context tokens)"
+        return describe_mask(attention_mask)
 
     def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb

@@ -25,6 +25,7 @@ def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> 
 class MochiAdapter(ModelAdapter):
     name = "mochi"
     transformer_classes = ("MochiTransformer3DModel",)
+    timestep_increases = True  # the pipeline passes 1000 * (1 - sigma) (inverted sigmas)
 
     def grid(self, transformer, inputs):
         frames, height, width = inputs["hidden_states"].shape[2:]
@@ -39,8 +40,13 @@ class MochiAdapter(ModelAdapter):
 
         return MochiAttnProcessor2_0()
 
-    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
-        return encoder_hidden_states is not None and attention_mask is not None and attention_mask.dim() == 2
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if encoder_hidden_states is None:
+            return "no encoder_hidden_states (Mochi's joint attention needs the text tokens)"
+        if attention_mask is None or attention_mask.dim() != 2:
+            shape = None if attention_mask is None else tuple(attention_mask.shape)
+            return f"attention_mask {shape} (Mochi's processor needs the text mask [B, L])"
+        return None
 
     def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         n_video = hidden_states.shape[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter, patched_grid, register_adapter
+from .adapters import ModelAdapter, describe_mask, patched_grid, register_adapter
 
 
 def apply_interleaved_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -36,8 +36,10 @@ class WanAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.blocks)]
 
-    def supports(self, attn, hidden_states, encoder_hidden_states, attention_mask):
-        return encoder_hidden_states is None and attention_mask is None
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if encoder_hidden_states is not None:
+            return "encoder_hidden_states (Wan's self-attention has no context tokens)"
+        return describe_mask(attention_mask)
 
     def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         if getattr(attn, "fused_projections", False):
