@@ -261,12 +261,27 @@ def build_cache(
     return report
 
 
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a safetensors file, from its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Cached samples: safetensors files with ``latents`` ``[C, T, h, w]`` and
     ``prompt_embeds`` ``[L, D]`` (what :func:`build_cache` writes; precomputed ones work too).
 
+    Every file's header is checked up front, so a bad file stops the run before training
+    rather than at the step that first draws it.
+
     Args:
         files: the files, or a folder whose ``*.safetensors`` are used (sorted by name).
+
+    Raises:
+        ValueError: not a folder, no files, or files that cannot be read, lack one of the two
+            tensors or differ in shape from the first file (named, up to 5 of them).
     """
 
     def __init__(self, files: Sequence[str | os.PathLike] | str | os.PathLike):
@@ -278,9 +293,26 @@ class LatentDataset(torch.utils.data.Dataset):
             if not files:
                 raise ValueError(f"latents_dir {str(folder)!r} holds no .safetensors files")
         self.files = [Path(f) for f in files]
-        first = self[0]
-        self.latent_shape = tuple(first["latents"].shape)
-        self.embed_shape = tuple(first["prompt_embeds"].shape)
+        expected, problems = None, []
+        for path in self.files:
+            try:
+                shapes = _tensor_shapes(path)
+            except Exception as e:  # a truncated or foreign file, whatever the reader says
+                problems.append(f"{path.name}: unreadable ({e})")
+                continue
+            missing = {"latents", "prompt_embeds"} - set(shapes)
+            if missing:
+                problems.append(f"{path.name}: no tensor(s) {sorted(missing)} (has {sorted(shapes)})")
+                continue
+            shapes = (shapes["latents"], shapes["prompt_embeds"])
+            expected = expected or (path.name, shapes)
+            if shapes != expected[1]:
+                problems.append(f"{path.name}: latents / prompt_embeds {shapes[0]} / {shapes[1]} differ from "
+                                f"{expected[0]}'s {expected[1][0]} / {expected[1][1]}")
+        if problems:
+            raise ValueError(f"{len(problems)} of {len(self.files)} latent files unusable (all samples must hold "
+                             f"latents and prompt_embeds of one size): " + "; ".join(problems[:5]))
+        self.latent_shape, self.embed_shape = expected[1]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -289,19 +321,7 @@ class LatentDataset(torch.utils.data.Dataset):
         from safetensors.torch import load_file
 
         sample = load_file(str(self.files[index]))
-        missing = {"latents", "prompt_embeds"} - set(sample)
-        if missing:
-            raise ValueError(f"{self.files[index]}: no tensor(s) {sorted(missing)} (has {sorted(sample)})")
-        if hasattr(self, "latent_shape") and (
-            tuple(sample["latents"].shape) != self.latent_shape
-            or tuple(sample["prompt_embeds"].shape) != self.embed_shape
-        ):
-            raise ValueError(
-                f"{self.files[index]}: latents {tuple(sample['latents'].shape)} / prompt_embeds "
-                f"{tuple(sample['prompt_embeds'].shape)} differ from the first sample's "
-                f"{self.latent_shape} / {self.embed_shape}; all samples must share one size"
-            )
-        return sample
+        return {"latents": sample["latents"], "prompt_embeds": sample["prompt_embeds"]}  # not other tensors
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The samples ``indices`` stacked along a new batch dimension."""

@@ -17,8 +17,9 @@ Reproducibility and exact resume: nothing depends on hidden RNG state. The data 
 permutation per epoch seeded by ``(seed, epoch)``; the noise and timestep of every sample are
 drawn from a generator seeded by ``(seed, optimizer step, micro-batch, position in the global
 batch)``; the learning rate is a function of the step. A run resumed from a checkpoint (saved
-with ``accelerator.save_state``: model, optimizer, EMA, step) therefore takes exactly the steps
-the uninterrupted run takes, and a run on P processes with per-process batch b sees the same
+with ``accelerator.save_state``: model, optimizer, EMA, step; for LoRA only the adapters of the
+model, the frozen base being rebuilt from ``model``) therefore takes exactly the steps the
+uninterrupted run takes, and a run on P processes with per-process batch b sees the same
 samples and noise as one process with batch P*b.
 
 Outputs under ``output_dir``: ``config.yaml``, ``cache/`` (latents), ``checkpoints/step-N``,
@@ -331,6 +332,33 @@ def load_pipeline(model: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.
     return WanPipeline.from_pretrained(model.name, transformer=transformer, vae=vae, torch_dtype=dtype, **kwargs)
 
 
+def check_trainable_model(pipe) -> None:
+    """Refuse the Wan variants whose objective this trainer does not implement.
+
+    Trained: text-to-video Wan transformers (Wan 2.1 T2V 1.3B / 14B; Wan 2.2 TI2V-5B as a
+    text-to-video model, whose per-token timesteps all equal the sample's when no image is
+    given). Refused: Wan 2.2 A14B, whose two experts (``transformer`` for high noise,
+    ``transformer_2`` below ``boundary_ratio``) each train on their own timestep range, and
+    image-to-video transformers, which take the image latents and mask as extra input channels
+    (and CLIP image embeddings for Wan 2.1 I2V) that the data cache does not hold.
+
+    Raises:
+        NotImplementedError: one of the refused variants.
+    """
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise NotImplementedError(
+            "Wan 2.2 A14B (two experts, transformer and transformer_2, split at boundary_ratio "
+            f"{pipe.config.boundary_ratio}) is not supported: each expert would need its own timestep range"
+        )
+    config = pipe.transformer.config
+    if config.in_channels != config.out_channels or config.image_dim is not None:
+        raise NotImplementedError(
+            f"image-to-video Wan transformers (in_channels {config.in_channels} vs out_channels "
+            f"{config.out_channels}, image_dim {config.image_dim}) are not supported: the image condition is not "
+            "cached nor fed to the model; fine-tune a text-to-video checkpoint"
+        )
+
+
 def make_processor(sparse: SparseConfig):
     """The processor of ``sparse.method`` with training settings and statistics on."""
     from vdiff_sparse.processors import DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor
@@ -571,7 +599,9 @@ def _build_dataset(config: FinetuneConfig, pipe, accelerator) -> LatentDataset:
     report = build_cache(
         data.video_dir, data.captions, cache_dir, encode_video=encode_video, encode_prompt=encode_prompt,
         num_frames=data.num_frames, height=data.height, width=data.width,
-        settings={"model": config.model.name, "revision": config.model.revision, "max_text_len": data.max_text_len},
+        # The tiny model's VAE and text encoder are random: their seed is part of what they encode.
+        settings={"model": config.model.name, "revision": config.model.revision, "max_text_len": data.max_text_len,
+                  "seed": config.seed if config.model.name == TINY_MODEL else None},
         rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
     )
     pipe.vae.to("cpu")
@@ -632,6 +662,62 @@ def _save_final(accelerator, model, config: FinetuneConfig, ema, params) -> Path
     return final
 
 
+ADAPTER_CHECKPOINT = "trainable_weights.safetensors"
+
+
+def _checkpoint_adapters_only(accelerator, model, config: FinetuneConfig) -> None:
+    """Make LoRA checkpoints hold the trained parameters (the adapters) instead of the whole
+    model; optimizer, EMA and step are saved by accelerate as before.
+
+    The frozen base weights are rebuilt by :func:`load_pipeline` on resume, so the checkpoint
+    records what they were built from (model name, revision, the tiny model's seed, the LoRA
+    settings) and loading refuses a checkpoint of another base. Names are those of the bare
+    model, so a checkpoint does not depend on the number of processes.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bare = accelerator.unwrap_model(model)
+    trainable = {n: p for n, p in bare.named_parameters() if p.requires_grad}
+    t = config.train
+    identity = {
+        "model": config.model.name, "revision": str(config.model.revision),
+        "seed": str(config.seed) if config.model.name == TINY_MODEL else "",
+        "lora": f"rank={t.lora_rank} alpha={t.lora_alpha or t.lora_rank} targets={sorted(t.lora_targets)}",
+    }
+
+    def index_of_model(models) -> int:
+        # accelerate lists the model wrapped (DDP on GPUs) or bare (DDP on CPU).
+        return next(i for i, m in enumerate(models) if accelerator.unwrap_model(m) is bare)
+
+    def save(models, weights, output_dir):
+        weights.pop(index_of_model(models))  # so that accelerate does not write the whole model
+        if accelerator.is_main_process:
+            save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()},
+                      os.path.join(output_dir, ADAPTER_CHECKPOINT), metadata=identity)
+
+    def load(models, input_dir):
+        models.pop(index_of_model(models))  # accelerate would expect the whole model
+        path = os.path.join(input_dir, ADAPTER_CHECKPOINT)
+        if not os.path.isfile(path):
+            raise ValueError(f"{input_dir} holds no {ADAPTER_CHECKPOINT}: not a checkpoint of a LoRA run")
+        with safe_open(path, "pt") as f:
+            saved = f.metadata() or {}
+            state = {n: f.get_tensor(n) for n in f.keys()}
+        differs = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+        if differs:
+            raise ValueError(f"{input_dir} was trained on another base or LoRA setting (saved, now): {differs}")
+        if state.keys() != trainable.keys():
+            raise ValueError(f"{path}: adapter names differ from this model's "
+                             f"({sorted(state.keys() ^ trainable.keys())[:5]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                trainable[name].copy_(value)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 def _save_checkpoint(accelerator, config: FinetuneConfig, step: int) -> Path:
     root = Path(config.output_dir) / "checkpoints"
     final = root / f"{_CHECKPOINT_PREFIX}{step:08d}"
@@ -666,6 +752,30 @@ class RunResult:
     validation_videos: List[Path]
 
 
+# What `accelerate launch` exports for an FSDP or DeepSpeed config, and the setup it should give.
+_REQUESTED_BACKENDS = (("FSDP", "ACCELERATE_USE_FSDP", "FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"))
+
+
+def check_distributed_type(distributed, environ=os.environ) -> None:
+    """Refuse a launch whose accelerate config asks for FSDP or DeepSpeed but which accelerate
+    set up otherwise.
+
+    accelerate (1.15) selects FSDP only on top of an accelerator process group (CUDA, XPU, ...)
+    and DeepSpeed only with ``cpu=False``; on a machine without GPUs it runs such a config as
+    plain DDP over gloo without a word, so a run believed sharded would not be.
+
+    Raises:
+        NotImplementedError: the requested backend is not the one running.
+    """
+    for name, variable, wanted in _REQUESTED_BACKENDS:
+        if environ.get(variable, "false").lower() == "true" and distributed.value != wanted:
+            raise NotImplementedError(
+                f"the accelerate config asks for {name}, but accelerate set up {distributed.value}: it runs "
+                f"{name} on GPUs only (see configs/finetune/README.md); on CPU use "
+                f"configs/finetune/accelerate/cpu_ddp.yaml"
+            )
+
+
 def train(config: FinetuneConfig) -> RunResult:
     """Run (or resume) the fine-tuning described by ``config`` in the current process group
     (one process, or every process of an ``accelerate launch``)."""
@@ -679,6 +789,7 @@ def train(config: FinetuneConfig) -> RunResult:
     accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.grad_accum)
     distributed = accelerator.distributed_type
+    check_distributed_type(distributed)
     fsdp = distributed == DistributedType.FSDP
     deepspeed = distributed == DistributedType.DEEPSPEED
     if t.ema_decay and (fsdp or deepspeed):
@@ -695,6 +806,7 @@ def train(config: FinetuneConfig) -> RunResult:
     # stored at the mixed-precision dtype.
     pipe = load_pipeline(config.model, seed=config.seed, dtype=weight_dtype,
                          transformer_dtype=weight_dtype if t.lora_rank else torch.float32)
+    check_trainable_model(pipe)
     dataset = _build_dataset(config, pipe, accelerator)
     transformer = pipe.transformer
     params = _trainable_setup(transformer, t)
@@ -714,6 +826,8 @@ def train(config: FinetuneConfig) -> RunResult:
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         model, optimizer = accelerator.prepare(transformer, make_optimizer(params))
+        if t.lora_rank and not deepspeed:  # DeepSpeed writes its own (full) checkpoints
+            _checkpoint_adapters_only(accelerator, model, config)
 
     ema = None
     if t.ema_decay:
@@ -847,6 +961,8 @@ __all__ = [
     "SparseConfig",
     "TrainConfig",
     "ValidationConfig",
+    "check_distributed_type",
+    "check_trainable_model",
     "checkpoints",
     "config_path",
     "flow_matching_loss",
