@@ -356,22 +356,35 @@ class SparseVideoPipeline:
         r = self.rules
         return ((num_frames - 1) // r.temporal + 1) // r.patch_t, height // r.token_h, width // r.token_w
 
+    def resolve_size(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                     num_inference_steps: int | None = None) -> dict[str, int]:
+        """The sizes a call will use: those left out (``None``) take :attr:`default_size`,
+        invalid ones are rounded to what the model takes (one warning, see :func:`fit_size`).
+        Returns ``{num_frames, height, width, num_inference_steps}``.
+
+        Raises:
+            ValueError: a size or the step count is not a positive integer.
+        """
+        given = {"num_frames": num_frames, "height": height, "width": width,
+                 "num_inference_steps": num_inference_steps}
+        size = {k: self.default_size[k] if v is None else v for k, v in given.items()}
+        steps = size["num_inference_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        size["num_frames"], size["height"], size["width"] = self.fit_size(
+            size["num_frames"], size["height"], size["width"])
+        return size
+
     def __call__(self, prompt: str, *, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
                  negative_prompt: str | None = None, **pipe_kwargs) -> GenerationResult:
         """Generate one video. Sizes left out take :attr:`default_size`; invalid sizes are
-        rounded (warning). ``pipe_kwargs`` go to the diffusers pipeline (e.g. ``guidance_scale``).
-        The noise comes from a CPU generator seeded with ``seed``, so dense and sparse runs of
-        one seed start from the same latents on any device."""
-        d = self.default_size
-        num_frames, height, width = self.fit_size(
-            d["num_frames"] if num_frames is None else num_frames,
-            d["height"] if height is None else height,
-            d["width"] if width is None else width,
-        )
-        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        rounded (warning), see :meth:`resolve_size`. ``pipe_kwargs`` go to the diffusers
+        pipeline (e.g. ``guidance_scale``). The noise comes from a CPU generator seeded with
+        ``seed``, so dense and sparse runs of one seed start from the same latents on any
+        device."""
+        size = self.resolve_size(num_frames, height, width, num_inference_steps)
+        num_frames, height, width, steps = (size[k] for k in ("num_frames", "height", "width", "num_inference_steps"))
         stats_log = getattr(self.processor, "stats", None)
         if stats_log is not None:
             stats_log.clear()

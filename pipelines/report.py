@@ -131,7 +131,7 @@ def compare(sparse, dense=None) -> dict:
     """The report of a sparse generation against a dense one of the same seed and settings.
 
     Keys (times in seconds, densities as shares of the dense (query, key) pairs of video
-    self-attention, averaged over every call; dense warm-up calls count as 1):
+    self-attention, averaged over every call; calls the schedule runs dense count as 1):
 
     * ``latency_dense_s``, ``latency_sparse_s``, ``speedup`` (= dense / sparse latency);
     * ``attention_dense_s``, ``attention_sparse_s``, ``attention_share_dense``,
@@ -183,6 +183,15 @@ def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
+def _flops(tflops: float) -> str:
+    """``0.161`` (TFLOPs) -> ``"161 GFLOP"``: three significant digits in the unit that fits."""
+    value = tflops * 1e12
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} FLOP"
+
+
 def report_table(report: dict) -> str:
     """The headline table (markdown) of a :func:`compare` report."""
     r = report
@@ -201,8 +210,8 @@ def report_table(report: dict) -> str:
         ("density (pairs attended)", "1.000", f"{r['density']:.3f}", ""),
         ("FLOP-equivalent density", "1.000", f"{r['flop_density']:.3f}",
          f"{r['attention_flops_saved']:.0%} attention FLOPs saved"),
-        ("attention TFLOPs (per sample)", f"{r['attention_tflops_dense']:.3f}",
-         f"{r['attention_tflops_sparse']:.3f}", ""),
+        ("attention FLOPs (per sample)", _flops(r["attention_tflops_dense"]), _flops(r["attention_tflops_sparse"]),
+         ""),
         ("PSNR / SSIM vs dense", "", fidelity, ""),
     ]
     lines = [f"| | dense | {r['method']} | speedup |", "|---|---|---|---|"]
@@ -212,9 +221,12 @@ def report_table(report: dict) -> str:
 
 def report_markdown(report: dict, *, video: str | None = None, plot: str | None = None) -> str:
     """``report.md``: settings, the headline table, per-layer and per-step density, links to
-    the video and the plot (paths relative to the report)."""
+    the video and the plot (paths relative to the report). An optional ``warmup`` key (bool)
+    says whether the timed runs followed a warm-up generation."""
     r, s = report, report["settings"]
     grid = " x ".join(str(g) for g in r["grid"])
+    warmup = {True: " after an untimed warm-up generation", False: " without warm-up (first-call costs included)",
+              None: ""}[r.get("warmup")]
     out = [
         f"# {r['method']}{'' if r['speedup'] is None else ' vs dense'}: {s['model']}",
         "",
@@ -225,9 +237,9 @@ def report_markdown(report: dict, *, video: str | None = None, plot: str | None 
         "",
         report_table(r),
         "",
-        "Latency is one pipeline call (text encoder, denoising, VAE decode) after a warm-up; "
-        "attention time is the video self-attention calls, selection included. Densities are "
-        "averages over all calls, dense warm-up calls counting 1.",
+        f"Latency is one pipeline call (text encoder, denoising, VAE decode){warmup}; attention time "
+        "is the video self-attention calls, selection included. Densities are averages over all "
+        "calls, the calls the schedule runs dense (warm-up steps, dense layers) counting 1.",
         "",
         "## Density per layer and per step",
         "",

@@ -62,15 +62,19 @@ def capture_plan(processor, *, source: str = "tiny", layer: int = 0, step: int |
     """The plan ``processor`` makes for video self-attention layer ``layer``.
 
     ``source="tiny"``: generate with the built-in tiny model (``size``: ``num_frames``,
-    ``height``, ``width``, ``num_inference_steps``; its defaults when left out) and keep the
-    plan of ``step`` (default: the last step). ``source="random"``: synthetic moving-video q/k/v
+    ``height``, ``width``, ``num_inference_steps``; its defaults when left out or ``None``,
+    invalid sizes rounded as in :meth:`SparseVideoPipeline.resolve_size`) and keep the plan of
+    ``step`` (default: the last step). ``source="random"``: synthetic moving-video q/k/v
     ``[1, T*H*W, heads, head_dim]`` on ``grid``. Returns ``(plan, grid)``.
 
     Raises:
-        ValueError: dense processors have no plan; the layer or step never ran sparse.
+        ValueError: dense processors have no plan; the layer or step is out of range or ran
+            dense (schedule).
     """
     if processor.method == "dense":
         raise ValueError("attn=dense has no plan to draw; choose vmoba, psa or gna")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be a non-negative integer, got {layer!r}")
     if source == "random":
         from ..checks import check_grid
         from ..synthetic import video_qkv
@@ -86,20 +90,21 @@ def capture_plan(processor, *, source: str = "tiny", layer: int = 0, step: int |
     from .generate import SparseVideoPipeline
 
     pipe = SparseVideoPipeline.tiny(seed=seed)
-    size = {**pipe.default_size, **(size or {})}
+    size = pipe.resolve_size(**(size or {}))
     steps = size["num_inference_steps"]
     step = steps - 1 if step is None else step
     if not 0 <= step < steps:
         raise ValueError(f"step must be in [0, {steps - 1}] for {steps} denoising steps, got {step}")
+    num_layers = len(pipe.pipe.transformer.blocks)
+    if layer >= num_layers:
+        raise ValueError(f"layer must be in [0, {num_layers - 1}] for the tiny model's {num_layers} layers, "
+                         f"got {layer}")
     pipe.set_attn_processor(processor)
     captured = _recording_processor(processor, layer, step, lambda: get_context(pipe.pipe))
     pipe(prompt, seed=seed, **size)
     if "plan" not in captured:
-        num_layers = len(pipe.pipe.transformer.blocks)
-        raise ValueError(
-            f"layer {layer} at step {step} ran dense (the tiny model has {num_layers} layers; the "
-            f"schedule {processor.schedule} sends warm-up steps and dense_layers to dense)"
-        )
+        raise ValueError(f"layer {layer} at step {step} ran dense: the schedule {processor.schedule} sends "
+                         f"warm-up steps and dense_layers to dense")
     return captured["plan"], captured["grid"]
 
 

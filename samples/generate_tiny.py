@@ -3,7 +3,9 @@ the same seed, and compare (speedup, density, PSNR / SSIM).
 
     python samples/generate_tiny.py [OUT_DIR]
 
-The tiny model is random (noise-like videos) and downloads nothing; for a real model use
+Both runs here are first calls (no warm-up), so the speedup includes one-off costs;
+``vdiff-sparse generate`` runs an untimed warm-up generation first. The tiny model is random
+(noise-like videos) and downloads nothing; for a real model use
 ``SparseVideoPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")`` and, for its
 settings, ``pipe.make_processor("psa", preset="wan2.1-1.3b")``.
 """

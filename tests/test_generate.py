@@ -6,21 +6,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from vdiff_sparse.cli import main
 from vdiff_sparse.pipelines import GenerationResult, SparseVideoPipeline
 from vdiff_sparse.pipelines.generate import SizeRules, fit_size, size_rules
-from vdiff_sparse.pipelines.report import compare, psnr, ssim
+from vdiff_sparse.pipelines.report import compare, psnr, report_markdown, ssim
 
 # 5 frames x 32 x 48 px -> token grid 3 x 8 x 12 (ragged for every method's blocks).
 # One step, no dense warm-up step, so that every method's sparse path runs.
 SMALL = ["--frames", "5", "--height", "32", "--width", "48", "--steps", "1", "--no-warmup", "dense_steps=0"]
+# The tiny model's GNA window (3 x 12 x 12 tokens) covers that whole grid; a smaller one is sparse.
+SMALL_GNA_WINDOW = ["window=[3,4,4]", "stride=[1,4,4]", "tile=[1,4,4]"]
 
 
 def read_video(path):
@@ -28,6 +32,16 @@ def read_video(path):
 
     with imageio.get_reader(path) as reader:  # its len() is inf, so no list(reader)
         return np.stack([frame for frame in reader.iter_data()])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's tensors are far too small to gain from threads, and on a busy machine
+    spinning OpenMP threads make its ops up to 10x slower (nothing here is timed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +115,14 @@ def test_ssim_takes_frames_smaller_than_the_window(shape, seed):
     assert ssim(x, 255 - x) < 0.5
 
 
+@pytest.mark.parametrize("tflops, text", [(0.161, "161 GFLOP"), (13.6, "13.6 TFLOP"), (2e-6, "2 MFLOP"),
+                                          (0.0, "0 FLOP")], ids=["giga", "tera", "mega", "zero"])
+def test_report_writes_flops_in_the_unit_that_fits(tflops, text):
+    from vdiff_sparse.pipelines.report import _flops
+
+    assert _flops(tflops) == text
+
+
 def test_fidelity_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         ssim(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 9, 3), np.uint8))
@@ -163,6 +185,8 @@ def test_generation_results_and_their_comparison(tiny):
     assert report["speedup"] == pytest.approx(dense.latency_s / sparse.latency_s)
     assert 0 < report["flop_density"] <= report["density"] < 1
     assert set(report["per_layer_density"]) == {0, 1, 2}
+    md = report_markdown(report)
+    assert "| end-to-end latency |" in md and "warm-up generation" not in md and "report.png" not in md
     other_seed = dataclasses.replace(dense, stats={**dense.stats, "settings": {**dense.stats["settings"], "seed": 4}})
     with pytest.raises(ValueError, match="seed"):
         compare(sparse, other_seed)
@@ -170,13 +194,75 @@ def test_generation_results_and_their_comparison(tiny):
         compare(own, dense)
 
 
+def test_resolve_size_fills_defaults_and_rounds(tiny):
+    assert tiny.resolve_size() == {"num_frames": 9, "height": 128, "width": 128, "num_inference_steps": 4}
+    with pytest.warns(UserWarning, match="rounded num_frames 6 -> 5"):
+        assert tiny.resolve_size(6, None, 64, 2) == {"num_frames": 5, "height": 128, "width": 64,
+                                                     "num_inference_steps": 2}
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+        tiny.resolve_size(num_inference_steps=0)
+
+
+# GNA settings that are sparse on the small grids below: 3x3 spatial windows, one token per tile.
+SMALL_GNA = {"window": [1, 3, 3], "stride": [1, 1, 1], "tile": [1, 1, 1], "dense_steps": 0}
+
+
+def test_from_pipe_applies_the_processor_to_both_wan22_experts():
+    from vdiff_sparse.tiny_models import tiny_wan_pipeline
+
+    diffusers_pipe = tiny_wan_pipeline(two_experts=True)
+    own = {name: {type(m.processor) for m in getattr(diffusers_pipe, name).modules() if hasattr(m, "processor")}
+           for name in ("transformer", "transformer_2")}
+    pipe = SparseVideoPipeline.from_pipe(diffusers_pipe)
+    processor = pipe.make_processor("gna", overrides=SMALL_GNA)
+    pipe.set_attn_processor(processor)
+    for name in ("transformer", "transformer_2"):
+        self_attention = [b.attn1 for b in getattr(diffusers_pipe, name).blocks]
+        assert all(m.processor is processor for m in self_attention), name
+    forward_calls = {"transformer": 0, "transformer_2": 0}
+    for name in forward_calls:
+        getattr(diffusers_pipe, name).register_forward_pre_hook(
+            lambda module, args, name=name: forward_calls.__setitem__(name, forward_calls[name] + 1))
+    result = pipe("a cat", num_frames=5, height=64, width=64, num_inference_steps=2)
+    # boundary_ratio 0.5: step 0 (t = 1000) runs transformer, step 1 (t = 9) transformer_2, each
+    # twice (CFG); every one of their self-attention calls went through the processor.
+    assert forward_calls == {"transformer": 2, "transformer_2": 2}
+    calls = result.stats["calls"]
+    assert len(calls) == 2 * 2 * 2 and {c["step"] for c in calls} == {0, 1}  # steps x CFG x layers
+    assert all(c["density"] < 1 for c in calls)
+    pipe.set_attn_processor(None)
+    for name in ("transformer", "transformer_2"):
+        assert {type(m.processor) for m in getattr(diffusers_pipe, name).modules() if hasattr(m, "processor")} \
+            == own[name]
+
+
+def test_cli_generate_with_a_local_diffusers_folder(tmp_path, capsys):
+    from vdiff_sparse.tiny_models import tiny_wan_pipeline
+
+    folder = tmp_path / "tiny-wan2.2"
+    tiny_wan_pipeline(two_experts=True).save_pretrained(folder)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in SMALL_GNA.items()]
+    args = ["generate", "--model", str(folder), "--attn", "gna", "--compare-dense", "--frames", "5", "--height", "64",
+            "--width", "64", "--steps", "2", "--no-warmup", "--out", str(tmp_path / "out"), *overrides]
+    assert main(args) == 0
+    assert str(folder) in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["model"] == str(folder) and report["grid"] == [2, 4, 4]
+    assert report["attention_calls"] == 2 * 2 * 2 and set(report["per_step_density"]) == {"0", "1"}
+    assert report["density"] < 1 and report["speedup"] > 0
+    assert read_video(tmp_path / "out" / "gna.mp4").shape == (5, 64, 64, 3)
+
+
 # --- the CLI -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["dense", "vmoba", "psa", "gna"])
 def test_cli_generate_compare_dense(method, tmp_path, capsys):
     out = tmp_path / method
-    assert main(["generate", "--attn", method, "--compare-dense", "--out", str(out), "--seed", "7", *SMALL]) == 0
-    printed = capsys.readouterr().out
-    assert "end-to-end latency" in printed and "PSNR / SSIM" in printed
+    extra = SMALL_GNA_WINDOW if method == "gna" else []
+    assert main(["generate", "--attn", method, "--compare-dense", "--out", str(out), "--seed", "7", *SMALL,
+                 *extra]) == 0
+    printed = capsys.readouterr()
+    assert "end-to-end latency" in printed.out and "PSNR / SSIM" in printed.out
+    assert f"\r{method}:   0%|" in printed.err and "\rdense:   0%|" in printed.err  # denoising progress bars
     for name in (f"{method}.mp4", "dense.mp4"):
         video = read_video(out / name)
         assert video.shape == (5, 32, 48, 3)
@@ -184,25 +270,41 @@ def test_cli_generate_compare_dense(method, tmp_path, capsys):
     for key in ("latency_dense_s", "latency_sparse_s", "speedup", "density", "psnr_db", "ssim"):
         assert key in report
     assert report["speedup"] == pytest.approx(report["latency_dense_s"] / report["latency_sparse_s"])
+    for side in ("dense", "sparse"):
+        assert 0 < report[f"attention_{side}_s"] < report[f"latency_{side}_s"]
+        assert report[f"attention_share_{side}"] == pytest.approx(report[f"attention_{side}_s"]
+                                                                   / report[f"latency_{side}_s"])
+    assert report["attention_speedup"] == pytest.approx(report["attention_dense_s"] / report["attention_sparse_s"])
     assert report["grid"] == [3, 8, 12] and report["num_tokens"] == 288
     assert -1 <= report["ssim"] <= 1 and 0 < report["density"] <= 1
     assert report["attention_calls"] == 1 * 2 * 3 and report["dense_calls"] == 0
+    # Every layer runs the same number of calls, so the mean density is the mean of the layers'.
+    assert set(report["per_layer_density"]) == {"0", "1", "2"} and set(report["per_step_density"]) == {"0"}
+    assert report["density"] == pytest.approx(np.mean(list(report["per_layer_density"].values())))
+    assert report["per_step_density"]["0"] == pytest.approx(report["density"])
+    assert 0 < report["flop_density"] <= report["density"]
+    assert report["attention_tflops_dense"] == pytest.approx(4 * 288**2 * 64 * 6 / 1e12)  # 4 N^2 (heads x dim)
+    assert report["attention_flops_saved"] == pytest.approx(
+        1 - report["attention_tflops_sparse"] / report["attention_tflops_dense"])
     if method == "dense":
-        assert report["density"] == 1.0 and report["identical"]
+        assert report["density"] == 1.0 and report["identical"] and report["attention_flops_saved"] == 0
+    else:
+        assert report["density"] < 1 and report["attention_flops_saved"] > 0
     md = (out / "report.md").read_text()
-    assert f"[{method}.mp4]({method}.mp4)" in md and "| layer | density |" in md
-    assert (out / "report.png").stat().st_size > 1000 and "report.png" in md
+    assert f"[{method}.mp4]({method}.mp4)" in md and "| layer | density |" in md and "| step | density |" in md
+    assert "](report.png)" in md and (out / "report.png").stat().st_size > 1000
+    assert "without warm-up" in md and "attention share of latency" in md and "attention FLOPs saved" in md
 
 
 def test_cli_rounds_sizes_with_a_warning(tmp_path, capsys):
     args = ["generate", "--attn", "gna", "--out", str(tmp_path), "--frames", "6", "--height", "30", "--width", "50",
-            "--steps", "1", "--no-warmup", "window=[2,4,4]", "stride=[1,4,4]", "tile=[1,4,4]"]
+            "--steps", "1", "--no-warmup", *SMALL_GNA_WINDOW]
     with pytest.warns(UserWarning, match=r"rounded num_frames 6 -> 5, height 30 -> 32, width 50 -> 48"):
         assert main(args) == 0
     assert read_video(tmp_path / "gna.mp4").shape == (5, 32, 48, 3)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["speedup"] is None and report["latency_sparse_s"] > 0
-    assert "window=(2, 4, 4)" in report["processor"]
+    assert "window=(3, 4, 4)" in report["processor"]
 
 
 def test_cli_config_file_and_overrides_in_order(tmp_path):
@@ -226,9 +328,13 @@ def test_cli_config_file_and_overrides_in_order(tmp_path):
         (["--model", "./no/such/dir"], "not a diffusers model directory"),
         (["--config", "no_such.yaml"], "config file 'no_such.yaml' does not exist"),
         (["--preset", "psa"], "preset 'psa' is for method 'psa', not 'vmoba'"),
+        (["--steps", "0"], "num_inference_steps must be a positive integer, got 0"),
+        (["topk=abc"], "topk must be an int >= 1"),
+        (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
+        (["--model", "x/y", "--tiny-layers", "4"], "--tiny-layers set the built-in tiny model"),
     ],
     ids=["preset", "override-key", "override-format", "frames", "height", "missing-path", "config-file",
-         "other-method-preset"],
+         "other-method-preset", "steps", "override-value", "device", "tiny-option-with-model"],
 )
 def test_cli_bad_options_are_one_line_errors(args, message, tmp_path, capsys):
     assert main(["generate", "--attn", "vmoba", "--out", str(tmp_path), "--steps", "1", *args]) == 2
@@ -236,11 +342,34 @@ def test_cli_bad_options_are_one_line_errors(args, message, tmp_path, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_cli_unknown_attn_lists_the_choices(capsys):
+def test_cli_bad_method_options_name_the_valid_ones(capsys):
+    assert main(["generate", "--attn", "vmoba", "--preset", "no-such-preset"]) == 2
+    assert "wan2.1-1.3b" in capsys.readouterr().err  # the presets there are
+    assert main(["generate", "--attn", "vmoba", "topk_typo=3"]) == 2
+    assert "'topk'" in capsys.readouterr().err  # the options there are
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cli_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["generate", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--attn", "flash"], "invalid choice: 'flash'"),
+        (["generate", "--tiny-heads", "0"], "--tiny-heads: expected a positive integer, got 0"),
+        (["generate", "--fps", "x"], "--fps: expected a positive integer, got 'x'"),
+        (["viz", "--head-dim", "-3"], "--head-dim: expected a positive integer, got -3"),
+    ],
+    ids=["attn", "tiny-heads", "fps", "head-dim"],
+)
+def test_cli_usage_errors_name_the_option(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--attn", "flash"])
+        main(args)
     assert exit_info.value.code == 2
-    assert "invalid choice: 'flash'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_missing_model_offline_says_what_to_download(monkeypatch, tmp_path, capsys):
@@ -260,13 +389,40 @@ def test_cli_viz_draws_a_plan_on_random_data(method, tmp_path, capsys):
     assert "density" in capsys.readouterr().out
 
 
-def test_viz_on_the_tiny_model_and_plan_levels(tmp_path):
+@pytest.mark.parametrize("method, layer", [("vmoba", 1), ("psa", 2), ("gna", 0)])
+def test_cli_viz_draws_a_plan_of_the_tiny_model(method, layer, tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main(["viz", "--attn", method, "--source", "tiny", "--layer", str(layer), "--head", "1", "--frames", "5",
+                 "--height", "32", "--width", "64", "--steps", "1", "dense_steps=0", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert f"layer {layer}, grid (3, 8, 16)" in printed and "density" in printed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "tiny", "--layer", "3"], "layer must be in [0, 2]"),
+        (["--source", "random", "--grid", "2", "8", "8", "--layer", "-1"], "layer must be a non-negative integer"),
+        (["--source", "random", "--head", "2"], "--head must be in [0, 1] for 2 heads, got 2"),
+        (["--source", "tiny", "--head", "-1"], "--head must be in [0, 1] for 2 heads, got -1"),
+        (["--source", "tiny", "--step", "1", "--steps", "1"], "step must be in [0, 0]"),
+        (["--source", "random", "--grid", "0", "8", "8"], "grid"),
+    ],
+    ids=["layer-tiny", "layer-negative", "head-random", "head-tiny", "step", "grid"],
+)
+def test_cli_viz_bad_options(args, message, tmp_path, capsys):
+    assert main(["viz", "--attn", "vmoba", "--out", str(tmp_path / "p.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_plan_levels_of_psa_and_a_plan_that_ran_dense():
     from vdiff_sparse.pipelines.generate import make_processor, tiny_defaults
     from vdiff_sparse.pipelines.viz import capture_plan, plan_matrix
 
-    proc = make_processor("psa", defaults=tiny_defaults()["methods"]["psa"], overrides={"dense_steps": 0}, stats=False)
-    plan, grid = capture_plan(proc, source="tiny", layer=1, size=dict(num_frames=5, height=32, width=64,
-                                                                      num_inference_steps=1), step=0)
+    proc = make_processor("psa", defaults=tiny_defaults()["methods"]["psa"], stats=False)
+    plan, grid = capture_plan(proc, source="random", layer=1, grid=(3, 8, 16))
     assert grid == (3, 8, 16)
     levels, shares = plan_matrix(plan, head=1)
     assert levels.shape == shares.shape == (plan.num_q_blocks, plan.num_k_blocks)
@@ -274,7 +430,7 @@ def test_viz_on_the_tiny_model_and_plan_levels(tmp_path):
     assert set(np.unique(shares)) <= {0.0, 1.0} and ((levels > 0) == (shares > 0)).all()
     with pytest.raises(ValueError, match="ran dense"):
         capture_plan(make_processor("psa", defaults={"dense_steps": 1}, stats=False), source="tiny", step=0,
-                     size=dict(num_frames=5, height=32, width=32, num_inference_steps=1))
+                     size=dict(num_frames=1, height=16, width=16, num_inference_steps=1))
 
 
 def test_passthrough_subcommand_without_its_module(monkeypatch, capsys):
@@ -286,10 +442,38 @@ def test_passthrough_subcommand_without_its_module(monkeypatch, capsys):
     assert "the benchmarks is not available" in capsys.readouterr().err
 
 
-def test_module_entry_point_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "vdiff_sparse", "--help"], capture_output=True, text=True, check=True)
-    for name in ("generate", "viz", "demo", "finetune", "bench"):
-        assert name in out.stdout
+def test_module_entry_point_and_console_script(tmp_path):
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "vdiff-sparse"]
+    assert script.value == "vdiff_sparse.cli:main"
+    out = tmp_path / "plan.png"
+    run = subprocess.run([sys.executable, "-m", "vdiff_sparse", "viz", "--attn", "gna", "--source", "random",
+                          "--grid", "2", "8", "8", "--out", str(out)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_size > 1000 and "density" in run.stdout
+
+
+def test_help_explains_every_option_with_its_default():
+    import argparse
+
+    from vdiff_sparse.cli import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"generate", "viz", "demo", "finetune", "bench"} <= set(subparsers.choices)
+    for name in ("generate", "viz", "demo"):
+        sub = subparsers.choices[name]
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.dest}: no help"
+            text = formatter._get_help_string(action)
+            if not isinstance(action, argparse._StoreConstAction):  # on/off flags: off by default
+                assert "default" in text, f"{name} {action.dest}: help does not say the default: {text!r}"
+        assert "default: 9" in sub.format_help() or name == "demo"  # the tiny model's frames
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2], ids=["1d", "2d", "3d"])

@@ -108,69 +108,94 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts (heads, fps, layers): an int >= 1, else a usage error naming it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
+
+
+def _device(name: str) -> torch.device | None:
+    """``--device``: ``None`` for auto, else a device this machine has."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CLIError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {name}: there are {count} CUDA GPUs (cuda:0 .. cuda:{count - 1})")
+    return device
+
+
+TINY_OPTIONS = (("tiny_layers", "num_layers"), ("tiny_heads", "num_attention_heads"),
+                ("tiny_head_dim", "attention_head_dim"))  # --tiny-* option -> model setting
 
 
 def _load_pipeline(args):
     from .pipelines import SparseVideoPipeline
 
-    if args.model is None:
-        size = {k: v for k, v in (("num_layers", args.tiny_layers), ("num_attention_heads", args.tiny_heads),
-                                  ("attention_head_dim", args.tiny_head_dim)) if v is not None}
-        pipe = SparseVideoPipeline.tiny(seed=args.model_seed, **size)
-        device = args.device if args.device != "auto" else None
-        if device is not None or _dtype(args.dtype) is not None:
-            pipe.pipe.to(device or "cpu", _dtype(args.dtype) or torch.float32)
-        return pipe
-    return SparseVideoPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype),
-                                               device=None if args.device == "auto" else args.device)
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    given_tiny = [f"--{opt.replace('_', '-')}" for opt, _ in TINY_OPTIONS if getattr(args, opt) is not None]
+    if args.model is not None:
+        if given_tiny:
+            raise CLIError(f"{', '.join(given_tiny)} set the built-in tiny model, not --model {args.model}")
+        return SparseVideoPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    size = {setting: getattr(args, opt) for opt, setting in TINY_OPTIONS if getattr(args, opt) is not None}
+    pipe = SparseVideoPipeline.tiny(seed=args.model_seed, **size)
+    if device is not None or dtype is not None:
+        pipe.pipe.to(device or "cpu", dtype or torch.float32)
+        pipe.pipe.vae.to(torch.float32)  # as from_pretrained loads it: the Wan VAE is meant for float32
+    return pipe
 
 
 def _sizes(args) -> dict:
-    given = {"num_frames": args.frames, "height": args.height, "width": args.width,
-             "num_inference_steps": args.steps}
-    return {k: v for k, v in given.items() if v is not None}
+    """The size options given (``None`` for those left out: the model's defaults)."""
+    return {"num_frames": args.frames, "height": args.height, "width": args.width, "num_inference_steps": args.steps}
 
 
-def _processor(pipe, method: str, args):
-    return pipe.make_processor(method, preset=args.preset, config_file=args.config,
-                               overrides=parse_overrides(args.overrides), backend=args.backend)
+def _method_processor(method: str, args, *, stats: bool = True):
+    """The processor the options describe, built before any model is loaded (so bad presets,
+    files and keys fail in a second, not after minutes of loading); without --preset the
+    built-in model's settings (configs/generate/tiny.yaml) apply unless --model is given."""
+    from .pipelines.generate import make_processor, tiny_defaults
 
-
-def _check_method_options(args) -> None:
-    # Catch bad presets / config / override keys before loading a model (minutes for a real one).
-    from .pipelines.generate import make_processor
-
-    make_processor(args.attn, preset=args.preset, config_file=args.config,
-                   overrides=parse_overrides(args.overrides), backend=args.backend)
+    on_tiny = getattr(args, "model", None) is None
+    return make_processor(method, preset=args.preset, config_file=args.config,
+                          overrides=parse_overrides(args.overrides),
+                          defaults=tiny_defaults()["methods"].get(method) if on_tiny else None,
+                          stats=stats, backend=args.backend)
 
 
 def run_generate(args) -> int:
     import json
-    import warnings
 
-    from .pipelines.generate import save_video
+    from .pipelines.generate import make_processor, save_video
     from .pipelines.report import compare, plot_report, report_markdown, report_table
 
-    warnings.simplefilter("always", UserWarning)  # size rounding must show every time
-    if args.preset is not None or args.config is not None or args.overrides:
-        _check_method_options(args)
+    sparse_proc = _method_processor(args.attn, args)
     pipe = _load_pipeline(args)
-    sparse_proc = _processor(pipe, args.attn, args)
-    dense_proc = pipe.make_processor("dense", backend="auto") if args.compare_dense else None
-    call = dict(_sizes(args), seed=args.seed, negative_prompt=args.negative_prompt)
+    # Round the sizes once (one warning), so every run below uses the same valid sizes.
+    call = dict(pipe.resolve_size(**_sizes(args)), seed=args.seed, negative_prompt=args.negative_prompt)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
-    # Round the sizes once (one warning), so every run below uses the same valid sizes.
-    d = pipe.default_size
-    call["num_frames"], call["height"], call["width"] = pipe.fit_size(
-        call.get("num_frames", d["num_frames"]), call.get("height", d["height"]), call.get("width", d["width"]))
-    steps = call.get("num_inference_steps", d["num_inference_steps"])
     grid = pipe.latent_grid(call["num_frames"], call["height"], call["width"])
+    steps = call["num_inference_steps"]
     print(f"{pipe.model}: {call['num_frames']} frames x {call['height']} x {call['width']}, {steps} steps, "
           f"token grid {grid} = {grid[0] * grid[1] * grid[2]:,} video tokens, {pipe.device}", flush=True)
-    runs = [(dense_proc, "dense")] if dense_proc is not None else []
+    runs = [(make_processor("dense"), "dense")] if args.compare_dense else []
     runs.append((sparse_proc, args.attn))
     if args.warmup:
         # First calls pay for allocator growth, oneDNN / Triton kernel builds and plan caches;
@@ -179,20 +204,19 @@ def run_generate(args) -> int:
             pipe.set_attn_processor(proc)
             pipe.pipe.set_progress_bar_config(desc=f"warm-up {name}", leave=False)
             pipe(args.prompt, **{**call, "num_inference_steps": min(steps, 2)})
-    results = {}
+    results = []
     for proc, name in runs:
         pipe.set_attn_processor(proc)
         pipe.pipe.set_progress_bar_config(desc=name, leave=False)
-        results[name if proc is sparse_proc else "dense_baseline"] = pipe(args.prompt, **call)
-    sparse = results[args.attn]
-    dense = results.get("dense_baseline")
+        results.append(pipe(args.prompt, **call))
+    dense, sparse = results if args.compare_dense else (None, results[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     video = save_video(sparse.frames, out / f"{args.attn}.mp4", fps=args.fps)
     if dense is not None:
         save_video(dense.frames, out / "dense.mp4", fps=args.fps)
     report = compare(sparse, dense)
-    report["video"] = video.name
+    report.update(video=video.name, warmup=args.warmup)
     plot = plot_report(report, out / "report.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report, video=video.name, plot=plot and plot.name))
@@ -204,18 +228,14 @@ def run_generate(args) -> int:
 
 
 def run_viz(args) -> int:
-    from .pipelines.generate import make_processor, tiny_defaults
     from .pipelines.viz import capture_plan, plot_plan
 
-    method_defaults = tiny_defaults()["methods"].get(args.attn)
-    proc = make_processor(args.attn, preset=args.preset, config_file=args.config,
-                          overrides=parse_overrides(args.overrides), defaults=method_defaults, stats=False,
-                          backend=args.backend)
+    heads = args.heads if args.source == "random" else _tiny_model_defaults()["num_attention_heads"]
+    if not 0 <= args.head < heads:
+        raise CLIError(f"--head must be in [0, {heads - 1}] for {heads} heads, got {args.head}")
+    proc = _method_processor(args.attn, args, stats=False)
     plan, grid = capture_plan(proc, source=args.source, layer=args.layer, step=args.step, size=_sizes(args),
                               grid=tuple(args.grid), heads=args.heads, head_dim=args.head_dim, seed=args.seed)
-    heads = plan.kv_index.shape[1]  # 1 when all heads share the plan (GNA)
-    if args.head < 0 or (heads > 1 and args.head >= heads):
-        raise CLIError(f"--head must be in [0, {heads - 1}], got {args.head}")
     title = f"{args.attn} ({args.source}), layer {args.layer}, grid {tuple(grid)}"
     path = plot_plan(plan, args.out, head=args.head, title=title)
     print(f"{title}: density {plan.density():.3f}, {plan.num_q_blocks} query x {plan.num_k_blocks} key "
@@ -244,40 +264,69 @@ PASSTHROUGH = {
 }
 
 
-def _add_method_options(p: argparse.ArgumentParser, methods, default: str) -> None:
+def _add_method_options(p: argparse.ArgumentParser, methods, default: str, *, with_model: bool) -> None:
     p.add_argument("--attn", choices=methods, default=default,
                    help="attention method for video self-attention")
+    preset_default = "the built-in tiny model's settings (configs/generate/tiny.yaml)"
+    if with_model:
+        preset_default += ", with --model the method's defaults (configs/methods)"
     p.add_argument("--preset", default=None,
-                   help="method or model preset (configs/methods, configs/models, e.g. wan2.1-1.3b); "
-                        "default: the built-in model's settings (configs/generate/tiny.yaml), "
-                        "the method's defaults (configs/methods) with --model")
+                   help=f"method or model preset (configs/methods, configs/models, e.g. wan2.1-1.3b); "
+                        f"default: {preset_default}")
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="method settings: config:/schedule: sections or their fields at top level; "
-                        "they override the preset")
+                        "they override the preset; default: none")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="method or schedule fields, YAML values (topk=4 window=[3,8,8] dense_steps=0.3); "
-                        "they override --preset and --config")
+                        "they override --preset and --config; default: none")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "reference"),
                    help="plan backend of the sparse methods")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the noise (dense runs use the same) and of viz's random q/k/v")
 
 
-def _add_size_options(p: argparse.ArgumentParser) -> None:
+def _add_size_options(p: argparse.ArgumentParser, *, with_model: bool, applies_to: str = "") -> None:
+    from .pipelines.generate import SparseVideoPipeline, tiny_defaults
+
+    tiny = tiny_defaults()["size"]
+    real = SparseVideoPipeline.REAL_MODEL_SIZE
+
+    def default(key: str) -> str:
+        return f"default: {tiny[key]}" + (f" (with --model: {real[key]})" if with_model else "")
+
     p.add_argument("--frames", type=int, default=None,
-                   help="frames; default: the model's (tiny: 9, --model: 81); invalid counts are "
-                        "rounded to the nearest valid one with a warning")
-    p.add_argument("--height", type=int, default=None, help="frame height in pixels; default: tiny 128, --model 480")
-    p.add_argument("--width", type=int, default=None, help="frame width in pixels; default: tiny 128, --model 832")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps; default: tiny 4, --model 50")
+                   help=f"{applies_to}frames; {default('num_frames')}; counts the model cannot take are rounded to "
+                        f"the nearest valid one with a warning (so are height and width)")
+    p.add_argument("--height", type=int, default=None, help=f"{applies_to}frame height in pixels; {default('height')}")
+    p.add_argument("--width", type=int, default=None, help=f"{applies_to}frame width in pixels; {default('width')}")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"{applies_to}denoising steps; {default('num_inference_steps')}")
+
+
+def _tiny_model_defaults() -> dict:
+    """The built-in tiny model's settings (``num_layers``, ``num_attention_heads``, ...)."""
+    import inspect
+
+    from .tiny_models import tiny_wan_generation_pipeline
+
+    return {k: v.default for k, v in inspect.signature(tiny_wan_generation_pipeline).parameters.items()}
+
+
+def _add_tiny_model_options(p: argparse.ArgumentParser) -> None:
+    defaults = _tiny_model_defaults()
+    for option, setting in TINY_OPTIONS:
+        what = {"num_layers": "transformer blocks", "num_attention_heads": "attention heads",
+                "attention_head_dim": "head dimension"}[setting]
+        p.add_argument(f"--{option.replace('_', '-')}", type=_positive_int, default=None,
+                       help=f"built-in tiny model: {what}; default: {defaults[setting]}")
+    p.add_argument("--model-seed", type=int, default=0, help="built-in tiny model: seed of its random weights")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except where there is none to show (the text says what happens)."""
+    """Defaults in the help, except where there is none to show (the help text says what
+    happens then) and for on/off flags (their default is "off")."""
 
     def _get_help_string(self, action):
-        # store_false flags: their default (True) describes the opposite of the flag.
-        if action.default is None or action.default == [] or isinstance(action, argparse._StoreFalseAction):
+        # store_true / store_false are store-const actions
+        if action.default is None or action.default == [] or isinstance(action, argparse._StoreConstAction):
             return action.help
         return super()._get_help_string(action)
 
@@ -293,57 +342,64 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video with sparse video self-attention. Without --model the built-in "
                     "tiny random Wan model is used (no download; noise-like videos, meant for speed "
                     "and density numbers). Writes <attn>.mp4, report.json, report.md and report.png "
-                    "(with matplotlib) to --out.")
-    _add_method_options(gen, METHODS, "gna")
+                    "(with matplotlib) to --out; with --compare-dense also dense.mp4 and the speedup.")
+    _add_method_options(gen, METHODS, "gna", with_model=True)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the dense run uses the same)")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
-    gen.add_argument("--negative-prompt", default=None, help="negative prompt (the pipeline's default if unset)")
-    _add_size_options(gen)
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt; default: the pipeline's")
+    _add_size_options(gen, with_model=True)
     gen.add_argument("--guidance-scale", type=float, default=None,
                      help="classifier-free guidance; default: the pipeline's")
     gen.add_argument("--out", default="vdiff_sparse_output", help="output directory")
     gen.add_argument("--model", default=None, metavar="ID_OR_PATH",
-                     help="diffusers checkpoint: Hugging Face id or local directory; default: the built-in tiny "
-                          "model. Offline (HF_HUB_OFFLINE=1) only the local cache is used")
+                     help="diffusers checkpoint: Hugging Face id or local directory (save_pretrained / "
+                          "`hf download --local-dir`); default: the built-in tiny model. With "
+                          "HF_HUB_OFFLINE=1 only the local Hugging Face cache is used")
     gen.add_argument("--compare-dense", action="store_true",
                      help="also generate with dense attention (same seed) and report speedup and PSNR/SSIM")
     gen.add_argument("--device", default="auto",
-                     help="cuda, cuda:1, cpu; auto: the GPU if there is one (the tiny model: cpu)")
+                     help="cuda, cuda:1, cpu; auto: the GPU if there is one with --model, the CPU for the "
+                          "built-in tiny model")
     gen.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                     help="model dtype; auto: bfloat16 on GPU, float32 on CPU (tiny model: float32)")
-    gen.add_argument("--fps", type=int, default=16, help="frame rate of the mp4")
+                     help="model dtype (the VAE stays float32); auto: bfloat16 on GPU, float32 on CPU, "
+                          "float32 for the tiny model")
+    gen.add_argument("--fps", type=_positive_int, default=16, help="frame rate of the mp4")
     gen.add_argument("--no-warmup", dest="warmup", action="store_false",
-                     help="skip the short untimed warm-up generation of each method")
-    gen.add_argument("--tiny-layers", type=int, default=None, help="tiny model: transformer blocks (default 3)")
-    gen.add_argument("--tiny-heads", type=int, default=None, help="tiny model: attention heads (default 2)")
-    gen.add_argument("--tiny-head-dim", type=int, default=None, help="tiny model: head dimension (default 32)")
-    gen.add_argument("--model-seed", type=int, default=0, help="tiny model: seed of its random weights")
+                     help="skip the short untimed warm-up generation of each method (timings then "
+                          "include first-call costs)")
+    _add_tiny_model_options(gen)
     gen.set_defaults(func=run_generate)
 
     viz = sub.add_parser(
         "viz", formatter_class=fmt, help="draw a method's plan for one layer and head as a PNG",
         description="Draw which key blocks each query block attends (and at which pool level) for one "
-                    "layer and head, from a tiny-model generation or synthetic video attention.")
-    _add_method_options(viz, [m for m in METHODS if m != "dense"], "psa")
+                    "layer and head, from a generation with the built-in tiny model (--source tiny) or "
+                    "from synthetic moving-video attention (--source random).")
+    _add_method_options(viz, [m for m in METHODS if m != "dense"], "psa", with_model=False)
+    viz.add_argument("--seed", type=int, default=0, help="seed of the tiny model and its noise, or of the random q/k/v")
     viz.add_argument("--source", choices=("tiny", "random"), default="tiny",
                      help="q/k from the tiny model's generation or synthetic moving-video q/k/v")
-    viz.add_argument("--layer", type=int, default=0, help="video self-attention layer")
+    viz.add_argument("--layer", type=int, default=0, help="video self-attention layer (tiny model: 0, 1 or 2)")
     viz.add_argument("--head", type=int, default=0, help="attention head")
-    viz.add_argument("--step", type=int, default=None, help="tiny: denoising step (default: the last)")
-    _add_size_options(viz)
+    viz.add_argument("--step", type=int, default=None, help="--source tiny: denoising step; default: the last")
+    _add_size_options(viz, with_model=False, applies_to="--source tiny: ")
     viz.add_argument("--grid", type=int, nargs=3, default=(5, 32, 32), metavar=("T", "H", "W"),
-                     help="random: token grid")
-    viz.add_argument("--heads", type=int, default=2, help="random: attention heads")
-    viz.add_argument("--head-dim", type=int, default=32, help="random: head dimension")
+                     help="--source random: token grid")
+    viz.add_argument("--heads", type=_positive_int, default=2, help="--source random: attention heads")
+    viz.add_argument("--head-dim", type=_positive_int, default=32, help="--source random: head dimension")
     viz.add_argument("--out", default="plan.png", help="PNG path")
     viz.set_defaults(func=run_viz)
 
     demo = sub.add_parser("demo", help="the three methods vs dense SDPA on synthetic video attention",
-                          formatter_class=fmt)
+                          formatter_class=fmt,
+                          description="VMoBA, PSA and GNA against dense SDPA on one synthetic video-attention "
+                                      "problem (float32, CPU): density, relative error, cosine similarity and "
+                                      "median time.")
     demo.add_argument("--grid", type=int, nargs=3, default=(8, 32, 32), metavar=("T", "H", "W"),
                       help="latent token grid")
-    demo.add_argument("--heads", type=int, default=4, help="attention heads")
-    demo.add_argument("--head-dim", type=int, default=64, help="head dimension")
-    demo.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    demo.add_argument("--heads", type=_positive_int, default=4, help="attention heads")
+    demo.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension")
+    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per method (median)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic video")
     demo.set_defaults(func=run_demo)
 
