@@ -1,0 +1,375 @@
+"""Key-major execution of per-token-routed plans (VMoBA): attend each query only to its own
+blocks, merge the partial softmaxes by their log-sum-exp.
+
+The query-major gather path gives a query tile the union of the key blocks its queries chose
+and masks per token, so with per-token routing it does the union's work (often most blocks).
+Here the work follows the routing exactly:
+
+1. The plan's ``token_keep`` is turned into (query, key block) pairs, grouped by
+   ``(batch, head, key block)``; each group's queries are cut into *tasks* of
+   :data:`QUERIES_PER_TASK` queries (the last one padded) that attend that one block's keys.
+   The extra (text) keys are one more "block" per batch, attended by every query in tasks too.
+2. A chunk is some tasks of one group (bounded by ``chunk_bytes``): the group's keys are
+   gathered once and broadcast over its tasks, and one fused attention call returns every
+   task row's output and log-sum-exp (LSE).
+3. A query's partial results (one per block it chose, plus the extra keys) are merged into one
+   softmax online: running max, denominator and numerator per query, gathered and written
+   back per chunk (a group holds each query once), so memory is the output plus one chunk.
+4. Backward is the flash-attention split-KV backward, chunk by chunk over the same tasks: with
+   the *final* output and LSE of each query, a task's share of dq, dk, dv is exactly the
+   single-softmax gradient restricted to its keys, and it is scattered (``index_add_``) into
+   the input gradients. Nothing per pair is stored between forward and backward.
+
+On CPU the fused call is ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its
+backward), which returns the LSE; elsewhere a batched-matmul softmax does the same.
+
+Supported plans (:func:`routed_supported`): ``token_keep`` given, every entry full resolution
+(level 1), no coordinate window. Queries with no key at all get output 0, like the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..plan import AttentionPlan
+from .base import ExtraKeys
+
+DEFAULT_CHUNK_BYTES = 8 * 2**20
+# Queries per task: the last task of a group is padded to it, so smaller pads less; on CPU at
+# 256-key blocks 64, 128 and 256 ran equally fast (N = 16K VMoBA, within noise).
+QUERIES_PER_TASK = 64
+# On CPU, aten's flash-attention op (2-3x faster than the matmul path); tests switch it off to
+# check the matmul path that other devices use.
+FUSED_CPU = True
+
+
+def routed_supported(plan: AttentionPlan) -> bool:
+    """Whether :func:`routed_attention` can run ``plan``: per-token routing (``token_keep``),
+    every entry at full resolution, no coordinate window."""
+    return (
+        plan.token_keep is not None
+        and plan.window is None
+        and (plan.kv_level is None or bool((plan.kv_level == 1).all()))
+    )
+
+
+@dataclass
+class _TaskSet:
+    """Tasks with the same number of keys ``W``, attending one key source.
+
+    Key rows of task ``t`` (into the source flattened to ``[B * Nk * heads, D]``) are
+    ``key_base[t] + key_pattern``; its query rows (into q flattened to ``[B * N * heads, D]``)
+    are ``query_rows[t]``, with ``Q = B * N * heads`` in pad slots.
+
+    Tasks are grouped into *runs* (``run_bounds``, task indices) that share their keys (one
+    (batch, head, key block) group) and never repeat a query row. A chunk never spans two
+    runs, so it gathers its keys once and its merge is a plain gather and write-back of each
+    query's running state.
+
+    Attributes:
+        source: 0 for the video keys, 1 for the extra keys.
+        key_pattern: ``[W]`` int64 row offsets of the keys relative to ``key_base``.
+        key_base: ``[n]`` int64.
+        query_rows: ``[n, QUERIES_PER_TASK]`` int64.
+        run_bounds: ``[0, ..., n]`` Python ints.
+    """
+
+    source: int
+    key_pattern: torch.Tensor
+    key_base: torch.Tensor
+    query_rows: torch.Tensor
+    run_bounds: list[int]
+
+
+def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int) -> list[_TaskSet]:
+    """Tasks of every (batch, head, key block) group of chosen (query, block) pairs."""
+    N, nkb = plan.num_tokens, plan.num_k_blocks
+    Q = B * N * H
+    dev = plan.kv_index.device
+    k_starts, k_sizes = plan.k_offsets[:-1], plan.k_offsets.diff()
+    q_block = plan.query_block_of_position()
+    # kv_index and token_keep may broadcast over batch and heads independently.
+    bp = max(plan.kv_index.shape[0], plan.token_keep.shape[0])
+    hp = max(plan.kv_index.shape[1], plan.token_keep.shape[1])
+    # Unused slots name the extra column nkb, dropped below.
+    kv_index = torch.where(plan.kv_index >= 0, plan.kv_index, nkb).expand(bp, hp, -1, -1)
+    token_keep = plan.token_keep.expand(bp, hp, -1, -1)
+    query_rows, key_base, blocks_of_tasks = [], [], []
+    for pb in range(bp):
+        for ph in range(hp):
+            blocks = kv_index[pb, ph][q_block]  # [N, E]
+            # chosen[j, i]: query i uses key block j (a block listed twice counts once).
+            chosen = torch.zeros(N, nkb + 1, dtype=torch.bool, device=dev)
+            chosen.scatter_(1, blocks.masked_fill_(~token_keep[pb, ph], nkb), True)
+            chosen = chosen[:, :nkb].t()
+            flat = chosen.flatten().nonzero().squeeze(1)  # sorted by (block, query)
+            block, query = flat // N, flat % N
+            counts = chosen.sum(1)
+            tasks = (counts + per_task - 1) // per_task
+            task_start = tasks.cumsum(0) - tasks
+            rank = torch.arange(flat.numel(), device=dev) - (counts.cumsum(0) - counts)[block]
+            slot = (task_start[block] + rank // per_task) * per_task + rank % per_task
+            task_block = torch.repeat_interleave(torch.arange(nkb, device=dev), tasks)
+            n_tasks = int(task_block.numel())
+            # A plan shared over batch or heads serves every (b, h) it covers.
+            for b in range(B) if bp == 1 else (pb,):
+                for h in range(H) if hp == 1 else (ph,):
+                    rows = torch.full((n_tasks * per_task,), Q, dtype=torch.long, device=dev)
+                    rows[slot] = (b * N + query) * H + h
+                    query_rows.append(rows.view(n_tasks, per_task))
+                    key_base.append((b * N + k_starts[task_block]) * H + h)
+                    blocks_of_tasks.append(task_block)
+    query_rows, key_base = torch.cat(query_rows), torch.cat(key_base)
+    widths = k_sizes[torch.cat(blocks_of_tasks)]
+    sets = []
+    for w in widths.unique().tolist():
+        if w == 0:  # an empty key block adds nothing to the softmax
+            continue
+        # Tasks stay in (batch, head, block) order: a group's tasks (same key_base) are a run.
+        pick = (widths == w).nonzero().squeeze(1)
+        runs = torch.unique_consecutive(key_base[pick], return_counts=True)[1]
+        bounds = [0, *runs.cumsum(0).tolist()]
+        pattern = torch.arange(w, device=dev) * H
+        sets.append(_TaskSet(0, pattern, key_base[pick], query_rows[pick], bounds))
+    return sets
+
+
+def _extra_tasks(extra: ExtraKeys, B: int, N: int, H: int, per_task: int) -> list[_TaskSet]:
+    """Every query of batch ``b`` attends the real extra keys of ``b``: one task set per batch."""
+    dev = extra.k.device
+    ne = extra.k.shape[1]
+    Q = B * N * H
+    n_tasks = -(-N // per_task)
+    token = torch.arange(n_tasks * per_task, device=dev)
+    sets = []
+    for b in range(B):
+        real = torch.arange(ne, device=dev) if extra.mask is None else extra.mask[b].nonzero().squeeze(1)
+        if real.numel() == 0:
+            continue
+        heads = torch.arange(H, device=dev)[:, None]
+        rows = torch.where(token < N, (b * N + token) * H + heads, Q)  # [H, n_tasks * per_task]
+        sets.append(_TaskSet(
+            1, (b * ne + real) * H, torch.arange(H, device=dev).repeat_interleave(n_tasks),
+            rows.view(H * n_tasks, per_task), list(range(0, H * n_tasks + 1, n_tasks)),
+        ))
+    return sets
+
+
+def _fused(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether to use the CPU flash-attention op (returns the LSE; needs equal q and v head
+    dims) or batched matmuls."""
+    return FUSED_CPU and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+
+
+def _attend(q, k, v, scale):
+    """Fused attention of ``[c, T, D]`` queries to ``[c, W, D]`` keys: output ``[c, T, Dv]``
+    and log-sum-exp ``[c, T]``."""
+    if _fused(q, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale
+        )
+        return out.squeeze(1), lse.squeeze(1)
+    s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+    m = s.amax(-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)
+    return torch.bmm(p, v).div_(total), (m + total.log()).squeeze(-1)
+
+
+def _attend_backward(grad_out, q, k, v, out, lse, scale):
+    """Gradients ``(dq, dk, dv)`` of one chunk's tasks given every query's final output and
+    LSE (``[c, T, .]``, ``[c, T]``): the flash-attention backward restricted to these keys."""
+    if _fused(q, v):
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
+            out.unsqueeze(1), lse.unsqueeze(1), 0.0, False, scale=scale,
+        )
+        return tuple(g.squeeze(1) for g in grads)
+    p = torch.bmm(q, k.transpose(1, 2)).mul_(scale).sub_(lse.unsqueeze(-1)).exp_()
+    dv = torch.bmm(p.transpose(1, 2), grad_out)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    ds = torch.bmm(grad_out, v.transpose(1, 2)).sub_(delta).mul_(p).mul_(scale)
+    return torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q), dv
+
+
+class _Problem:
+    """The task sets of one call and how to walk them in chunks."""
+
+    def __init__(self, q, k, v, plan: AttentionPlan, extra: ExtraKeys | None, scale: float,
+                 chunk_bytes: int):
+        B, N, H, D = q.shape
+        self.shape = (B, N, H, D, v.shape[-1])
+        self.scale, self.chunk_bytes = scale, chunk_bytes
+        self.compute_dtype = torch.promote_types(q.dtype, torch.float32)
+        self.sets = _video_tasks(plan, B, H, QUERIES_PER_TASK)
+        if extra is not None:
+            self.sets += _extra_tasks(extra, B, N, H, QUERIES_PER_TASK)
+
+    def chunks(self, backward: bool):
+        """``(task set, its tasks start:stop)`` inside one run, with a chunk's temporaries
+        about ``chunk_bytes``: per task, forward's q, out, merge terms and logits; backward's
+        q, dO, out, dq, logits and the task's own dk, dv."""
+        _, _, _, D, Dv = self.shape
+        item = torch.finfo(self.compute_dtype).bits // 8
+        for ts in self.sets:
+            T, W = ts.query_rows.shape[1], ts.key_pattern.numel()
+            if backward:
+                per_task = item * (T * (2 * D + 2 * Dv) + W * (D + Dv) + T * W)
+            else:
+                per_task = item * (T * (D + 3 * Dv) + T * W)
+            step = max(1, self.chunk_bytes // per_task)
+            for run_start, run_stop in zip(ts.run_bounds[:-1], ts.run_bounds[1:]):
+                for start in range(run_start, run_stop, step):
+                    yield ts, start, min(start + step, run_stop)
+
+    def gather(self, ts, start, stop, q_flat, sources):
+        """Query rows ``[c * T]`` (pads = Q), key rows ``[W]`` and the chunk's q ``[c, T, D]``
+        and k, v ``[c, W, .]`` (one gather of the run's keys, broadcast over its tasks)."""
+        rows = ts.query_rows[start:stop]
+        c, T = rows.shape
+        Q = q_flat.shape[0]
+        key_rows = ts.key_base[start] + ts.key_pattern
+        k_src, v_src = sources[ts.source]
+        dt = self.compute_dtype
+        qg = q_flat.index_select(0, rows.flatten().clamp(max=Q - 1)).view(c, T, -1).to(dt)
+        kg = k_src.index_select(0, key_rows).to(dt).expand(c, -1, -1)
+        vg = v_src.index_select(0, key_rows).to(dt).expand(c, -1, -1)
+        return rows.flatten(), key_rows, qg, kg, vg
+
+    def forward(self, q_flat, sources):
+        """Output ``[Q, Dv]`` (compute dtype) and LSE ``[Q]`` (``-inf`` for queries with no key)."""
+        Q, Dv = q_flat.shape[0], self.shape[4]
+        dt, dev = self.compute_dtype, q_flat.device
+        # Row Q is a sink for pad slots.
+        numerator = torch.zeros(Q + 1, Dv, dtype=dt, device=dev)
+        # Per query: running max of the partial LSEs and the denominator relative to it.
+        stats = torch.zeros(Q + 1, 2, dtype=dt, device=dev)
+        stats[:, 0] = float("-inf")
+        for ts, start, stop in self.chunks(backward=False):
+            rows, _, qg, kg, vg = self.gather(ts, start, stop, q_flat, sources)
+            out, lse = _attend(qg, kg, vg, self.scale)
+            out, lse = out.reshape(-1, Dv), lse.reshape(-1)
+            # Online softmax merge; no query repeats within a chunk (pads all write the sink).
+            # Few, whole-chunk ops: on a shared CPU each op can cost a thread wake-up.
+            old = stats.index_select(0, rows)
+            new_max = torch.maximum(old[:, 0], lse)
+            # [0]: rescale of what the query had (0 on its first partial), [1]: new weight.
+            factors = torch.stack([old[:, 0], lse]).sub_(new_max).exp_()
+            merged = numerator.index_select(0, rows).mul_(factors[0, :, None])
+            numerator.index_copy_(0, rows, merged.addcmul_(out, factors[1, :, None]))
+            stats.index_copy_(0, rows, torch.stack([new_max, old[:, 1] * factors[0] + factors[1]], 1))
+        numerator, running_max, denominator = numerator[:Q], stats[:Q, 0], stats[:Q, 1]
+        lse = running_max + denominator.log()  # -inf where a query has no key
+        out = numerator.div_(torch.where(denominator > 0, denominator, 1.0)[:, None])
+        return out, lse
+
+    def backward(self, grad_out, out, lse, q_flat, sources, needs):
+        """``dq`` ``[Q, D]`` and per source ``(dk, dv)`` (compute dtype), from the final
+        ``out`` ``[Q, Dv]`` and ``lse`` ``[Q]``."""
+        Q, Dv = q_flat.shape[0], self.shape[4]
+        dt = self.compute_dtype
+        grad_q = torch.zeros(q_flat.shape, dtype=dt, device=q_flat.device)
+        grads_kv = [
+            None if src is None or not needs[i] else
+            (torch.zeros(src[0].shape, dtype=dt, device=src[0].device),
+             torch.zeros(src[1].shape, dtype=dt, device=src[1].device))
+            for i, src in enumerate(sources)
+        ]
+        for ts, start, stop in self.chunks(backward=True):
+            rows, key_rows, qg, kg, vg = self.gather(ts, start, stop, q_flat, sources)
+            c, T = qg.shape[:2]
+            pad = rows == Q
+            rows = rows.clamp(max=Q - 1)
+            # Pad slots: zero output gradient and +inf LSE make their probabilities and every
+            # gradient they would add exactly 0.
+            go = grad_out.index_select(0, rows).to(dt).masked_fill_(pad[:, None], 0.0).view(c, T, Dv)
+            og = out.index_select(0, rows).view(c, T, Dv)
+            lg = lse.index_select(0, rows).masked_fill_(pad, float("inf")).view(c, T)
+            dq, dk, dv = _attend_backward(go, qg, kg, vg, og, lg, self.scale)
+            grad_q.index_add_(0, rows, dq.reshape(c * T, -1))
+            if grads_kv[ts.source] is not None:
+                grads_kv[ts.source][0].index_add_(0, key_rows, dk.sum(0))
+                grads_kv[ts.source][1].index_add_(0, key_rows, dv.sum(0))
+        return grad_q, grads_kv
+
+
+class _RoutedFunction(torch.autograd.Function):
+    """Autograd around :class:`_Problem`: q, k, v, extra k, extra v ``[B, N|Ne, heads, D]``."""
+
+    @staticmethod
+    def forward(ctx, problem, q, k, v, extra_k, extra_v):
+        B, N, H, D, Dv = problem.shape
+        q_flat, sources = _flat_inputs(q, k, v, extra_k, extra_v)
+        out, lse = problem.forward(q_flat, sources)
+        ctx.problem = problem
+        ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
+        return out.view(B, N, H, Dv).to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
+        problem = ctx.problem
+        q_flat, sources = _flat_inputs(q, k, v, extra_k, extra_v)
+        needs = (ctx.needs_input_grad[2] or ctx.needs_input_grad[3],
+                 ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+        grad_flat = grad_out.reshape(q_flat.shape[0], -1)
+        grad_q, grads_kv = problem.backward(grad_flat, out, lse, q_flat, sources, needs)
+        grads = [grad_q.view(q.shape).to(q.dtype)]
+        for (key, value), g in zip(((k, v), (extra_k, extra_v)), grads_kv):
+            if g is None:
+                grads += [None, None]
+            else:
+                grads += [g[0].view(key.shape).to(key.dtype), g[1].view(value.shape).to(value.dtype)]
+        return (None, *grads)
+
+
+def _flat_inputs(q, k, v, extra_k, extra_v):
+    """q as rows ``[B * N * heads, D]`` and the key sources (video, extra) likewise."""
+    def rows(x):
+        return x.reshape(-1, x.shape[-1])
+
+    extra = None if extra_k is None else (rows(extra_k), rows(extra_v))
+    return rows(q), [(rows(k), rows(v)), extra]
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    extra: ExtraKeys | None = None,
+    scale: float | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Execute a per-token-routed ``plan`` key-major (see the module docstring).
+
+    Args:
+        q, k, v: ``[B, N, heads, D]`` in plan order.
+        plan: a plan with :func:`routed_supported` true.
+        extra: always-attended keys ``[B, Ne, heads, D]`` with an optional ``[B, Ne]`` mask.
+        scale: logit scale, ``D ** -0.5`` if ``None``.
+        chunk_bytes: soft bound on the gathered rows of one chunk of tasks.
+
+    Returns:
+        ``[B, N, heads, Dv]`` in plan order, dtype of q; differentiable in q, k, v and the
+        extra keys and values.
+    """
+    if not routed_supported(plan):
+        raise NotImplementedError(
+            "routed_attention needs token_keep, full-resolution entries and no window"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if plan.kv_index.device != q.device:
+        plan = plan.to(q.device)
+    problem = _Problem(q, k, v, plan, extra, scale, chunk_bytes)
+    ek = ev = None
+    if extra is not None:
+        ek, ev = extra.k.contiguous(), extra.v.contiguous()
+    return _RoutedFunction.apply(problem, q.contiguous(), k.contiguous(), v.contiguous(), ek, ev)
+
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "routed_attention", "routed_supported"]
