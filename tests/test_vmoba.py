@@ -1,5 +1,6 @@
-"""VMoBA: selection against a loop-by-loop reference of DESIGN §4.1, attention against masked
-dense attention, backends against each other, config and argument checks."""
+"""VMoBA: selection against a loop-by-loop reference of DESIGN §4.1, the chunked plan bit for bit
+against a direct vectorised derivation, attention against masked dense attention, backends
+against each other, config and argument checks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import TOLERANCE, assert_close, random_qkv
 from vdiff_sparse.attention import dense_attention
+from vdiff_sparse.methods import vmoba
 from vdiff_sparse.methods.vmoba import (
     VMoBAConfig,
     partition_for_layer,
@@ -18,6 +20,7 @@ from vdiff_sparse.methods.vmoba import (
     plan_vmoba,
     vmoba_attention,
 )
+from vdiff_sparse.plan import pack_block_selection
 
 GRIDS = {"3x5x7": (3, 5, 7), "5x6x10": (5, 6, 10)}
 # Small ragged blocks: none of the grids above divides evenly on every axis.
@@ -240,6 +243,81 @@ def test_threshold_extremes(tau, seed):
         # total) unless that one is the own block.
         nb = plan.num_k_blocks
         assert (kept >= nb - 1).all() and (kept == nb - 1).float().mean() > 0.8
+
+
+def rederived_plan(q, k, grid, layer_index, config):
+    """``(kv_index, token_keep)`` the direct way, all heads at once: reordered copies of q and
+    k, the whole ``[B*H, N, nb]`` gate, threshold's arithmetic out of place, a per-token copy
+    of its tile's entries."""
+    order = partition_order(grid, layer_index, config)
+    n, nb = order.num_tokens, order.num_blocks
+    B, _, Hh, D = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qp, kp = (order.permute(x, 1).transpose(1, 2).reshape(B * Hh, n, D).to(dtype) for x in (q, k))
+    block = order.block_of_position()
+    kmean = kp.new_zeros(B * Hh, nb, D).index_add_(1, block, kp) / order.offsets.diff().to(dtype)[:, None]
+    gate = torch.bmm(qp, kmean.transpose(1, 2))
+    own = torch.nn.functional.one_hot(block, nb).bool().expand_as(gate)
+    row_shape = (B * Hh * n, nb) if config.scope == "local" else (B * Hh, n * nb)
+    rows, own_rows = gate.reshape(row_shape), own.reshape(row_shape)
+    if config.mode == "topk":
+        count = config.topk if config.scope == "local" else config.topk * n
+        chosen = rows.masked_fill(own_rows, float("inf")).topk(count, dim=-1).indices
+        selected = torch.zeros_like(own_rows).scatter_(-1, chosen, True)
+    else:
+        lo = rows.amin(-1, keepdim=True)
+        span = rows.amax(-1, keepdim=True) - lo
+        norm = torch.where(span > 0, (rows - lo) / span.clamp(min=torch.finfo(dtype).tiny), 1.0).double()
+        credited = norm.masked_fill(~own_rows, 0.0).sum(-1, keepdim=True)
+        ranked, rank = norm.masked_fill(own_rows, float("-inf")).sort(dim=-1, descending=True)
+        running = credited + ranked.masked_fill(own_rows.gather(-1, rank), 0.0).cumsum(-1)
+        before = torch.cat([credited, running[..., :-1]], -1)
+        take = before < config.tau * running[..., -1:]
+        selected = own_rows | torch.zeros_like(own_rows).scatter_(-1, rank, take)
+    selected = selected.view(B * Hh, n, nb)
+    tile_of = torch.arange(n) // config.query_block
+    n_tiles = int(tile_of[-1]) + 1
+    tile_count = torch.zeros(B * Hh, n_tiles, nb, dtype=torch.int32).index_add_(1, tile_of, selected.int())
+    kv_index, _ = pack_block_selection(tile_count.view(B, Hh, n_tiles, nb) > 0)
+    entry = kv_index.view(B * Hh, n_tiles, -1)[:, tile_of]
+    token_keep = selected.gather(-1, entry.clamp(min=0)) & (entry >= 0)
+    return kv_index, token_keep.view(B, Hh, n, -1)
+
+
+@pytest.mark.parametrize("chunk", ["default", "one_head"])
+@pytest.mark.parametrize("partition", list(LAYERS))
+@pytest.mark.parametrize("grid,query_block", [((3, 5, 7), 16), ((5, 6, 10), 37), ((2, 9, 11), 128)],
+                         ids=["3x5x7-16", "5x6x10-37", "2x9x11-128"])
+@pytest.mark.parametrize("mode,scope,value", SELECTION_CASES[::2])
+def test_plan_is_bit_identical_to_direct_derivation(
+    mode, scope, value, grid, query_block, partition, chunk, seed, monkeypatch
+):
+    """The chunked, copy-free selection gives exactly the plan of the direct one, in float32
+    (where a different rounding would show) and in bfloat16 (keys converted in slices)."""
+    if chunk == "one_head":
+        monkeypatch.setattr(vmoba, "_CHUNK_ELEMENTS", 1)  # one head per chunk, k in 1-token slices
+    N = math.prod(grid)
+    q, k, _ = random_qkv(2, N, 3, 16, seed=seed)
+    config = make_config(mode, scope, value, query_block=query_block)
+    for queries, keys in ((q, k), (q.bfloat16(), k.bfloat16())):
+        plan = plan_vmoba(queries, keys, grid, LAYERS[partition], config)
+        kv_index, token_keep = rederived_plan(queries, keys, grid, LAYERS[partition], config)
+        if plan.token_keep is None:  # topk >= blocks: the shared dense plan
+            assert token_keep.all() and torch.equal(plan.kv_index[0, 0], kv_index[0, 0])
+            continue
+        assert torch.equal(plan.kv_index, kv_index)
+        assert torch.equal(plan.token_keep, token_keep)
+
+
+def test_finite_check_allows_sums_that_overflow(seed):
+    """Large finite inputs whose sum overflows float32 pass the cheap finiteness check."""
+    q, k, _ = random_qkv(1, 105, 2, 8, seed=seed)
+    q = q.abs() * 1e37  # the sum of 1.7K such entries overflows, a gate entry does not
+    assert not torch.isfinite(q.sum())
+    config = make_config("topk", "local", 3)
+    plan = plan_vmoba(q, k, (3, 5, 7), 2, config)
+    kv_index, token_keep = rederived_plan(q, k, (3, 5, 7), 2, config)
+    assert torch.equal(plan.kv_index, kv_index) and torch.equal(plan.token_keep, token_keep)
 
 
 # --- attention -----------------------------------------------------------------------------------

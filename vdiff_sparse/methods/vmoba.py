@@ -45,10 +45,11 @@ MODES = ("topk", "threshold")
 SCOPES = ("local", "global")
 PARTITIONS = ("1d", "2d", "3d")
 
-# Selection runs a few (batch, head) rows at a time: its temporaries (int64 sort indices,
-# float64 cumulative sums) are several times the fp32 gate, so only ~4M gate entries are in
-# flight at once (one head at N = 32K with ~130+ blocks; a global row is never split).
-_CHUNK_ELEMENTS = 2**22
+# Selection runs a few (batch, head) rows at a time, never part of one: a row's gate is one
+# matmul (row-chunked matmuls may round differently) and a global row is one selection. About 1M
+# gate entries (or query values, if D > n_blocks) per chunk: one head at N = 16K with 64 blocks;
+# top-k's temporaries are then a few MiB, threshold's (float64 sort, cumulative sums) ~25 MiB.
+_CHUNK_ELEMENTS = 2**20
 
 
 def _positive_int(name: str, value, what: str = "") -> int:
@@ -161,50 +162,107 @@ def partition_order(
     return tile_order(grid, tile, device=device)
 
 
-def _select_topk(score: torch.Tensor, own: torch.Tensor, count: int) -> torch.Tensor:
-    """Rows of ``score`` ``[R, L]``: own entries plus the best others, ``count`` in all."""
-    key = score.masked_fill(own, float("inf"))
-    chosen = key.topk(count, dim=-1, sorted=False).indices
-    return torch.zeros_like(own).scatter_(-1, chosen, True)
+def _select_topk(
+    score: torch.Tensor, own_block: torch.Tensor, per_token: bool, count: int, out: torch.Tensor
+) -> None:
+    """Top-k of the ``[c, N, nb]`` gate ``score`` (overwritten) into bool ``out`` (same shape).
+
+    ``own_block`` ``[N]`` is each token's own block, credited first by an infinite score;
+    ``count`` entries are kept per token if ``per_token``, else per head (``[N * nb]`` rows).
+    """
+    c, n, nb = score.shape
+    score.scatter_(-1, own_block.view(1, n, 1).expand(c, n, 1), float("inf"))
+    rows = score.view(c * n, nb) if per_token else score.view(c, n * nb)
+    chosen = rows.topk(count, dim=-1, sorted=False).indices
+    out.zero_().view(rows.shape).scatter_(-1, chosen, True)
 
 
-def _select_threshold(score: torch.Tensor, own: torch.Tensor, tau: float) -> torch.Tensor:
-    """Rows of ``score`` ``[R, L]``: own entries plus the shortest descending prefix of the
-    others whose cumulative share of the row's min-max normalised total reaches ``tau``."""
+def _select_threshold(score: torch.Tensor, own: torch.Tensor, tau: float, out: torch.Tensor) -> None:
+    """Rows of ``score`` ``[R, L]`` (overwritten): own entries plus the shortest descending
+    prefix of the others whose cumulative share of the row's min-max normalised total reaches
+    ``tau``, into bool ``out`` ``[R, L]``. Works in place wherever it can: at a whole head per
+    row (global scope) the float64 temporaries are the cost of the plan."""
     lo = score.amin(-1, keepdim=True)
     span = score.amax(-1, keepdim=True) - lo
-    norm = torch.where(span > 0, (score - lo) / span.clamp(min=torch.finfo(score.dtype).tiny), 1.0)
+    flat = ~(span > 0)  # a constant row (or NaN span) normalises to all ones
+    score.sub_(lo).div_(span.clamp(min=torch.finfo(score.dtype).tiny)).masked_fill_(flat, 1.0)
     # float64 sums: a global row has up to ~1e7 entries and the cut must not drift.
-    norm = norm.double()
+    norm = score.double()
     credited = norm.masked_fill(~own, 0.0).sum(-1, keepdim=True)
-    ranked, order = norm.masked_fill(own, float("-inf")).sort(dim=-1, descending=True)
-    ranked = ranked.masked_fill(own.gather(-1, order), 0.0)  # own entries sorted last
-    running = credited + torch.cumsum(ranked, -1)
+    ranked, order = norm.masked_fill_(own, float("-inf")).sort(dim=-1, descending=True)
+    del norm
+    ranked.masked_fill_(own.gather(-1, order), 0.0)  # own entries sorted last
+    running = ranked.cumsum_(-1).add_(credited)
     # The total comes from the same running sum, so with tau = 1 the prefix stops exactly at
     # the last non-zero entry instead of wherever rounding of a separate sum() would put it.
-    total = running[..., -1:]
-    before = torch.cat([credited, running[..., :-1]], -1)  # reached before adding each entry
+    reach = tau * running[..., -1:]
     # Entry m is taken iff the prefix before it has not reached tau yet (shares only grow).
-    take = before < tau * total
-    return own | torch.zeros_like(own).scatter_(-1, order, take)
+    take = torch.empty_like(out)
+    torch.lt(credited, reach, out=take[..., :1])
+    torch.lt(running[..., :-1], reach, out=take[..., 1:])
+    out.zero_().scatter_(-1, order, take).logical_or_(own)
 
 
 def _select_blocks(
-    gate: torch.Tensor, own: torch.Tensor, config: VMoBAConfig
-) -> torch.Tensor:
-    """``[c, N, nb]`` gate and own-block mask -> bool selection of the same shape."""
+    gate: torch.Tensor, own_block: torch.Tensor, config: VMoBAConfig, out: torch.Tensor
+) -> None:
+    """``[c, N, nb]`` gate (overwritten) and ``[N]`` own block ids -> bool selection in ``out``."""
     c, n, nb = gate.shape
-    if config.scope == "local":
-        rows, own_rows = gate.reshape(c * n, nb), own.reshape(c * n, nb)
-        count = config.topk
-    else:
-        rows, own_rows = gate.reshape(c, n * nb), own.reshape(c, n * nb)
-        count = config.topk * n
+    local = config.scope == "local"
     if config.mode == "topk":
-        selected = _select_topk(rows, own_rows, min(count, rows.shape[-1]))
+        # topk < nb here (else the plan is dense), so the count is below the row length.
+        _select_topk(gate, own_block, local, config.topk if local else config.topk * n, out)
+        return
+    own = torch.nn.functional.one_hot(own_block, nb).bool().expand(c, n, nb)
+    if local:
+        rows, own_rows = gate.view(c * n, nb), own.reshape(c * n, nb)
     else:
-        selected = _select_threshold(rows, own_rows, config.tau)
-    return selected.view(c, n, nb)
+        rows, own_rows = gate.view(c, n * nb), own.reshape(c, n * nb)
+    _select_threshold(rows, own_rows, config.tau, out.view(rows.shape))
+
+
+def _check_finite_cheaply(**tensors: torch.Tensor) -> None:
+    """:func:`check_finite` at the cost of one sum per tensor when the inputs are finite.
+
+    A NaN or Inf summand makes the sum NaN or Inf (Inf + -Inf is NaN, NaN stays NaN), so a
+    finite sum clears the whole tensor. A non-finite sum can also be an overflow of large finite
+    values (or of a float16 total), so only then does the exact element-wise check decide.
+    """
+    for name, x in tensors.items():
+        if not torch.isfinite(x.sum()):
+            check_finite(**{name: x})
+
+
+def _block_means(
+    k: torch.Tensor, order: BlockOrder, block: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[B, N, H, D]`` keys -> ``[B*H, n_blocks, D]`` block means in ``dtype``, without a
+    reordered copy of ``k``; ``block`` ``[N]`` is the block of each plan position.
+
+    Each block sums its tokens in ascending original index, which is also their plan order
+    (tiles keep frame-major, row-major order inside), so the sums equal those of the plan-order
+    keys bit for bit.
+    """
+    B, n, H, D = k.shape
+    block_of_token = block if order.perm is None else block[order.inverse]
+    sums = torch.zeros(B, order.num_blocks, H, D, dtype=dtype, device=k.device)
+    # Only a slice of k at a time is converted when k is not already in ``dtype``.
+    tokens_per_step = n if k.dtype == dtype else max(1, _CHUNK_ELEMENTS // (B * H * D))
+    for start in range(0, n, tokens_per_step):
+        stop = min(n, start + tokens_per_step)
+        sums.index_add_(1, block_of_token[start:stop], k[:, start:stop].to(dtype))
+    sums = sums.transpose(1, 2).reshape(B * H, order.num_blocks, D)
+    return sums / order.offsets.diff().to(dtype)[:, None]
+
+
+def _tile_spans(n: int, query_block: int) -> list[tuple[slice, slice, int]]:
+    """Plan positions grouped by query tile: ``(positions, tiles, tile_size)`` for the full
+    tiles, then for the shorter last tile if ``query_block`` does not divide ``n``."""
+    full = n // query_block
+    spans = [(slice(0, full * query_block), slice(0, full), query_block)] if full else []
+    if full * query_block < n:
+        spans.append((slice(full * query_block, n), slice(full, full + 1), n - full * query_block))
+    return spans
 
 
 def _dense_selection_plan(order: BlockOrder, q_offsets: torch.Tensor, info: dict) -> AttentionPlan:
@@ -253,41 +311,51 @@ def plan_vmoba(
     }
     if config.mode == "topk" and config.topk >= nb:
         return _dense_selection_plan(order, q_offsets, info)
-    check_finite(q=q, k=k)
+    _check_finite_cheaply(q=q, k=k)
 
     B, _, H, D = q.shape
     gate_dtype = torch.promote_types(q.dtype, torch.float32)
+    n_tiles = q_offsets.numel() - 1
+    spans = _tile_spans(n, config.query_block)
     with torch.no_grad():
-        # [B*H, N, D] in plan order; everything below is per (batch, head) row.
-        qp = order.permute(q.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(gate_dtype)
-        kp = order.permute(k.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(gate_dtype)
-        block = order.block_of_position()
-        sizes = order.offsets.diff().to(gate_dtype)
-        kmean = kp.new_zeros(B * H, nb, D).index_add_(1, block, kp) / sizes[:, None]
-        own = torch.nn.functional.one_hot(block, nb).bool()  # [N, nb]
+        q, k = q.detach(), k.detach()
+        own_block = order.block_of_position()
+        kmean_t = _block_means(k, order, own_block, gate_dtype).transpose(1, 2)  # [B*H, D, nb]
 
-        n_tiles = q_offsets.numel() - 1
-        tile_of = torch.arange(n, device=q.device) // config.query_block
-        heads_per_chunk = max(1, _CHUNK_ELEMENTS // (n * nb))
+        # A chunk's queries (plan order) and gate, both bounded, reused: no reordered copy of q.
+        heads_per_chunk = min(B * H, max(1, _CHUNK_ELEMENTS // (n * max(nb, D))))
+        q_rows = q.new_empty(heads_per_chunk, n, D)
+        gate = torch.empty(heads_per_chunk, n, nb, dtype=gate_dtype, device=q.device)
         selected = torch.empty(B * H, n, nb, dtype=torch.bool, device=q.device)
-        tile_count = torch.zeros(B * H, n_tiles, nb, dtype=torch.int32, device=q.device)
         for start in range(0, B * H, heads_per_chunk):
             stop = min(B * H, start + heads_per_chunk)
-            gate = torch.bmm(qp[start:stop], kmean[start:stop].transpose(1, 2))
-            chosen = _select_blocks(gate, own.expand_as(gate), config)
-            selected[start:stop] = chosen
-            # A tile needs every block any of its tokens chose.
-            tile_count[start:stop].index_add_(1, tile_of, chosen.to(torch.int32))
-        kv_index, _ = pack_block_selection(tile_count.view(B, H, n_tiles, nb) > 0)
+            c = stop - start
+            for i, row in enumerate(range(start, stop)):
+                head_q = q[row // H, :, row % H]  # [N, D] original order
+                if order.perm is None:
+                    q_rows[i].copy_(head_q)
+                else:
+                    torch.index_select(head_q, 0, order.perm, out=q_rows[i])
+            torch.bmm(q_rows[:c].to(gate_dtype), kmean_t[start:stop], out=gate[:c])
+            _select_blocks(gate[:c], own_block, config, selected[start:stop])
+        del q_rows, gate
+        # A tile needs every block any of its tokens chose.
+        tile_used = torch.cat(
+            [selected[:, positions].unflatten(1, (-1, size)).any(2) for positions, _, size in spans], 1
+        )
+        kv_index, _ = pack_block_selection(tile_used.view(B, H, n_tiles, nb))
         max_kv = kv_index.shape[-1]
 
-        token_keep = torch.empty(B * H, n, max_kv, dtype=torch.bool, device=q.device)
+        # token_keep[p, e] = selected[p, kv_index[tile of p, e]], False on unused (-1) slots:
+        # one gather per span, each tile's index row broadcast over its tokens.
         flat_index = kv_index.view(B * H, n_tiles, max_kv)
-        for start in range(0, B * H, heads_per_chunk):
-            stop = min(B * H, start + heads_per_chunk)
-            entry = flat_index[start:stop, tile_of]  # [c, N, max_kv] block of each entry
-            keep = selected[start:stop].gather(-1, entry.clamp(min=0))
-            token_keep[start:stop] = keep & (entry >= 0)
+        token_keep = torch.empty(B * H, n, max_kv, dtype=torch.bool, device=q.device)
+        for positions, tiles, size in spans:
+            keep = token_keep[:, positions].unflatten(1, (-1, size))
+            index = flat_index[:, tiles, None, :]
+            source = selected[:, positions].unflatten(1, (-1, size))
+            torch.gather(source, -1, index.clamp(min=0).expand_as(keep), out=keep)
+            keep &= index >= 0
 
     return AttentionPlan(
         perm=order.perm,
