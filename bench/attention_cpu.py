@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -25,6 +27,7 @@ import torch
 
 GRIDS = {8192: (8, 32, 32), 16384: (16, 32, 32), 32768: (16, 32, 64)}
 HEADS, HEAD_DIM = 4, 64
+GNA_TILE = (2, 8, 8)  # tile of the sliding-tile (block-aligned) GNA rows: 128 tokens
 
 
 def method_call(method: str, grid, density: float):
@@ -41,6 +44,21 @@ def method_call(method: str, grid, density: float):
         window = tuple(max(2, round(n * scale)) for n in grid)
         return lambda q, k, v: gna_attention(q, k, v, grid, window=window, backend="torch",
                                              return_plan=True)
+    if method == "gna-tile":
+        # Sliding tile attention: stride = tile, window a whole number of tiles per axis, so
+        # the plan is block-aligned (no per-query mask). A window of c tiles centred on its
+        # tile starts on a tile boundary when c is odd (or covers the axis), so the numbers of
+        # tiles are such c, the ones whose window volume is closest to the target density.
+        tile = tuple(min(t, n) for t, n in zip(GNA_TILE, grid))
+        counts = itertools.product(*(
+            [c for c in range(1, n // t + 1) if c % 2 == 1 or c == n // t] for t, n in zip(tile, grid)
+        ))
+        volume = math.prod(grid)
+        volume_ratio = lambda c: math.prod(c) * math.prod(tile) / volume / density  # noqa: E731
+        best = min(counts, key=lambda c: abs(math.log(volume_ratio(c))))
+        window = tuple(max(2, c * t) for c, t in zip(best, tile))
+        return lambda q, k, v: gna_attention(q, k, v, grid, window=window, stride=tile, tile=tile,
+                                             backend="torch", return_plan=True)
     if method == "psa":
         return lambda q, k, v: psa_attention(q, k, v, grid, mode="quantile",
                                              fractions={1: density}, backend="torch",
@@ -127,7 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(GRIDS), choices=sorted(GRIDS))
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.20])
-    parser.add_argument("--methods", nargs="+", default=["gna", "psa", "psa-pyramid", "vmoba"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["gna", "gna-tile", "psa", "psa-pyramid", "vmoba"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_cpu.json"))

@@ -2,14 +2,28 @@
 
 Works on CPU and GPU, is differentiable through autograd, and keeps memory bounded.
 
-How: every (batch, head, query block) is a *row*. Each row's selected key blocks, at every pool
-level, plus the extra keys, are gathered into one key list with an additive bias (``ln count``
-for pooled keys, ``-inf`` for pad slots and masked pairs), and one
-``F.scaled_dot_product_attention`` call per chunk of rows does the softmax. Rows are sorted by
-their number of keys, so a chunk pads only to the longest row among similar rows, and chunks
-are sized so that their gathered keys fit ``chunk_bytes``. With gradients enabled each chunk is
-recomputed in backward (activation checkpointing), so training memory is bounded the same way.
-Blocks are padded to a common width; pad slots point at an appended zero token and are masked.
+How: every (batch, head group, query block) is a *row*. When the plan is the same for every
+head (GNA), a row carries all heads, so its key list and mask are built once for all of
+them; otherwise a row is one head. Each row's selected key blocks, at every pool level, plus
+the extra keys, are gathered into one key list, and one ``F.scaled_dot_product_attention``
+call per chunk of rows does the softmax. Keys are gathered straight from their source, with
+no copy of the inputs: full-resolution keys from ``k``/``v`` themselves, pooled keys from a
+small table per pool level, made for one (batch, head group) at a time (``1 / (p B G)`` of
+``k``), extra keys from ``extra.k``/``extra.v``.
+
+A mask is only passed to SDPA when a chunk needs one: a per-key bias (``ln count`` of pooled
+keys, ``-inf`` for pad slots and masked extra keys) broadcast over queries, plus per-query
+``-inf`` where a coordinate window or per-token routing drops a key. With a window, keys
+outside the box bounding all windows of a row's queries are left out of its key list (a
+block-sparse plan of GNA lists whole key tiles, a third of whose keys no query of the row
+can see). Rows are sorted by their number of keys, so a chunk pads only to the longest row
+among similar rows, and chunks are sized so that their gathered keys fit ``chunk_bytes``.
+With gradients enabled each chunk is recomputed in backward (activation checkpointing), so
+training memory is bounded the same way.
+
+Every source but the pooled tables (q, k, v, extra keys, the output) is a ``[B, M, heads, D]``
+tensor seen as ``[B * M * G, Hg * D]`` rows, ``G`` head groups of ``Hg`` heads: the row of
+(batch ``b``, position ``m``, group ``g``) is ``(b * M + m) * G + g``.
 """
 
 from __future__ import annotations
@@ -21,235 +35,282 @@ from torch.utils.checkpoint import checkpoint
 from ..plan import LEVELS, AttentionPlan
 from .base import Backend, ExtraKeys
 
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 
-def _padded_positions(offsets: torch.Tensor, multiple: int, pad: int):
-    """``[n_blocks, width]`` plan positions of each block's tokens (``pad`` in unused slots)
-    and the validity mask; ``width`` is the largest block rounded up to ``multiple``."""
-    sizes = offsets.diff()
-    width = max(int(sizes.max()), 1)
-    width = -(-width // multiple) * multiple
+def _padded_positions(offsets: torch.Tensor, width: int):
+    """``[n_blocks, width]`` plan positions of each block's first ``width`` tokens (0 in
+    unused slots) and the validity mask."""
     slot = torch.arange(width, device=offsets.device)
-    valid = slot < sizes[:, None]
-    pos = torch.where(valid, offsets[:-1, None] + slot, torch.full_like(slot, pad))
-    return pos, valid
+    valid = slot < offsets.diff()[:, None]
+    return torch.where(valid, offsets[:-1, None] + slot, 0), valid
 
 
-def _to_blocks(x: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``[B, N, H, D]`` -> ``[B, H, n_blocks, width, D]`` with zeros in pad slots.
-
-    Blocks of equal size (but maybe a shorter last one) are a pad and a view; ragged blocks
-    need a gather through ``pos`` (from :func:`_padded_positions`).
-    """
-    B, N, H, D = x.shape
-    n_blocks, width = pos.shape
-    xt = x.transpose(1, 2)
-    if bool((offsets[:-1] == torch.arange(n_blocks, device=offsets.device) * width).all()):
-        xt = F.pad(xt, (0, 0, 0, n_blocks * width - N))
-        return xt.reshape(B, H, n_blocks, width, D)
-    return torch.cat([xt, xt.new_zeros(B, H, 1, D)], 2)[:, :, pos]
+def _pool(x: torch.Tensor, offsets: torch.Tensor, p: int, width: int, perm) -> torch.Tensor:
+    """``[B, N, H, D]`` -> ``[B, n_blocks * width, H, D]``: means of groups of ``p`` plan
+    positions from each block start (``width`` groups per block; unused groups are 0).
+    ``x`` is in plan order, or in the original order if ``perm`` (plan position -> token)
+    is given."""
+    sizes = offsets.diff()
+    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=x.device), sizes)
+    within = torch.arange(x.shape[1], device=x.device) - offsets[:-1][block]
+    group = block * width + within.div(p, rounding_mode="floor")
+    if perm is not None:
+        group = torch.empty_like(group).index_copy_(0, perm, group)  # group of each token
+    sums = x.new_zeros(x.shape[0], sizes.numel() * width, *x.shape[2:]).index_add_(1, group, x)
+    counts = torch.bincount(group, minlength=sums.shape[1]).clamp(min=1).to(x.dtype)
+    return sums / counts[:, None, None]
 
 
 class _Level:
-    """One pool level: where its pooled keys sit in the flat key table, and each row's
-    entries at this level."""
+    """One pool level: its keys per block and each row's entries at this level."""
 
-    def __init__(self, p, table_offset, width, index, drop, counts):
+    def __init__(self, p, width, index, counts, bias, drop):
         self.p = p
-        self.table_offset = table_offset  # first row of this level in the flat key table
-        self.width = width  # pooled keys per block
-        self.index = index  # [R, E] key block ids, packed to the front, -1 = unused
-        self.drop = drop  # [B'|1, H'|1, N + 1, E] True where a query skips an entry, or None
+        self.width = width  # keys per block at this level
+        self.index = index  # [R, E] key block ids packed to the front, -1 = unused
         self.counts = counts  # entries used by each row (a list, in sorted row order)
+        self.bias = bias  # [n_k_blocks, width] ln(count) per key, -inf for empty slots
+        self.drop = drop  # [B'|1, H'|1, N, E] True where a query skips an entry, or None
 
 
 class _Problem:
-    """Everything the chunks need, prepared once per call.
+    """Everything the chunks need, prepared once per call (index lists, no key copies)."""
 
-    All keys any row can see (every pool level's pooled blocks and the extra keys, for every
-    batch and head) sit in one flat table with a matching bias table (``ln count``, ``-inf``
-    for pad slots and masked extra keys) and a final all-zero "null" key with bias ``-inf``.
-    A chunk then builds one index list per row and does one gather: no concatenation of
-    gathered keys.
-    """
-
-    def __init__(self, q, k, v, plan: AttentionPlan, extra: ExtraKeys | None, scale: float):
+    def __init__(self, q, k, v, plan, extra, scale, original_order: bool):
         B, N, H, D = q.shape
         self.plan, self.scale, self.extra = plan, scale, extra
-        self.B, self.H, self.D, self.Dv = B, H, D, v.shape[-1]
-        nqb, nkb = plan.num_q_blocks, plan.num_k_blocks
-        self.rows = B * H * nqb
+        self.B, self.N, self.D, self.Dv = B, N, D, v.shape[-1]
         dev = q.device
+        nqb, nkb = plan.num_q_blocks, plan.num_k_blocks
+        bp, hp = plan.kv_index.shape[:2]
+        keep_hp = 1 if plan.token_keep is None else plan.token_keep.shape[1]
+        # One row for all heads when nothing in the plan differs between heads.
+        self.Hg = H if hp == 1 and keep_hp == 1 else 1
+        self.G = H // self.Hg
+        self.rows = B * self.G * nqb
 
-        self.q_pos, _ = _padded_positions(plan.q_offsets, 1, N)
-        self.q_rows = _to_blocks(q, plan.q_offsets, self.q_pos).reshape(self.rows, -1, D)
+        bq = int(plan.q_offsets.diff().max())
+        self.q_pos, self.q_valid = _padded_positions(plan.q_offsets, bq)  # [nqb, bq]
+        k_sizes = plan.k_offsets.diff()
+        self.k_pos, _ = _padded_positions(plan.k_offsets, int(k_sizes.max()))
+        # Where the plan positions' tokens sit in q, k, v and the output.
+        self.perm = plan.perm if original_order else None
+        self.q_token = self.q_pos if self.perm is None else self.perm[self.q_pos]
+
+        # Row r = (b, g, query block); plan tensors may broadcast over b and heads.
+        r = torch.arange(self.rows, device=dev)
+        self.row_b, self.row_g, self.row_qb = r // (self.G * nqb), (r // nqb) % self.G, r % nqb
+        self.plan_b = self.row_b if bp > 1 else torch.zeros_like(r)
+        self.plan_h = self.row_g if hp > 1 else torch.zeros_like(r)
 
         valid = plan.kv_index >= 0
         levels = plan.levels()
-        present = [p for p in LEVELS if bool(((levels == p) & valid).any())]
-        self.k_pos, k_valid = _padded_positions(plan.k_offsets, max(present, default=1), N)
-        width = self.k_pos.shape[1]
-        k_blocks = _to_blocks(k, plan.k_offsets, self.k_pos)  # [B, H, nkb, width, D]
-        v_blocks = _to_blocks(v, plan.k_offsets, self.k_pos)
-
-        # Row r = (b, h, query block); plan tensors may broadcast over b and h.
-        r = torch.arange(self.rows, device=dev)
-        self.row_b, self.row_h, self.row_qb = r // (H * nqb), (r // nqb) % H, r % nqb
-        self.row_bh = self.row_b * H + self.row_h
-        bp, hp = plan.kv_index.shape[:2]
-        self.plan_b = self.row_b if bp > 1 else torch.zeros_like(r)
-        self.plan_h = self.row_h if hp > 1 else torch.zeros_like(r)
-        self.nkb = nkb
-
-        key_parts, val_parts, bias_parts = [], [], []
-        offset = 0
         self.levels: list[_Level] = []
-        cost = torch.zeros(self.rows, device=dev)
-        for p in present:
+        self.pooled_sources: dict[int, int] = {}  # p -> keys per block of its pooled table
+        cost = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        for p in LEVELS:
             use = valid & (levels == p)
-            count = k_valid.view(nkb, width // p, p).sum(-1)
+            if not bool(use.any()):
+                continue
+            width = -(-int(k_sizes.max()) // p)
+            slot = torch.arange(width, device=dev)
+            count = (k_sizes[:, None] - slot * p).clamp(0, p)  # tokens behind each pooled key
             bias = torch.where(count > 0, count.to(q.dtype).log(), float("-inf"))
-            if p == 1:
-                pk, pv = k_blocks, v_blocks
-            else:
-                denom = count.clamp(min=1).to(q.dtype)[:, :, None]
-                pk = k_blocks.unflatten(3, (width // p, p)).sum(4) / denom
-                pv = v_blocks.unflatten(3, (width // p, p)).sum(4) / denom
-            key_parts.append(pk.reshape(-1, D))
-            val_parts.append(pv.reshape(-1, self.Dv))
-            bias_parts.append(bias.reshape(-1).repeat(B * H))
+            if p > 1:
+                self.pooled_sources[p] = width
             e = int(use.sum(-1).max())
             order = (~use).to(torch.int8).argsort(dim=-1, stable=True)[..., :e]
             index = torch.where(use.gather(-1, order), plan.kv_index.gather(-1, order), -1)
             drop = None
             if plan.token_keep is not None:
                 q_block = plan.query_block_of_position()
-                keep = plan.token_keep.gather(-1, order[:, :, q_block, :])  # [B',H',N,e]
-                pad = keep.new_zeros(*keep.shape[:2], 1, e)  # the pad query slot keeps nothing
-                drop = ~torch.cat([keep, pad], 2)
+                drop = ~plan.token_keep.gather(-1, order[:, :, q_block, :])  # [B',H',N,e]
             row_index = index[self.plan_b, self.plan_h, self.row_qb]  # [R, e]
             row_count = (row_index >= 0).sum(-1)
-            cost += row_count * (width // p)
-            self.levels.append(_Level(p, offset, width // p, row_index, drop, row_count))
-            offset += B * H * nkb * (width // p)
-        self.extra_offset = offset
-        if extra is not None:
-            bias = torch.zeros(extra.k.shape[:2], dtype=q.dtype, device=dev)
-            if extra.mask is not None:
-                bias = bias.masked_fill(~extra.mask, float("-inf"))
-            key_parts.append(extra.k.transpose(1, 2).reshape(-1, D))
-            val_parts.append(extra.v.transpose(1, 2).reshape(-1, self.Dv))
-            bias_parts.append(bias[:, None, :].expand(B, H, -1).reshape(-1))
-            offset += extra.k.shape[1] * B * H
-        self.null = offset
-        key_parts.append(q.new_zeros(1, D))
-        val_parts.append(v.new_zeros(1, self.Dv))
-        bias_parts.append(torch.full((1,), float("-inf"), dtype=q.dtype, device=dev))
-        self.key_table = torch.cat(key_parts)
-        self.value_table = torch.cat(val_parts)
-        self.bias_table = torch.cat(bias_parts)
+            cost += row_count * width
+            self.levels.append(_Level(p, width, row_index, row_count, bias, drop))
+        if extra is not None and extra.mask is not None:
+            self.extra_bias = torch.where(extra.mask, 0.0, float("-inf")).to(q.dtype)  # [B, Ne]
+        else:
+            self.extra_bias = None
+
+        self.window = None
         if plan.window is not None:  # small ints: the window test is many full-size passes
             window = plan.window
-            small = torch.int16 if int(window.coords.max()) < 2**14 else torch.int32
+            small = torch.int16 if int(window.coords.abs().max()) < 2**14 else torch.int32
             self.window = (window.coords.to(small), window.lo.to(small), window.hi.to(small),
                            window.dilation)
+            # Per query block, the box bounding all its queries' windows: [nqb, 3].
+            big = torch.iinfo(small).max
+            lo = torch.where(self.q_valid[..., None], self.window[1][self.q_pos], big)
+            hi = torch.where(self.q_valid[..., None], self.window[2][self.q_pos], -big)
+            self.box_lo, self.box_hi = lo.amin(1), hi.amax(1)
 
         # Longest rows first, so each chunk pads to a length close to all of its rows.
-        self.order = torch.argsort(cost, descending=True, stable=True)
+        # Rows stay grouped by (batch, head group), nqb rows each, so that only one group's
+        # pooled tables exist at a time.
+        order = torch.argsort(cost, descending=True, stable=True)
+        group = self.row_b * self.G + self.row_g
+        self.order = order[torch.argsort(group[order], stable=True)]
+        self.group_rows = nqb
         self.cost = cost[self.order].tolist()
         for level in self.levels:
             level.counts = level.counts[self.order].tolist()
 
     def chunks(self, chunk_bytes: int, itemsize: int):
-        """Slices of the sorted rows whose gathered keys and values fit ``chunk_bytes``."""
+        """Slices of the sorted rows whose gathered keys, values and mask fit ``chunk_bytes``,
+        each within one (batch, head group)."""
         n_extra = 0 if self.extra is None else self.extra.k.shape[1]
-        per_key = 2 * self.D * itemsize + 2 * itemsize  # K, V and the mask entry
+        bq = self.q_pos.shape[1]
+        per_key = self.Hg * (self.D + self.Dv) * itemsize
+        if self.window is not None or self.plan.token_keep is not None:
+            per_key += bq * itemsize  # a per-query mask
         start = 0
         while start < self.rows:
             # Sorted descending: the first row is the longest of the chunk.
             longest = self.cost[start] + n_extra
-            step = max(1, chunk_bytes // max(1, int(longest) * per_key))
-            stop = min(self.rows, start + step)
+            step = max(1, chunk_bytes // max(1, longest * per_key))
+            stop = min(self.rows, start + step, (start // self.group_rows + 1) * self.group_rows)
             yield start, stop
             start = stop
 
+    def pool(self, group: int, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """Pooled k, v tables ``[n_k_blocks * width, Hg * D]`` of every pool level > 1 for
+        one (batch, head group): ``1 / (p B G)`` of k each."""
+        b, g = divmod(group, self.G)
+        heads = slice(g * self.Hg, (g + 1) * self.Hg)
+        tables = []
+        for p, width in self.pooled_sources.items():
+            for x in (k, v):
+                pooled = _pool(x[b : b + 1, :, heads], self.plan.k_offsets, p, width, self.perm)
+                tables.append(pooled.reshape(-1, self.Hg * x.shape[-1]))
+        return tables
+
+    def source_rows(self, rows: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Flat source rows of ``positions [r, n]`` of a source with ``length`` positions."""
+        b = self.row_b[rows, None]
+        return (b * length + positions) * self.G + self.row_g[rows, None]
+
+    def query_rows(self, rows: torch.Tensor):
+        """``(gather, scatter)`` flat rows ``[r * bq]`` of the chunk's query slots: pad slots
+        read row 0 and write the sink row ``B * N * G`` past the output."""
+        flat = self.source_rows(rows, self.q_token[self.row_qb[rows]], self.N)
+        sink = torch.where(self.q_valid[self.row_qb[rows]], flat, self.B * self.N * self.G)
+        return torch.where(self.q_valid[self.row_qb[rows]], flat, 0).reshape(-1), sink.reshape(-1)
+
+    def _keys_in_reach(self, rows, entry, positions, bias):
+        """Drop the full-resolution key columns ``[r, n]`` (entry slot, plan position, bias)
+        outside the box that bounds every window of the row's queries: no query of the row
+        can see them. Returns the kept columns packed to the front, padded with ``-inf``."""
+        coords = self.window[0][positions]  # [r, n, 3]
+        qb = self.row_qb[rows, None]
+        reach = ((coords >= self.box_lo[qb]) & (coords <= self.box_hi[qb])).all(-1)
+        reach &= ~torch.isneginf(bias)
+        width = int(reach.sum(-1).max())
+        keep = (~reach).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]
+        bias = bias.gather(1, keep).masked_fill(~reach.gather(1, keep), float("-inf"))
+        return entry.gather(1, keep), positions.gather(1, keep), bias
+
     def _window_outside(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """``[r, bq, E, w]`` True where key ``k_pos [r, E, w]`` is outside the window of query
-        ``q_pos [r, bq]`` (pad positions are clamped; they are masked by their bias)."""
+        """``[r, bq, c]`` True where key ``k_pos [r, c]`` is outside the window of query
+        ``q_pos [r, bq]`` (plan positions)."""
         coords, lo_all, hi_all, dilation = self.window
-        n = coords.shape[0]
-        q_pos = q_pos.clamp(max=n - 1)
-        k_pos = k_pos.clamp(max=n - 1)
         outside = None
         for axis in range(3):
-            lo = lo_all[q_pos, axis][:, :, None, None]  # [r, bq, 1, 1]
-            hi = hi_all[q_pos, axis][:, :, None, None]
-            x = coords[k_pos, axis].unsqueeze(1)  # [r, 1, E, w]
+            lo = lo_all[q_pos, axis][:, :, None]  # [r, bq, 1]
+            hi = hi_all[q_pos, axis][:, :, None]
+            x = coords[k_pos, axis].unsqueeze(1)  # [r, 1, c]
             out = (x < lo) | (x > hi)
             if dilation[axis] > 1:
                 out |= torch.remainder(x - lo, dilation[axis]) != 0
             outside = out if outside is None else outside.logical_or_(out)
         return outside
 
-    def chunk(self, start: int, stop: int, q_rows, key_table, value_table) -> torch.Tensor:
-        """Output ``[stop - start, bq, Dv]`` for sorted rows ``start:stop``."""
+    def chunk(self, start: int, stop: int, q, k, v, pooled, extra_k, extra_v) -> torch.Tensor:
+        """Output ``[stop - start, Hg, bq, Dv]`` for sorted rows ``start:stop``.
+
+        ``q, k, v`` are ``[B, N, H, D]``, ``pooled`` the chunk's (batch, head group)'s pooled
+        tables ``[n_k_blocks * width, Hg * D]`` (k, v per level in :attr:`pooled_sources`
+        order, from :meth:`pool`), ``extra_k``/``extra_v`` ``[B, Ne, H, D]`` or None.
+        """
         rows = self.order[start:stop]
-        qc = q_rows.index_select(0, rows)  # [r, bq, D]
-        r, bq = qc.shape[0], qc.shape[1]
-        index, drops, widths = [], [], []
+        r, Hg, D, Dv = rows.numel(), self.Hg, self.D, self.Dv
+        bq = self.q_pos.shape[1]
+        q_gather, _ = self.query_rows(rows)
+        qc = q.reshape(-1, Hg * D).index_select(0, q_gather).view(r, bq, Hg, D).transpose(1, 2)
+        q_pos = self.q_pos[self.row_qb[rows]]  # [r, bq]
+        pooled_at = dict(zip(self.pooled_sources, range(0, 2 * len(self.pooled_sources), 2)))
+        keys, values, biases, per_query = [], [], [], []  # per_query: (offset, [r, bq, n] drop)
+        length = 0
         for level in self.levels:
             e = max(level.counts[start:stop])
             if e == 0:
                 continue
             w = level.width
             idx = level.index[rows, :e]  # [r, e]
-            first = level.table_offset + ((self.row_bh[rows, None] * self.nkb + idx) * w)
-            first = torch.where(idx >= 0, first, self.null)
-            step = torch.arange(w, device=idx.device) * (idx >= 0)[..., None]
-            index.append((first[..., None] + step).reshape(r, e * w))
-            widths.append(e * w)
+            used = idx >= 0
+            block = idx.clamp(min=0)
+            # Per key column: its entry slot, plan position (full resolution) and bias.
+            entry = torch.arange(e * w, device=idx.device).div(w, rounding_mode="floor").expand(r, -1)
+            bias = level.bias[block].masked_fill(~used[..., None], float("-inf")).reshape(r, e * w)
+            if level.p == 1:
+                positions = self.k_pos[block].reshape(r, e * w)
+                if self.window is not None:
+                    entry, positions, bias = self._keys_in_reach(rows, entry, positions, bias)
+                    if positions.shape[1] == 0:
+                        continue
+                source_pos = positions if self.perm is None else self.perm[positions]
+                ks, vs = k, v
+            else:
+                source_pos = (block[..., None] * w + torch.arange(w, device=idx.device)).reshape(r, e * w)
+                i = pooled_at[level.p]
+                ks, vs = pooled[i], pooled[i + 1]
+            n = source_pos.shape[1]
+            flat = (self.source_rows(rows, source_pos, self.N) if level.p == 1 else source_pos).reshape(-1)
+            keys.append(ks.reshape(-1, Hg * D).index_select(0, flat).view(r, n, Hg, D))
+            values.append(vs.reshape(-1, Hg * Dv).index_select(0, flat).view(r, n, Hg, Dv))
+            if level.p > 1 or bool(torch.isneginf(bias).any()):
+                biases.append((length, bias))
             dropped = None
             if level.drop is not None:
-                q_pos = self.q_pos[self.row_qb[rows]]  # [r, bq]
                 dropped = level.drop[self.plan_b[rows, None], self.plan_h[rows, None], q_pos, :e]
-                dropped = dropped.unsqueeze(-1)  # [r, bq, e, 1]
-            if level.p == 1 and self.plan.window is not None:
-                q_pos = self.q_pos[self.row_qb[rows]]
-                outside = self._window_outside(q_pos, self.k_pos[idx.clamp(min=0)])
+                dropped = dropped.gather(2, entry[:, None, :].expand(r, bq, n))  # [r, bq, n]
+            if level.p == 1 and self.window is not None:
+                outside = self._window_outside(q_pos, positions)  # [r, bq, n]
                 dropped = outside if dropped is None else dropped | outside
-            drops.append(None if dropped is None else dropped.expand(r, bq, e, w).reshape(r, bq, e * w))
-        if self.extra is not None:
-            ne = self.extra.k.shape[1]
-            first = self.extra_offset + self.row_bh[rows, None] * ne
-            index.append(first + torch.arange(ne, device=first.device))
-            drops.append(None)
-            widths.append(ne)
-        if not index:
-            return qc.new_zeros(r, bq, self.Dv)
-        index = index[0] if len(index) == 1 else torch.cat(index, 1)  # [r, L]
-        flat = index.reshape(-1)
-        keys = key_table.index_select(0, flat).view(r, 1, -1, self.D)
-        values = value_table.index_select(0, flat).view(r, 1, -1, self.Dv)
-        mask = self.bias_table[index].unsqueeze(1)  # [r, 1, L]
-        if any(d is not None for d in drops):
-            parts = [
-                d if d is not None else torch.zeros(r, bq, width, dtype=torch.bool, device=qc.device)
-                for d, width in zip(drops, widths)
-            ]
-            dropped = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-            mask = mask.expand(r, bq, -1).masked_fill(dropped, float("-inf"))
+            if dropped is not None:
+                per_query.append((length, dropped))
+            length += n
+        if extra_k is not None:
+            ne = extra_k.shape[1]
+            flat = self.source_rows(rows, torch.arange(ne, device=rows.device).expand(r, ne), ne)
+            keys.append(extra_k.reshape(-1, Hg * D).index_select(0, flat.reshape(-1)).view(r, ne, Hg, D))
+            values.append(extra_v.reshape(-1, Hg * Dv).index_select(0, flat.reshape(-1)).view(r, ne, Hg, Dv))
+            if self.extra_bias is not None:
+                biases.append((length, self.extra_bias[self.row_b[rows]]))
+            length += ne
+        if length == 0:
+            return qc.new_zeros(r, Hg, bq, Dv)
+        keys = (keys[0] if len(keys) == 1 else torch.cat(keys, 1)).transpose(1, 2)  # [r, Hg, L, D]
+        values = (values[0] if len(values) == 1 else torch.cat(values, 1)).transpose(1, 2)
+
+        mask = None
+        if biases or per_query:
+            # [r, 1, 1|bq, L]: a per-key bias, widened per query only where a query drops keys.
+            mask = qc.new_zeros(r, 1, bq if per_query else 1, length)
+            for offset, bias in biases:
+                mask[:, 0, :, offset : offset + bias.shape[-1]] = bias[:, None, :]
+            for offset, dropped in per_query:
+                mask[:, 0, :, offset : offset + dropped.shape[-1]].masked_fill_(dropped, float("-inf"))
         # Queries with no key at all must get 0, like the reference. SDPA's CPU kernels do
         # that for fully masked rows (finite gradients too); elsewhere give such rows a
         # harmless all-zero mask row and zero their output after.
         empty = None
-        if qc.device.type != "cpu":
+        if mask is not None and qc.device.type != "cpu":
             empty = torch.isneginf(mask).all(-1, keepdim=True)
             mask = mask.masked_fill(empty, 0.0)
-        # 4D [r, 1, bq, D]: the layout SDPA's fused CPU kernel takes (3D falls back to math).
-        out = F.scaled_dot_product_attention(
-            qc.unsqueeze(1), keys, values, attn_mask=mask.unsqueeze(1), scale=self.scale
-        ).squeeze(1)
+        out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=self.scale)
         return out if empty is None else out.masked_fill(empty, 0.0)
 
 
@@ -261,40 +322,47 @@ def gather_attention(
     extra: ExtraKeys | None = None,
     scale: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    original_order: bool = False,
 ) -> torch.Tensor:
     """Execute ``plan`` by gathering selected key blocks.
 
     Args:
-        q, k, v: ``[B, N, heads, D]`` in plan order.
+        q, k, v: ``[B, N, heads, D]`` in plan order (original order if ``original_order``).
         plan: the plan (any method).
         extra: always-attended keys ``[B, Ne, heads, D]`` with an optional ``[B, Ne]`` mask.
         scale: logit scale, ``D ** -0.5`` if ``None``.
-        chunk_bytes: soft bound on the gathered keys/values of one chunk of rows.
+        chunk_bytes: soft bound on the gathered keys/values (and mask) of one chunk of rows.
+        original_order: q, k, v and the output are in the original token order and the
+            plan's ``perm`` is applied by the gathers themselves, which saves the four
+            reordered copies (``3 + 1`` tensors of the input's size) of permuting around the call.
 
     Returns:
-        ``[B, N, heads, Dv]`` in plan order.
+        ``[B, N, heads, Dv]`` in plan order (original order if ``original_order``).
     """
     B, N, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
-    prob = _Problem(q, k, v, plan, extra, scale)
-    tables = (prob.key_table, prob.value_table)
+    prob = _Problem(q, k, v, plan, extra, scale, original_order)
+    extra_kv = (None, None) if extra is None else (extra.k, extra.v)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, *(() if extra is None else (extra.k, extra.v)))
     )
-    outs = []
+    Hg, Dv = prob.Hg, prob.Dv
+    # One spare sink row past the end takes the output of pad query slots.
+    out = q.new_zeros(B * N * prob.G + 1, Hg * Dv)
     spans = list(prob.chunks(chunk_bytes, q.element_size()))
+    group, pooled = None, []
     for start, stop in spans:
+        if start // prob.group_rows != group:
+            group = start // prob.group_rows
+            pooled = prob.pool(group, k, v)
+        sources = (q, k, v, pooled, *extra_kv)
         if needs_grad and len(spans) > 1:
-            outs.append(checkpoint(prob.chunk, start, stop, prob.q_rows, *tables, use_reentrant=False))
+            part = checkpoint(prob.chunk, start, stop, *sources, use_reentrant=False)
         else:
-            outs.append(prob.chunk(start, stop, prob.q_rows, *tables))
-    sorted_out = torch.cat(outs, 0)  # [R, bq, Dv] in sorted row order
-    inverse = torch.empty_like(prob.order)
-    inverse[prob.order] = torch.arange(prob.rows, device=q.device)
-    out = sorted_out.index_select(0, inverse).view(B, H, -1, sorted_out.shape[-1])
-    # Padded query slots -> tokens (the token order is the slot order with pads removed).
-    slot = prob.q_pos.reshape(-1)
-    return out[:, :, slot < N].transpose(1, 2)
+            part = prob.chunk(start, stop, *sources)
+        _, scatter = prob.query_rows(prob.order[start:stop])
+        out.index_copy_(0, scatter, part.transpose(1, 2).reshape(-1, Hg * Dv))
+    return out[:-1].view(B, N, H, Dv)
 
 
 class GatherBackend(Backend):

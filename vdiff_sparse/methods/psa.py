@@ -56,9 +56,11 @@ MODES = ("threshold", "quantile")
 REORDERS = ("none", "tile", "hilbert")
 IMPORTANCES = ("sampled", "mean_pooled")
 
-# The sampled logits of one chunk stay below this many elements (64 MiB in fp32): one head at
-# N = 32K with 128-token blocks is 67M sampled pairs, split into a few query-block chunks.
-_CHUNK_ELEMENTS = 2**24
+# The sampled logits of one chunk stay below this many elements (4 MiB in fp32): one head at
+# N = 16K with 128-token blocks is 16M sampled pairs, 16 chunks of 8 query blocks. Much bigger
+# chunks make the matmul write and reread logits from memory (2^24 took twice as long on 2
+# cores) and cost memory; much smaller ones split the matmul too finely for the threads.
+_CHUNK_ELEMENTS = 2**20
 
 
 def _level_dict(
@@ -241,27 +243,33 @@ def _block_means(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _sampled_importance(
-    qp: torch.Tensor, kp: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
-    sq: int, sk: int, scale: float,
+    q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
+    k_offsets: torch.Tensor, sq: int, sk: int, scale: float,
 ) -> torch.Tensor:
-    """``[R, N, D]`` q, k in plan order -> ``[R, n_q_blocks, n_k_blocks]`` rows summing to 1."""
-    R = qp.shape[0]
+    """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
+    rows summing to 1. Only the sampled tokens are read (through the reorder), never a
+    reordered copy of q or k."""
+    B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
-    qs = qp[:, _sample_positions(q_offsets, sq)] * scale  # [R, nqb, sq, D]; scaled here, not the logits
-    ks = kp[:, _sample_positions(k_offsets, sk).reshape(-1)]  # [R, nkb*sk, D]
-    per_query_block = sq * nkb * sk
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // per_query_block)
-    heads_per_chunk = max(1, rows_per_chunk // nqb)
-    blocks_per_chunk = min(nqb, rows_per_chunk)
-    out = qp.new_empty(R, nqb, nkb)
-    for r0 in range(0, R, heads_per_chunk):
-        r1 = min(R, r0 + heads_per_chunk)
+
+    def sampled(x, offsets, samples):  # [B*H, n_blocks * samples, D] in the work dtype
+        positions = _sample_positions(offsets, samples).reshape(-1)
+        tokens = positions if order.perm is None else order.perm[positions]
+        x = x.index_select(1, tokens).to(torch.promote_types(x.dtype, torch.float32))
+        return x.transpose(1, 2).reshape(B * H, -1, D)
+
+    qs = sampled(q, q_offsets, sq).view(B * H, nqb, sq, D) * scale  # scaled here, not the logits
+    ks = sampled(k, k_offsets, sk).transpose(1, 2)  # [R, D, nkb*sk]
+    # A chunk is a few query blocks of one head (see _CHUNK_ELEMENTS).
+    blocks_per_chunk = max(1, min(nqb, _CHUNK_ELEMENTS // (sq * nkb * sk)))
+    out = qs.new_empty(B * H, nqb, nkb)
+    for r in range(B * H):
         for b0 in range(0, nqb, blocks_per_chunk):
             b1 = min(nqb, b0 + blocks_per_chunk)
-            logits = torch.einsum("rbsd,rkd->rbsk", qs[r0:r1, b0:b1], ks[r0:r1])
-            block_max = logits.reshape(r1 - r0, b1 - b0, sq, nkb, sk).amax(-1)
+            logits = torch.mm(qs[r, b0:b1].reshape(-1, D), ks[r])  # [(b1-b0)*sq, nkb*sk]
+            block_max = logits.view(b1 - b0, sq, nkb, sk).amax(-1)
             row_max = block_max.amax(-1, keepdim=True)
-            out[r0:r1, b0:b1] = (block_max - row_max).exp_().amax(2)
+            out[r, b0:b1] = (block_max - row_max).exp_().amax(1)
     return out / out.sum(-1, keepdim=True)
 
 
@@ -354,19 +362,24 @@ def plan_psa(
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
 
     work_dtype = torch.promote_types(q.dtype, torch.float32)
+
+    def plan_order(x):  # [B*H, N, D] in plan order: every row is one (batch, head)
+        return order.permute(x.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(work_dtype)
+
     with torch.no_grad():
-        # [B*H, N, D] in plan order: every row below is one (batch, head).
-        qp = order.permute(q.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(work_dtype)
-        kp = order.permute(k.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(work_dtype)
         if config.importance == "sampled":
             sq = config.samples_per_block or max(1, config.block_q // 4)
             sk = config.samples_per_block or max(1, config.block_k // 4)
-            importance = _sampled_importance(qp, kp, q_offsets, k_offsets, sq, sk, scale)
+            importance = _sampled_importance(
+                q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale
+            )
         else:
-            importance = _mean_pooled_importance(qp, kp, q_offsets, k_offsets, scale)
+            importance = _mean_pooled_importance(
+                plan_order(q), plan_order(k), q_offsets, k_offsets, scale
+            )
         levels = allocate_levels(importance, config)
         if config.similarity_cap:
-            levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
+            levels = _cap_levels(levels, plan_order(k), k_offsets, config.similarity_cap)
         levels = levels.view(B, H, nqb, nkb)
         kv_index, kv_level = pack_block_selection(levels > 0, levels)
         counts = torch.bincount(levels.reshape(-1), minlength=max(LEVELS) + 1).tolist()
