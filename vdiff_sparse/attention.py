@@ -1,4 +1,5 @@
-"""Run a plan: permute into plan order, execute on a backend, permute back.
+"""Run a plan: execute it on a backend, in plan order (permuted in and out) or, where the
+backend applies the reorder inside its own gathers, directly in the original token order.
 
 This is the one place where "which pairs" (a plan, from a method) meets "how to compute"
 (a backend). The method functions (``gna_attention`` ...) build a plan and call
@@ -74,8 +75,7 @@ def run_plan(
     runner = select_backend(backend, q, plan)
     if plan.kv_index.device != q.device:
         plan = plan.to(q.device)
-    out = runner.forward(plan.permute(q), plan.permute(k), plan.permute(v), plan, extra, scale)
-    return plan.unpermute(out)
+    return runner.forward_original_order(q, k, v, plan, extra, scale)
 
 
 def dense_attention(

@@ -47,3 +47,17 @@ class Backend:
         scale: float | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_original_order(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: AttentionPlan,
+        extra: ExtraKeys | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` with q, k, v and the output ``[B, N, heads, D]`` in the original
+        token order. This default permutes copies; a backend that can apply ``plan.perm``
+        inside its own gathers overrides it and saves four token-sized copies."""
+        return plan.unpermute(self.forward(plan.permute(q), plan.permute(k), plan.permute(v), plan, extra, scale))

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..plan import LEVELS, AttentionPlan
 from .base import Backend, ExtraKeys
+from .routed import routed_attention, routed_supported
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 
@@ -366,7 +367,9 @@ def gather_attention(
 
 
 class GatherBackend(Backend):
-    """``backend="torch"``: runs everywhere torch runs."""
+    """``backend="torch"``: runs everywhere torch runs. Per-token-routed plans (VMoBA) go to
+    the key-major :func:`~.routed.routed_attention`, which does only the routed pairs' work;
+    every other plan to :func:`gather_attention`."""
 
     name = "torch"
 
@@ -377,7 +380,14 @@ class GatherBackend(Backend):
         return None
 
     def forward(self, q, k, v, plan, extra=None, scale=None):
+        if routed_supported(plan):
+            return routed_attention(q, k, v, plan, extra, scale)
         return gather_attention(q, k, v, plan, extra, scale, self.chunk_bytes)
+
+    def forward_original_order(self, q, k, v, plan, extra=None, scale=None):
+        if routed_supported(plan):  # the routed path reads plan order
+            return super().forward_original_order(q, k, v, plan, extra, scale)
+        return gather_attention(q, k, v, plan, extra, scale, self.chunk_bytes, original_order=True)
 
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "GatherBackend", "gather_attention"]
