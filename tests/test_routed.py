@@ -145,3 +145,24 @@ def test_supported_plans():
     q, k, v = random_qkv(1, 64, 1, 8)
     with pytest.raises(NotImplementedError, match="token_keep"):
         routed_attention(q, k, v, pooled)
+
+
+@pytest.mark.parametrize("mode,scope,value", VMOBA_CASES[:3])
+def test_original_order_equals_plan_order(mode, scope, value, seed):
+    """With ``original_order`` the rows go through ``plan.perm``: same result and gradients as
+    permuting around a plan-order call, without the copies."""
+    grid, B, H = (5, 6, 10), 2, 2
+    q, k, v = random_qkv(B, 300, H, 16, seed=seed, requires_grad=True)
+    ek, ev, _ = random_qkv(B, 5, H, 16, seed=seed + 1, requires_grad=True)
+    extra = ExtraKeys(ek, ev, torch.tensor([[True, False, True, True, False], [True] * 5]))
+    extra_value = {"topk": value} if mode == "topk" else {"tau": value}
+    plan = plan_vmoba(q, k, grid, LAYERS["3d"], VMoBAConfig(mode=mode, scope=scope, query_block=24,
+                                                            **SMALL, **extra_value))
+    assert plan.perm is not None
+    leaves = [q, k, v, ek, ev]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
+    direct = routed_attention(q, k, v, plan, extra, original_order=True)
+    permuted = plan.unpermute(routed_attention(plan.permute(q), plan.permute(k), plan.permute(v), plan, extra))
+    torch.testing.assert_close(direct, permuted, rtol=0, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(direct, leaves, grad), torch.autograd.grad(permuted, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -385,8 +385,8 @@ class GatherBackend(Backend):
         return gather_attention(q, k, v, plan, extra, scale, self.chunk_bytes)
 
     def forward_original_order(self, q, k, v, plan, extra=None, scale=None):
-        if routed_supported(plan):  # the routed path reads plan order
-            return super().forward_original_order(q, k, v, plan, extra, scale)
+        if routed_supported(plan):
+            return routed_attention(q, k, v, plan, extra, scale, original_order=True)
         return gather_attention(q, k, v, plan, extra, scale, self.chunk_bytes, original_order=True)
 
 

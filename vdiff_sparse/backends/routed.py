@@ -61,7 +61,7 @@ class _TaskSet:
     """Tasks with the same number of keys ``W``, attending one key source.
 
     Key rows of task ``t`` (into the source flattened to ``[B * Nk * heads, D]``) are
-    ``key_base[t] + key_pattern``; its query rows (into q flattened to ``[B * N * heads, D]``)
+    ``key_base[t] + key_table[key_group[t]]``; its query rows (into q flattened to ``[B * N * heads, D]``)
     are ``query_rows[t]``, with ``Q = B * N * heads`` in pad slots.
 
     Tasks are grouped into *runs* (``run_bounds``, task indices) that share their keys (one
@@ -71,26 +71,32 @@ class _TaskSet:
 
     Attributes:
         source: 0 for the video keys, 1 for the extra keys.
-        key_pattern: ``[W]`` int64 row offsets of the keys relative to ``key_base``.
+        key_table: ``[groups, W]`` int64 row offsets of each key group (a block's tokens, in
+            whichever token order the inputs have) relative to ``key_base``.
+        key_group: ``[n]`` int64 row of ``key_table`` of each task.
         key_base: ``[n]`` int64.
         query_rows: ``[n, QUERIES_PER_TASK]`` int64.
         run_bounds: ``[0, ..., n]`` Python ints.
     """
 
     source: int
-    key_pattern: torch.Tensor
+    key_table: torch.Tensor
+    key_group: torch.Tensor
     key_base: torch.Tensor
     query_rows: torch.Tensor
     run_bounds: list[int]
 
 
-def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int) -> list[_TaskSet]:
-    """Tasks of every (batch, head, key block) group of chosen (query, block) pairs."""
+def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_order: bool) -> list[_TaskSet]:
+    """Tasks of every (batch, head, key block) group of chosen (query, block) pairs; rows
+    address q, k, v in plan order, or in the original token order (through ``plan.perm``)."""
     N, nkb = plan.num_tokens, plan.num_k_blocks
     Q = B * N * H
     dev = plan.kv_index.device
     k_starts, k_sizes = plan.k_offsets[:-1], plan.k_offsets.diff()
     q_block = plan.query_block_of_position()
+    # Token (row of q/k/v) of each plan position.
+    token_of = plan.perm if original_order and plan.perm is not None else torch.arange(N, device=dev)
     # kv_index and token_keep may broadcast over batch and heads independently.
     bp = max(plan.kv_index.shape[0], plan.token_keep.shape[0])
     hp = max(plan.kv_index.shape[1], plan.token_keep.shape[1])
@@ -118,22 +124,28 @@ def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int) -> list[_Ta
             for b in range(B) if bp == 1 else (pb,):
                 for h in range(H) if hp == 1 else (ph,):
                     rows = torch.full((n_tasks * per_task,), Q, dtype=torch.long, device=dev)
-                    rows[slot] = (b * N + query) * H + h
+                    rows[slot] = (b * N + token_of[query]) * H + h
                     query_rows.append(rows.view(n_tasks, per_task))
-                    key_base.append((b * N + k_starts[task_block]) * H + h)
+                    key_base.append(torch.full_like(task_block, b * N * H + h))
                     blocks_of_tasks.append(task_block)
     query_rows, key_base = torch.cat(query_rows), torch.cat(key_base)
-    widths = k_sizes[torch.cat(blocks_of_tasks)]
+    task_blocks = torch.cat(blocks_of_tasks)
+    widths = k_sizes[task_blocks]
     sets = []
     for w in widths.unique().tolist():
         if w == 0:  # an empty key block adds nothing to the softmax
             continue
-        # Tasks stay in (batch, head, block) order: a group's tasks (same key_base) are a run.
+        # Tasks stay in (batch, head, block) order: a group's tasks (same key_base and block)
+        # are a run.
         pick = (widths == w).nonzero().squeeze(1)
-        runs = torch.unique_consecutive(key_base[pick], return_counts=True)[1]
+        group = key_base[pick] * nkb + task_blocks[pick]
+        runs = torch.unique_consecutive(group, return_counts=True)[1]
         bounds = [0, *runs.cumsum(0).tolist()]
-        pattern = torch.arange(w, device=dev) * H
-        sets.append(_TaskSet(0, pattern, key_base[pick], query_rows[pick], bounds))
+        blocks = (k_sizes == w).nonzero().squeeze(1)  # the key blocks of this width
+        table = token_of[k_starts[blocks, None] + torch.arange(w, device=dev)] * H  # [blocks, w]
+        row_of_block = torch.full((nkb,), -1, dtype=torch.long, device=dev)
+        row_of_block[blocks] = torch.arange(blocks.numel(), device=dev)
+        sets.append(_TaskSet(0, table, row_of_block[task_blocks[pick]], key_base[pick], query_rows[pick], bounds))
     return sets
 
 
@@ -152,7 +164,8 @@ def _extra_tasks(extra: ExtraKeys, B: int, N: int, H: int, per_task: int) -> lis
         heads = torch.arange(H, device=dev)[:, None]
         rows = torch.where(token < N, (b * N + token) * H + heads, Q)  # [H, n_tasks * per_task]
         sets.append(_TaskSet(
-            1, (b * ne + real) * H, torch.arange(H, device=dev).repeat_interleave(n_tasks),
+            1, ((b * ne + real) * H)[None], torch.zeros(H * n_tasks, dtype=torch.long, device=dev),
+            torch.arange(H, device=dev).repeat_interleave(n_tasks),
             rows.view(H * n_tasks, per_task), list(range(0, H * n_tasks + 1, n_tasks)),
         ))
     return sets
@@ -199,12 +212,12 @@ class _Problem:
     """The task sets of one call and how to walk them in chunks."""
 
     def __init__(self, q, k, v, plan: AttentionPlan, extra: ExtraKeys | None, scale: float,
-                 chunk_bytes: int):
+                 chunk_bytes: int, original_order: bool):
         B, N, H, D = q.shape
         self.shape = (B, N, H, D, v.shape[-1])
         self.scale, self.chunk_bytes = scale, chunk_bytes
         self.compute_dtype = torch.promote_types(q.dtype, torch.float32)
-        self.sets = _video_tasks(plan, B, H, QUERIES_PER_TASK)
+        self.sets = _video_tasks(plan, B, H, QUERIES_PER_TASK, original_order)
         if extra is not None:
             self.sets += _extra_tasks(extra, B, N, H, QUERIES_PER_TASK)
 
@@ -215,7 +228,7 @@ class _Problem:
         _, _, _, D, Dv = self.shape
         item = torch.finfo(self.compute_dtype).bits // 8
         for ts in self.sets:
-            T, W = ts.query_rows.shape[1], ts.key_pattern.numel()
+            T, W = ts.query_rows.shape[1], ts.key_table.shape[1]
             if backward:
                 per_task = item * (T * (2 * D + 2 * Dv) + W * (D + Dv) + T * W)
             else:
@@ -231,7 +244,7 @@ class _Problem:
         rows = ts.query_rows[start:stop]
         c, T = rows.shape
         Q = q_flat.shape[0]
-        key_rows = ts.key_base[start] + ts.key_pattern
+        key_rows = ts.key_base[start] + ts.key_table[ts.key_group[start]]
         k_src, v_src = sources[ts.source]
         dt = self.compute_dtype
         qg = q_flat.index_select(0, rows.flatten().clamp(max=Q - 1)).view(c, T, -1).to(dt)
@@ -344,18 +357,21 @@ def routed_attention(
     extra: ExtraKeys | None = None,
     scale: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    original_order: bool = False,
 ) -> torch.Tensor:
     """Execute a per-token-routed ``plan`` key-major (see the module docstring).
 
     Args:
-        q, k, v: ``[B, N, heads, D]`` in plan order.
+        q, k, v: ``[B, N, heads, D]`` in plan order (original order if ``original_order``).
         plan: a plan with :func:`routed_supported` true.
         extra: always-attended keys ``[B, Ne, heads, D]`` with an optional ``[B, Ne]`` mask.
         scale: logit scale, ``D ** -0.5`` if ``None``.
         chunk_bytes: soft bound on the gathered rows of one chunk of tasks.
+        original_order: q, k, v and the output are in the original token order; the task
+            rows go through ``plan.perm``, so no reordered copies are made.
 
     Returns:
-        ``[B, N, heads, Dv]`` in plan order, dtype of q; differentiable in q, k, v and the
+        ``[B, N, heads, Dv]`` in plan order (original order if ``original_order``), dtype of q; differentiable in q, k, v and the
         extra keys and values.
     """
     if not routed_supported(plan):
@@ -365,7 +381,7 @@ def routed_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if plan.kv_index.device != q.device:
         plan = plan.to(q.device)
-    problem = _Problem(q, k, v, plan, extra, scale, chunk_bytes)
+    problem = _Problem(q, k, v, plan, extra, scale, chunk_bytes, original_order)
     ek = ev = None
     if extra is not None:
         ek, ev = extra.k.contiguous(), extra.v.contiguous()
