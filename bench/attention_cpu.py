@@ -12,18 +12,16 @@ subprocess, so one call's peak is not hidden by another's).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from vdiff_sparse.benchmarks.meta import command_line, median_time, run_metadata, write_json
 
 GRIDS = {8192: (8, 32, 32), 16384: (16, 32, 32), 32768: (16, 32, 64)}
 HEADS, HEAD_DIM = 4, 64
@@ -114,33 +112,6 @@ def peak_memory(method: str, n: int, density: float) -> int:
     return json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(GRIDS), choices=sorted(GRIDS))
@@ -186,17 +157,12 @@ def main() -> None:
                          f"({row['memory_ratio']:.2f}x dense)"), flush=True)
     report = {
         "benchmark": "attention_cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine(),
+        **run_metadata(command_line()),
         "shape": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32"},
         "timing": f"median of {args.repeats} runs after one warm-up; selection included",
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print("wrote", args.out)
+    print("wrote", write_json(args.out, report))
 
 
 if __name__ == "__main__":

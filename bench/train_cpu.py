@@ -17,17 +17,13 @@ to show where a step's time goes.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_cpu import machine  # noqa: E402  (sibling script)
+from vdiff_sparse.benchmarks.meta import command_line, median_time, run_metadata, write_json
 
 # VMoBA blocks for the default grid: 4 temporal blocks of 2 frames, 16 tiles of 8x8, 64 cubes
 # of 2x8x8 (the paper's 8 / 48 / 72 blocks at 55K tokens, scaled to 8K).
@@ -77,13 +73,7 @@ def attention_breakdown(grid, heads: int, head_dim: int, layers: int, repeats: i
     config = VMoBAConfig.training(**VMOBA_BLOCKS)
 
     def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_time(fn, repeats)
 
     dense_s = timed(lambda: dense_attention(q, k, v).sum().backward())
     rows = []
@@ -141,9 +131,7 @@ def main() -> None:
     breakdown = attention_breakdown(grid, args.heads, args.head_dim, args.layers, args.repeats)
     report = {
         "benchmark": "train_cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine(),
+        **run_metadata(command_line()),
         "shape": {"batch": 1, "grid": grid, "tokens": n, "layers": args.layers, "heads": args.heads,
                   "head_dim": args.head_dim, "dtype": "float32"},
         "timing": f"median of {args.repeats} steps after one warm-up; forward + backward + AdamW, "
@@ -153,10 +141,7 @@ def main() -> None:
         "speedup": speedup,
         "attention_breakdown": breakdown,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print("wrote", args.out)
+    print("wrote", write_json(args.out, report))
 
 
 if __name__ == "__main__":

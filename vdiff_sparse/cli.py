@@ -15,24 +15,13 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from .benchmarks.meta import median_time
 from .pipelines.generate import METHODS, ModelNotAvailableError
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: plan caches, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def demo_methods(grid):
@@ -67,13 +56,13 @@ def run_demo(args) -> int:
           f"{args.head_dim}, float32, {torch.get_num_threads()} CPU threads")
     with torch.no_grad():
         dense = dense_attention(q, k, v)
-        t_dense = _median_time(lambda: dense_attention(q, k, v), args.repeats)
+        t_dense = median_time(lambda: dense_attention(q, k, v), args.repeats)
         rows = [("dense SDPA", 1.0, 0.0, 1.0, t_dense)]
         for name, fn in demo_methods(grid).items():
             out, plan = fn(q, k, v)
             err = ((out - dense).norm() / dense.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.flatten(), dense.flatten(), dim=0).item()
-            t = _median_time(lambda: fn(q, k, v), args.repeats)
+            t = median_time(lambda: fn(q, k, v), args.repeats)
             rows.append((name, plan.density(), err, cos, t))
     print(f"\n| {'method':<36} | density | rel L2 err | cosine | time (ms) | speedup |")
     print(f"|{'-' * 38}|---------|------------|--------|-----------|---------|")

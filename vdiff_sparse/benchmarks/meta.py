@@ -8,9 +8,12 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,6 +61,18 @@ def machine() -> dict:
         info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                        "cuda": torch.version.cuda, "count": torch.cuda.device_count()}
     return info
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn`` after one untimed warm-up
+    call (plan caches, allocator, lazy imports)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def command_line(argv: list[str] | None = None) -> str:
