@@ -31,9 +31,7 @@ Outputs under ``output_dir``: ``config.yaml``, ``cache/`` (latents), ``checkpoin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import dataclasses
 import functools
 import logging
 import math
