@@ -166,3 +166,24 @@ def test_original_order_equals_plan_order(mode, scope, value, seed):
     torch.testing.assert_close(direct, permuted, rtol=0, atol=1e-6)
     for a, b in zip(torch.autograd.grad(direct, leaves, grad), torch.autograd.grad(permuted, leaves, grad)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("step", [1, 5, 4096])
+def test_chosen_blocks_counts_repeated_blocks_once(step):
+    """The block-major pair map, built a slice of positions at a time, equals a direct
+    construction; a block listed twice in a tile (kept in one slot only) is chosen once."""
+    gen = torch.Generator().manual_seed(0)
+    N, E, nkb, tile = 23, 4, 6, 8
+    q_block = torch.arange(N) // tile
+    kv_index = torch.randint(0, nkb + 1, (3, E), generator=gen)  # nkb marks unused slots
+    kv_index[0, 1] = kv_index[0, 0]  # a repeated block
+    keep = torch.rand(N, E, generator=gen) < 0.5
+    keep[0, 0], keep[0, 1] = False, True
+    expected = torch.zeros(nkb + 1, N, dtype=torch.bool)
+    for i in range(N):
+        for e in range(E):
+            if keep[i, e]:
+                expected[kv_index[q_block[i], e], i] = True
+    got = routed._chosen_blocks(keep, kv_index, q_block, nkb, positions_per_step=step)
+    assert torch.equal(got, expected[:nkb])
+    assert got[kv_index[0, 0], 0] or kv_index[0, 0] == nkb

@@ -75,7 +75,7 @@ class _TaskSet:
             whichever token order the inputs have) relative to ``key_base``.
         key_group: ``[n]`` int64 row of ``key_table`` of each task.
         key_base: ``[n]`` int64.
-        query_rows: ``[n, QUERIES_PER_TASK]`` int64.
+        query_rows: ``[n, QUERIES_PER_TASK]``, int32 where rows fit (:func:`_row_dtype`).
         run_bounds: ``[0, ..., n]`` Python ints.
     """
 
@@ -85,6 +85,34 @@ class _TaskSet:
     key_base: torch.Tensor
     query_rows: torch.Tensor
     run_bounds: list[int]
+
+
+def _row_dtype(Q: int) -> torch.dtype:
+    """Dtype of the query row tables: int32 (half of int64's memory; a chunk's rows become
+    int64 when gathered) unless the ``Q + 1`` rows (pad sink included) need more."""
+    return torch.int32 if Q < 2**31 - 1 else torch.long
+
+
+def _chosen_blocks(token_keep: torch.Tensor, kv_index: torch.Tensor, q_block: torch.Tensor, nkb: int,
+                   positions_per_step: int = 4096) -> torch.Tensor:
+    """``[nkb, N]`` bool: plan position ``i`` uses key block ``j`` (one (batch, head)).
+
+    Args:
+        token_keep: ``[N, E]`` bool, the plan's per-position keep flags.
+        kv_index: ``[n_q_blocks, E]`` key block per slot, ``nkb`` on unused slots.
+        q_block: ``[N]`` query tile of each plan position.
+
+    A block listed twice in a tile counts once. Built from the kept (position, slot) entries,
+    a slice of positions at a time, so the index temporaries stay small.
+    """
+    N, E = token_keep.shape
+    chosen = torch.zeros(nkb + 1, N, dtype=torch.bool, device=token_keep.device)
+    for start in range(0, N, positions_per_step):
+        kept = token_keep[start:start + positions_per_step].flatten().nonzero().squeeze(1)
+        position = kept.div(E, rounding_mode="floor").add_(start)  # kept = local position * E + slot
+        block = kv_index.flatten()[q_block[position].mul_(E).add_(kept.remainder_(E))]
+        chosen.view(-1)[block.mul_(N).add_(position)] = True
+    return chosen[:nkb]
 
 
 def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_order: bool) -> list[_TaskSet]:
@@ -100,34 +128,34 @@ def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_or
     # kv_index and token_keep may broadcast over batch and heads independently.
     bp = max(plan.kv_index.shape[0], plan.token_keep.shape[0])
     hp = max(plan.kv_index.shape[1], plan.token_keep.shape[1])
-    # Unused slots name the extra column nkb, dropped below.
+    # Unused slots name the extra block nkb, dropped below.
     kv_index = torch.where(plan.kv_index >= 0, plan.kv_index, nkb).expand(bp, hp, -1, -1)
     token_keep = plan.token_keep.expand(bp, hp, -1, -1)
     query_rows, key_base, blocks_of_tasks = [], [], []
     for pb in range(bp):
         for ph in range(hp):
-            blocks = kv_index[pb, ph][q_block]  # [N, E]
-            # chosen[j, i]: query i uses key block j (a block listed twice counts once).
-            chosen = torch.zeros(N, nkb + 1, dtype=torch.bool, device=dev)
-            chosen.scatter_(1, blocks.masked_fill_(~token_keep[pb, ph], nkb), True)
-            chosen = chosen[:, :nkb].t()
-            flat = chosen.flatten().nonzero().squeeze(1)  # sorted by (block, query)
-            block, query = flat // N, flat % N
+            chosen = _chosen_blocks(token_keep[pb, ph], kv_index[pb, ph], q_block, nkb)
             counts = chosen.sum(1)
             tasks = (counts + per_task - 1) // per_task
-            task_start = tasks.cumsum(0) - tasks
-            rank = torch.arange(flat.numel(), device=dev) - (counts.cumsum(0) - counts)[block]
-            slot = (task_start[block] + rank // per_task) * per_task + rank % per_task
             task_block = torch.repeat_interleave(torch.arange(nkb, device=dev), tasks)
-            n_tasks = int(task_block.numel())
+            # Plan positions of each block's queries, block after block, each block's run
+            # padded to whole tasks (pad = -1); filled a block at a time: no per-pair tables.
+            position = torch.full((int(tasks.sum()) * per_task,), -1, dtype=torch.long, device=dev)
+            run_start = ((tasks.cumsum(0) - tasks) * per_task).tolist()
+            for j, count in enumerate(counts.tolist()):
+                if count:
+                    position[run_start[j]:run_start[j] + count] = chosen[j].nonzero().squeeze(1)
+            del chosen
+            pad = position < 0
+            token = token_of[position.clamp_(min=0)]
             # A plan shared over batch or heads serves every (b, h) it covers.
             for b in range(B) if bp == 1 else (pb,):
                 for h in range(H) if hp == 1 else (ph,):
-                    rows = torch.full((n_tasks * per_task,), Q, dtype=torch.long, device=dev)
-                    rows[slot] = (b * N + token_of[query]) * H + h
-                    query_rows.append(rows.view(n_tasks, per_task))
+                    rows = token.add(b * N).mul_(H).add_(h).masked_fill_(pad, Q).to(_row_dtype(Q))
+                    query_rows.append(rows.view(-1, per_task))
                     key_base.append(torch.full_like(task_block, b * N * H + h))
                     blocks_of_tasks.append(task_block)
+            del position, pad, token
     query_rows, key_base = torch.cat(query_rows), torch.cat(key_base)
     task_blocks = torch.cat(blocks_of_tasks)
     widths = k_sizes[task_blocks]
@@ -138,6 +166,8 @@ def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_or
         # Tasks stay in (batch, head, block) order: a group's tasks (same key_base and block)
         # are a run.
         pick = (widths == w).nonzero().squeeze(1)
+        if pick.numel() == widths.numel():  # one width (blocks tile the grid): views, no copies
+            pick = slice(None)
         group = key_base[pick] * nkb + task_blocks[pick]
         runs = torch.unique_consecutive(group, return_counts=True)[1]
         bounds = [0, *runs.cumsum(0).tolist()]
@@ -162,7 +192,7 @@ def _extra_tasks(extra: ExtraKeys, B: int, N: int, H: int, per_task: int) -> lis
         if real.numel() == 0:
             continue
         heads = torch.arange(H, device=dev)[:, None]
-        rows = torch.where(token < N, (b * N + token) * H + heads, Q)  # [H, n_tasks * per_task]
+        rows = torch.where(token < N, (b * N + token) * H + heads, Q).to(_row_dtype(Q))  # [H, n_tasks * per_task]
         sets.append(_TaskSet(
             1, ((b * ne + real) * H)[None], torch.zeros(H * n_tasks, dtype=torch.long, device=dev),
             torch.arange(H, device=dev).repeat_interleave(n_tasks),
@@ -241,7 +271,7 @@ class _Problem:
     def gather(self, ts, start, stop, q_flat, sources):
         """Query rows ``[c * T]`` (pads = Q), key rows ``[W]`` and the chunk's q ``[c, T, D]``
         and k, v ``[c, W, .]`` (one gather of the run's keys, broadcast over its tasks)."""
-        rows = ts.query_rows[start:stop]
+        rows = ts.query_rows[start:stop].long()
         c, T = rows.shape
         Q = q_flat.shape[0]
         key_rows = ts.key_base[start] + ts.key_table[ts.key_group[start]]
@@ -253,28 +283,29 @@ class _Problem:
         return rows.flatten(), key_rows, qg, kg, vg
 
     def forward(self, q_flat, sources):
-        """Output ``[Q, Dv]`` (compute dtype) and LSE ``[Q]`` (``-inf`` for queries with no key)."""
+        """Output ``[Q, Dv]`` (compute dtype; a strided view of the merge state) and LSE ``[Q]``
+        (``-inf`` for queries with no key)."""
         Q, Dv = q_flat.shape[0], self.shape[4]
-        dt, dev = self.compute_dtype, q_flat.device
-        # Row Q is a sink for pad slots.
-        numerator = torch.zeros(Q + 1, Dv, dtype=dt, device=dev)
-        # Per query: running max of the partial LSEs and the denominator relative to it.
-        stats = torch.zeros(Q + 1, 2, dtype=dt, device=dev)
-        stats[:, 0] = float("-inf")
+        # Per query: numerator (columns :Dv), running max of the partial LSEs (Dv) and the
+        # denominator relative to it (Dv + 1), in one table so that a chunk's merge is one
+        # gather and one write-back. Row Q is a sink for pad slots.
+        state = torch.zeros(Q + 1, Dv + 2, dtype=self.compute_dtype, device=q_flat.device)
+        state[:, Dv] = float("-inf")
         for ts, start, stop in self.chunks(backward=False):
             rows, _, qg, kg, vg = self.gather(ts, start, stop, q_flat, sources)
             out, lse = _attend(qg, kg, vg, self.scale)
-            out, lse = out.reshape(-1, Dv), lse.reshape(-1)
             # Online softmax merge; no query repeats within a chunk (pads all write the sink).
             # Few, whole-chunk ops: on a shared CPU each op can cost a thread wake-up.
-            old = stats.index_select(0, rows)
-            new_max = torch.maximum(old[:, 0], lse)
-            # [0]: rescale of what the query had (0 on its first partial), [1]: new weight.
-            factors = torch.stack([old[:, 0], lse]).sub_(new_max).exp_()
-            merged = numerator.index_select(0, rows).mul_(factors[0, :, None])
-            numerator.index_copy_(0, rows, merged.addcmul_(out, factors[1, :, None]))
-            stats.index_copy_(0, rows, torch.stack([new_max, old[:, 1] * factors[0] + factors[1]], 1))
-        numerator, running_max, denominator = numerator[:Q], stats[:Q, 0], stats[:Q, 1]
+            merged = state.index_select(0, rows)
+            running_max, lse = merged[:, Dv], lse.reshape(-1)
+            new_max = torch.maximum(running_max, lse)
+            rescale = (running_max - new_max).exp_()  # of what the query had; 0 on its first
+            weight = lse.sub(new_max).exp_()
+            merged[:, :Dv].mul_(rescale[:, None]).addcmul_(out.reshape(-1, Dv), weight[:, None])
+            merged[:, Dv + 1].mul_(rescale).add_(weight)
+            merged[:, Dv] = new_max
+            state.index_copy_(0, rows, merged)
+        numerator, running_max, denominator = state[:Q, :Dv], state[:Q, Dv], state[:Q, Dv + 1]
         lse = running_max + denominator.log()  # -inf where a query has no key
         out = numerator.div_(torch.where(denominator > 0, denominator, 1.0)[:, None])
         return out, lse
