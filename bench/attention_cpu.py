@@ -12,6 +12,8 @@ subprocess, so one call's peak is not hidden by another's).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import itertools
 import json
 import math
@@ -92,11 +94,17 @@ def _memory_kib() -> dict:
 def peak_memory_child(method: str, n: int, density: float) -> None:
     """Run one call in this (fresh) process and print its peak memory above the inputs.
 
-    The high-water mark is reset after the inputs exist (``/proc/self/clear_refs`` "5"), so
-    temporaries of input creation do not count and the peak is this call's own.
+    One warm-up call first (lazy imports, cached plans: the steady state of a model's calls).
+    Then freed heap memory goes back to the OS (``malloc_trim``: otherwise a call can reuse
+    pages still resident from earlier temporaries and look free) and the high-water mark is
+    reset (``/proc/self/clear_refs`` "5"), so the peak is this call's own.
     """
     q, k, v = inputs(n)
     fn = method_call(method, GRIDS[n], density)
+    with torch.no_grad():
+        fn(q, k, v)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _memory_kib()["VmRSS"]
