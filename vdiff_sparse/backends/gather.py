@@ -83,7 +83,7 @@ class _Problem:
         self.plan, self.scale, self.extra = plan, scale, extra
         self.B, self.N, self.D, self.Dv = B, N, D, v.shape[-1]
         dev = q.device
-        nqb, nkb = plan.num_q_blocks, plan.num_k_blocks
+        nqb = plan.num_q_blocks
         bp, hp = plan.kv_index.shape[:2]
         keep_hp = 1 if plan.token_keep is None else plan.token_keep.shape[1]
         # One row for all heads when nothing in the plan differs between heads.
