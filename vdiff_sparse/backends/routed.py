@@ -115,6 +115,21 @@ def _chosen_blocks(token_keep: torch.Tensor, kv_index: torch.Tensor, q_block: to
     return chosen[:nkb]
 
 
+def _fill_runs(position: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, run_start: torch.Tensor,
+               blocks_per_step: int = 32) -> None:
+    """Write the positions chosen by each key block ``j`` (``chosen [nkb, N]``, ``counts
+    [nkb]``) to ``position[run_start[j]:][:counts[j]]``, ascending. One ``nonzero`` per
+    ``blocks_per_step`` blocks: few calls (no per-block loop on the hot path), small temporaries."""
+    nkb, N = chosen.shape
+    for j0 in range(0, nkb, blocks_per_step):
+        flat = chosen[j0:j0 + blocks_per_step].flatten().nonzero().squeeze(1)  # (block, position) order
+        block = flat.div(N, rounding_mode="floor")
+        step_counts = counts[j0:j0 + blocks_per_step]
+        first = step_counts.cumsum(0) - step_counts  # index in ``flat`` of each block's first pair
+        rank = torch.arange(flat.numel(), device=flat.device) - first[block]
+        position[run_start[j0 + block] + rank] = flat.remainder_(N)
+
+
 def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_order: bool) -> list[_TaskSet]:
     """Tasks of every (batch, head, key block) group of chosen (query, block) pairs; rows
     address q, k, v in plan order, or in the original token order (through ``plan.perm``)."""
@@ -141,10 +156,7 @@ def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_or
             # Plan positions of each block's queries, block after block, each block's run
             # padded to whole tasks (pad = -1); filled a block at a time: no per-pair tables.
             position = torch.full((int(tasks.sum()) * per_task,), -1, dtype=torch.long, device=dev)
-            run_start = ((tasks.cumsum(0) - tasks) * per_task).tolist()
-            for j, count in enumerate(counts.tolist()):
-                if count:
-                    position[run_start[j]:run_start[j] + count] = chosen[j].nonzero().squeeze(1)
+            _fill_runs(position, chosen, counts, (tasks.cumsum(0) - tasks) * per_task)
             del chosen
             pad = position < 0
             token = token_of[position.clamp_(min=0)]
