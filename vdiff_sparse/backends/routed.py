@@ -10,8 +10,8 @@ Here the work follows the routing exactly:
    :data:`QUERIES_PER_TASK` queries (the last one padded) that attend that one block's keys.
    The extra (text) keys are one more "block" per batch, attended by every query in tasks too.
 2. A chunk is some tasks of one group (bounded by ``chunk_bytes``): the group's keys are
-   gathered once and broadcast over its tasks, and one fused attention call returns every
-   task row's output and log-sum-exp (LSE).
+   gathered once, and the tasks, which share them, are one query sequence for one fused
+   attention call that returns every query's output and log-sum-exp (LSE).
 3. A query's partial results (one per block it chose, plus the extra keys) are merged into one
    softmax online: running max, denominator and numerator per query, gathered and written
    back per chunk (a group holds each query once), so memory is the output plus one chunk.
@@ -29,6 +29,7 @@ Supported plans (:func:`routed_supported`): ``token_keep`` given, every entry fu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +38,11 @@ from torch.autograd.function import once_differentiable
 from ..plan import AttentionPlan
 from .base import ExtraKeys
 
-DEFAULT_CHUNK_BYTES = 8 * 2**20
-# Queries per task: the last task of a group is padded to it, so smaller pads less; on CPU at
-# 256-key blocks 64, 128 and 256 ran equally fast (N = 16K VMoBA, within noise).
-QUERIES_PER_TASK = 64
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+# Queries per task: the last task of a group is padded to it, so smaller pads less (a run's
+# tasks are one sequence to the kernel, so task size does not set its tile size). On CPU at
+# N = 16K, 256-key blocks: 16 and 32 ran ~15% faster than 64 and 128; 32 keeps the tables small.
+QUERIES_PER_TASK = 32
 # On CPU, aten's flash-attention op (2-3x faster than the matmul path); tests switch it off to
 # check the matmul path that other devices use.
 FUSED_CPU = True
@@ -58,23 +60,22 @@ def routed_supported(plan: AttentionPlan) -> bool:
 
 @dataclass
 class _TaskSet:
-    """Tasks with the same number of keys ``W``, attending one key source.
+    """Tasks of one (batch, head) with the same number of keys ``W``, attending one key source.
 
     Key rows of task ``t`` (into the source flattened to ``[B * Nk * heads, D]``) are
-    ``key_base[t] + key_table[key_group[t]]``; its query rows (into q flattened to ``[B * N * heads, D]``)
-    are ``query_rows[t]``, with ``Q = B * N * heads`` in pad slots.
+    ``key_base + key_table[key_group[t]]``; its query rows (into q flattened to
+    ``[B * N * heads, D]``) are ``query_rows[t]``, with ``Q = B * N * heads`` in pad slots.
 
     Tasks are grouped into *runs* (``run_bounds``, task indices) that share their keys (one
-    (batch, head, key block) group) and never repeat a query row. A chunk never spans two
-    runs, so it gathers its keys once and its merge is a plain gather and write-back of each
-    query's running state.
+    key block) and never repeat a query row. A chunk never spans two runs, so it gathers its
+    keys once and its merge is a plain gather and write-back of each query's running state.
 
     Attributes:
         source: 0 for the video keys, 1 for the extra keys.
         key_table: ``[groups, W]`` int64 row offsets of each key group (a block's tokens, in
             whichever token order the inputs have) relative to ``key_base``.
         key_group: ``[n]`` int64 row of ``key_table`` of each task.
-        key_base: ``[n]`` int64.
+        key_base: the (batch, head)'s offset into the key rows.
         query_rows: ``[n, QUERIES_PER_TASK]``, int32 where rows fit (:func:`_row_dtype`).
         run_bounds: ``[0, ..., n]`` Python ints.
     """
@@ -82,7 +83,7 @@ class _TaskSet:
     source: int
     key_table: torch.Tensor
     key_group: torch.Tensor
-    key_base: torch.Tensor
+    key_base: int
     query_rows: torch.Tensor
     run_bounds: list[int]
 
@@ -115,6 +116,13 @@ def _chosen_blocks(token_keep: torch.Tensor, kv_index: torch.Tensor, q_block: to
     return chosen[:nkb]
 
 
+def _row_counts(chosen: torch.Tensor, elements_per_step: int = 2**17) -> torch.Tensor:
+    """``[nkb]`` True count of each row of ``chosen [nkb, N]``, a few rows at a time: a
+    reduction of a bool tensor first widens it to int64 (8x the map's memory)."""
+    step = max(1, elements_per_step // chosen.shape[1])
+    return torch.cat([chosen[j:j + step].sum(1) for j in range(0, chosen.shape[0], step)])
+
+
 def _fill_runs(position: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, run_start: torch.Tensor,
                blocks_per_step: int = 32) -> None:
     """Write the positions chosen by each key block ``j`` (``chosen [nkb, N]``, ``counts
@@ -130,9 +138,10 @@ def _fill_runs(position: torch.Tensor, chosen: torch.Tensor, counts: torch.Tenso
         position[run_start[j0 + block] + rank] = flat.remainder_(N)
 
 
-def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_order: bool) -> list[_TaskSet]:
-    """Tasks of every (batch, head, key block) group of chosen (query, block) pairs; rows
-    address q, k, v in plan order, or in the original token order (through ``plan.perm``)."""
+def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_order: bool) -> Iterator[_TaskSet]:
+    """Task sets of every (batch, head) group of chosen (query, block) pairs, made one
+    (batch, head) at a time when the caller gets to it (so only one head's tables exist);
+    rows address q, k, v in plan order, or in the original token order (through ``plan.perm``)."""
     N, nkb = plan.num_tokens, plan.num_k_blocks
     Q = B * N * H
     dev = plan.kv_index.device
@@ -140,17 +149,25 @@ def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_or
     q_block = plan.query_block_of_position()
     # Token (row of q/k/v) of each plan position.
     token_of = plan.perm if original_order and plan.perm is not None else torch.arange(N, device=dev)
+    # Per key block width: the key rows of each block of that width (shared by all heads) and
+    # the row of that table of each block. An empty block adds nothing to the softmax.
+    tables = []
+    for w in k_sizes.unique().tolist():
+        if w > 0:
+            blocks = (k_sizes == w).nonzero().squeeze(1)
+            row_of_block = torch.full((nkb,), -1, dtype=torch.long, device=dev)
+            row_of_block[blocks] = torch.arange(blocks.numel(), device=dev)
+            tables.append((w, token_of[k_starts[blocks, None] + torch.arange(w, device=dev)] * H, row_of_block))
     # kv_index and token_keep may broadcast over batch and heads independently.
     bp = max(plan.kv_index.shape[0], plan.token_keep.shape[0])
     hp = max(plan.kv_index.shape[1], plan.token_keep.shape[1])
     # Unused slots name the extra block nkb, dropped below.
     kv_index = torch.where(plan.kv_index >= 0, plan.kv_index, nkb).expand(bp, hp, -1, -1)
     token_keep = plan.token_keep.expand(bp, hp, -1, -1)
-    query_rows, key_base, blocks_of_tasks = [], [], []
     for pb in range(bp):
         for ph in range(hp):
             chosen = _chosen_blocks(token_keep[pb, ph], kv_index[pb, ph], q_block, nkb)
-            counts = chosen.sum(1)
+            counts = _row_counts(chosen)
             tasks = (counts + per_task - 1) // per_task
             task_block = torch.repeat_interleave(torch.arange(nkb, device=dev), tasks)
             # Plan positions of each block's queries, block after block, each block's run
@@ -160,94 +177,87 @@ def _video_tasks(plan: AttentionPlan, B: int, H: int, per_task: int, original_or
             del chosen
             pad = position < 0
             token = token_of[position.clamp_(min=0)]
+            del position
+            # Tasks are in block order, so each block's tasks are a run.
+            picks = []
+            for w, table, row_of_block in tables:
+                pick = (k_sizes[task_block] == w).nonzero().squeeze(1)
+                if pick.numel() == task_block.numel():  # one width (blocks tile the grid): views
+                    pick = slice(None)
+                runs = torch.unique_consecutive(task_block[pick], return_counts=True)[1]
+                picks.append((table, row_of_block[task_block[pick]], pick, [0, *runs.cumsum(0).tolist()]))
             # A plan shared over batch or heads serves every (b, h) it covers.
             for b in range(B) if bp == 1 else (pb,):
                 for h in range(H) if hp == 1 else (ph,):
-                    rows = token.add(b * N).mul_(H).add_(h).masked_fill_(pad, Q).to(_row_dtype(Q))
-                    query_rows.append(rows.view(-1, per_task))
-                    key_base.append(torch.full_like(task_block, b * N * H + h))
-                    blocks_of_tasks.append(task_block)
-            del position, pad, token
-    query_rows, key_base = torch.cat(query_rows), torch.cat(key_base)
-    task_blocks = torch.cat(blocks_of_tasks)
-    widths = k_sizes[task_blocks]
-    sets = []
-    for w in widths.unique().tolist():
-        if w == 0:  # an empty key block adds nothing to the softmax
-            continue
-        # Tasks stay in (batch, head, block) order: a group's tasks (same key_base and block)
-        # are a run.
-        pick = (widths == w).nonzero().squeeze(1)
-        if pick.numel() == widths.numel():  # one width (blocks tile the grid): views, no copies
-            pick = slice(None)
-        group = key_base[pick] * nkb + task_blocks[pick]
-        runs = torch.unique_consecutive(group, return_counts=True)[1]
-        bounds = [0, *runs.cumsum(0).tolist()]
-        blocks = (k_sizes == w).nonzero().squeeze(1)  # the key blocks of this width
-        table = token_of[k_starts[blocks, None] + torch.arange(w, device=dev)] * H  # [blocks, w]
-        row_of_block = torch.full((nkb,), -1, dtype=torch.long, device=dev)
-        row_of_block[blocks] = torch.arange(blocks.numel(), device=dev)
-        sets.append(_TaskSet(0, table, row_of_block[task_blocks[pick]], key_base[pick], query_rows[pick], bounds))
-    return sets
+                    rows = token.add(b * N).mul_(H).add_(h).masked_fill_(pad, Q).to(_row_dtype(Q)).view(-1, per_task)
+                    for table, key_group, pick, bounds in picks:
+                        yield _TaskSet(0, table, key_group, b * N * H + h, rows[pick], bounds)
+                    del rows
+            del token, pad, picks, task_block  # before the next head's tables are made
 
 
-def _extra_tasks(extra: ExtraKeys, B: int, N: int, H: int, per_task: int) -> list[_TaskSet]:
-    """Every query of batch ``b`` attends the real extra keys of ``b``: one task set per batch."""
+def _extra_tasks(extra: ExtraKeys, B: int, N: int, H: int, per_task: int) -> Iterator[_TaskSet]:
+    """Every query of batch ``b`` attends the real extra keys of ``b``: one task set per
+    (batch, head), made when the caller gets to it."""
     dev = extra.k.device
     ne = extra.k.shape[1]
     Q = B * N * H
     n_tasks = -(-N // per_task)
     token = torch.arange(n_tasks * per_task, device=dev)
-    sets = []
     for b in range(B):
         real = torch.arange(ne, device=dev) if extra.mask is None else extra.mask[b].nonzero().squeeze(1)
         if real.numel() == 0:
             continue
-        heads = torch.arange(H, device=dev)[:, None]
-        rows = torch.where(token < N, (b * N + token) * H + heads, Q).to(_row_dtype(Q))  # [H, n_tasks * per_task]
-        sets.append(_TaskSet(
-            1, ((b * ne + real) * H)[None], torch.zeros(H * n_tasks, dtype=torch.long, device=dev),
-            torch.arange(H, device=dev).repeat_interleave(n_tasks),
-            rows.view(H * n_tasks, per_task), list(range(0, H * n_tasks + 1, n_tasks)),
-        ))
-    return sets
+        for h in range(H):
+            rows = torch.where(token < N, (b * N + token) * H + h, Q).to(_row_dtype(Q))
+            yield _TaskSet(1, ((b * ne + real) * H)[None], torch.zeros(n_tasks, dtype=torch.long, device=dev),
+                           h, rows.view(n_tasks, per_task), [0, n_tasks])
 
 
-def _fused(q: torch.Tensor, v: torch.Tensor) -> bool:
+def _fused(device: torch.device, d: int, dv: int) -> bool:
     """Whether to use the CPU flash-attention op (returns the LSE; needs equal q and v head
-    dims) or batched matmuls."""
-    return FUSED_CPU and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+    dims) or matmuls."""
+    return FUSED_CPU and device.type == "cpu" and d == dv
 
 
 def _attend(q, k, v, scale):
-    """Fused attention of ``[c, T, D]`` queries to ``[c, W, D]`` keys: output ``[c, T, Dv]``
-    and log-sum-exp ``[c, T]``."""
-    if _fused(q, v):
+    """Attention of ``[c, T, D]`` queries (one run's tasks) to the run's ``[W, D]`` keys:
+    output ``[c, T, Dv]`` and log-sum-exp ``[c, T]``. The tasks share their keys, so they are
+    one query sequence of ``c * T``: the CPU flash kernel tiles long sequences with larger query
+    blocks (~10% faster per pair than a batch of 64-query tasks at N = 16K, 256-key blocks)."""
+    c, T, D = q.shape
+    if _fused(q.device, D, v.shape[-1]):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale
+            q.reshape(1, 1, c * T, D), k[None, None], v[None, None], scale=scale
         )
-        return out.squeeze(1), lse.squeeze(1)
-    s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+        return out.view(c, T, -1), lse.view(c, T)
+    s = torch.mm(q.reshape(c * T, D), k.t()).mul_(scale)
     m = s.amax(-1, keepdim=True)
     p = s.sub_(m).exp_()
     total = p.sum(-1, keepdim=True)
-    return torch.bmm(p, v).div_(total), (m + total.log()).squeeze(-1)
+    return torch.mm(p, v).div_(total).view(c, T, -1), (m + total.log()).view(c, T)
 
 
 def _attend_backward(grad_out, q, k, v, out, lse, scale):
-    """Gradients ``(dq, dk, dv)`` of one chunk's tasks given every query's final output and
-    LSE (``[c, T, .]``, ``[c, T]``): the flash-attention backward restricted to these keys."""
-    if _fused(q, v):
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-            out.unsqueeze(1), lse.unsqueeze(1), 0.0, False, scale=scale,
+    """Gradients ``(dq [c, T, D], dk [W, D], dv [W, Dv])`` of one chunk's tasks given every
+    query's final output and LSE (``[c, T, .]``, ``[c, T]``): the flash-attention backward
+    restricted to the run's keys ``k``, ``v`` ``[W, .]``."""
+    c, T, D = q.shape
+    if _fused(q.device, D, v.shape[-1]):
+        def seq(x):
+            return x.reshape(1, 1, c * T, x.shape[-1])
+
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            seq(grad_out), seq(q), k[None, None], v[None, None], seq(out),
+            lse.reshape(1, 1, c * T), 0.0, False, scale=scale,
         )
-        return tuple(g.squeeze(1) for g in grads)
-    p = torch.bmm(q, k.transpose(1, 2)).mul_(scale).sub_(lse.unsqueeze(-1)).exp_()
-    dv = torch.bmm(p.transpose(1, 2), grad_out)
-    delta = (grad_out * out).sum(-1, keepdim=True)
-    ds = torch.bmm(grad_out, v.transpose(1, 2)).sub_(delta).mul_(p).mul_(scale)
-    return torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q), dv
+        return dq.view(c, T, D), dk.view(k.shape), dv.view(v.shape)
+    q2, go, o2 = q.reshape(c * T, D), grad_out.reshape(c * T, -1), out.reshape(c * T, -1)
+    p = torch.mm(q2, k.t()).mul_(scale).sub_(lse.reshape(-1, 1)).exp_()
+    dv = torch.mm(p.t(), go)
+    delta = (go * o2).sum(-1, keepdim=True)
+    ds = torch.mm(go, v.t()).sub_(delta).mul_(p).mul_(scale)
+    return torch.mm(ds, k).view(c, T, D), torch.mm(ds.t(), q2), dv
 
 
 class _Problem:
@@ -259,39 +269,46 @@ class _Problem:
         self.shape = (B, N, H, D, v.shape[-1])
         self.scale, self.chunk_bytes = scale, chunk_bytes
         self.compute_dtype = torch.promote_types(q.dtype, torch.float32)
-        self.sets = _video_tasks(plan, B, H, QUERIES_PER_TASK, original_order)
-        if extra is not None:
-            self.sets += _extra_tasks(extra, B, N, H, QUERIES_PER_TASK)
+        self.plan, self.extra, self.original_order = plan, extra, original_order
+        self.device = q.device
+
+    def task_sets(self) -> Iterator[_TaskSet]:
+        """Every task set, made afresh on each walk (forward, then again in backward): the
+        tables of one (batch, head) at a time, nothing per pair kept between the two."""
+        B, N, H = self.shape[:3]
+        yield from _video_tasks(self.plan, B, H, QUERIES_PER_TASK, self.original_order)
+        if self.extra is not None:
+            yield from _extra_tasks(self.extra, B, N, H, QUERIES_PER_TASK)
 
     def chunks(self, backward: bool):
         """``(task set, its tasks start:stop)`` inside one run, with a chunk's temporaries
-        about ``chunk_bytes``: per task, forward's q, out, merge terms and logits; backward's
-        q, dO, out, dq, logits and the task's own dk, dv."""
+        about ``chunk_bytes``: per task, forward's q, out and merge terms, backward's q, dO,
+        out and dq; plus the logits where they are materialised (the matmul path; the fused
+        kernel keeps them per thread tile)."""
         _, _, _, D, Dv = self.shape
         item = torch.finfo(self.compute_dtype).bits // 8
-        for ts in self.sets:
+        for ts in self.task_sets():
             T, W = ts.query_rows.shape[1], ts.key_table.shape[1]
-            if backward:
-                per_task = item * (T * (2 * D + 2 * Dv) + W * (D + Dv) + T * W)
-            else:
-                per_task = item * (T * (D + 3 * Dv) + T * W)
+            per_task = item * T * ((2 * D + 2 * Dv) if backward else (D + 3 * Dv))
+            if not _fused(self.device, D, Dv):
+                per_task += item * T * W
             step = max(1, self.chunk_bytes // per_task)
             for run_start, run_stop in zip(ts.run_bounds[:-1], ts.run_bounds[1:]):
                 for start in range(run_start, run_stop, step):
                     yield ts, start, min(start + step, run_stop)
 
     def gather(self, ts, start, stop, q_flat, sources):
-        """Query rows ``[c * T]`` (pads = Q), key rows ``[W]`` and the chunk's q ``[c, T, D]``
-        and k, v ``[c, W, .]`` (one gather of the run's keys, broadcast over its tasks)."""
+        """Query rows ``[c * T]`` (pads = Q), key rows ``[W]``, the chunk's q ``[c, T, D]``
+        and the run's k, v ``[W, .]`` (gathered once for all of the chunk's tasks)."""
         rows = ts.query_rows[start:stop].long()
         c, T = rows.shape
         Q = q_flat.shape[0]
-        key_rows = ts.key_base[start] + ts.key_table[ts.key_group[start]]
+        key_rows = ts.key_base + ts.key_table[ts.key_group[start]]
         k_src, v_src = sources[ts.source]
         dt = self.compute_dtype
         qg = q_flat.index_select(0, rows.flatten().clamp(max=Q - 1)).view(c, T, -1).to(dt)
-        kg = k_src.index_select(0, key_rows).to(dt).expand(c, -1, -1)
-        vg = v_src.index_select(0, key_rows).to(dt).expand(c, -1, -1)
+        kg = k_src.index_select(0, key_rows).to(dt)
+        vg = v_src.index_select(0, key_rows).to(dt)
         return rows.flatten(), key_rows, qg, kg, vg
 
     def forward(self, q_flat, sources):
@@ -347,8 +364,8 @@ class _Problem:
             dq, dk, dv = _attend_backward(go, qg, kg, vg, og, lg, self.scale)
             grad_q.index_add_(0, rows, dq.reshape(c * T, -1))
             if grads_kv[ts.source] is not None:
-                grads_kv[ts.source][0].index_add_(0, key_rows, dk.sum(0))
-                grads_kv[ts.source][1].index_add_(0, key_rows, dv.sum(0))
+                grads_kv[ts.source][0].index_add_(0, key_rows, dk)
+                grads_kv[ts.source][1].index_add_(0, key_rows, dv)
         return grad_q, grads_kv
 
 
@@ -357,7 +374,7 @@ class _RoutedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, problem, q, k, v, extra_k, extra_v):
-        B, N, H, D, Dv = problem.shape
+        B, N, H, _, Dv = problem.shape
         q_flat, sources = _flat_inputs(q, k, v, extra_k, extra_v)
         out, lse = problem.forward(q_flat, sources)
         ctx.problem = problem
