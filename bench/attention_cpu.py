@@ -70,7 +70,10 @@ def method_call(method: str, grid, density: float):
         return lambda q, k, v: psa_attention(q, k, v, grid, mode="quantile", fractions=f,
                                              backend="torch", return_plan=True)
     if method == "vmoba":
-        cube = (4, 8, 8)
+        # The library's default 3D cube; the density knob is top-k, k / blocks ~ density.
+        from vdiff_sparse import VMoBAConfig
+
+        cube = VMoBAConfig().block_3d
         blocks = 1
         for n, c in zip(grid, cube):
             blocks *= -(-n // c)
