@@ -21,7 +21,7 @@ Here the work follows the routing exactly:
    the input gradients. Nothing per pair is stored between forward and backward.
 
 On CPU the fused call is ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its
-backward), which returns the LSE; elsewhere a batched-matmul softmax does the same.
+backward), which returns the LSE; elsewhere a matmul softmax over the same sequence does the same.
 
 Supported plans (:func:`routed_supported`): ``token_keep`` given, every entry full resolution
 (level 1), no coordinate window. Queries with no key at all get output 0, like the reference.
