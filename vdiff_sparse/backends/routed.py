@@ -40,8 +40,9 @@ from .base import ExtraKeys
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 # Queries per task: the last task of a group is padded to it, so smaller pads less (a run's
-# tasks are one sequence to the kernel, so task size does not set its tile size). On CPU at
-# N = 16K, 256-key blocks: 16 and 32 ran ~15% faster than 64 and 128; 32 keeps the tables small.
+# tasks are one sequence to the kernel, so task size does not set its tile size). In one A/B
+# run on the 2-core CPU (N = 16K, 256-key blocks; scratch, not a result file) 16 and 32 took
+# ~270 ms against ~310 for 64 and 128; 32 keeps the tables small.
 QUERIES_PER_TASK = 32
 # On CPU, aten's flash-attention op (2-3x faster than the matmul path); tests switch it off to
 # check the matmul path that other devices use.
@@ -224,7 +225,8 @@ def _attend(q, k, v, scale):
     """Attention of ``[c, T, D]`` queries (one run's tasks) to the run's ``[W, D]`` keys:
     output ``[c, T, Dv]`` and log-sum-exp ``[c, T]``. The tasks share their keys, so they are
     one query sequence of ``c * T``: the CPU flash kernel tiles long sequences with larger query
-    blocks (~10% faster per pair than a batch of 64-query tasks at N = 16K, 256-key blocks)."""
+    blocks (in a scratch microbenchmark on 2 cores, 256-key blocks: 1.47 against 1.56-1.69 ms
+    per million pairs for batches of 64-query tasks)."""
     c, T, D = q.shape
     if _fused(q.device, D, v.shape[-1]):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
