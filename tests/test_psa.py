@@ -17,6 +17,7 @@ from vdiff_sparse.methods.psa import (
     PSAConfig,
     allocate_levels,
     block_similarity,
+    importance_matmul_dtype,
     plan_psa,
     psa_attention,
 )
@@ -243,8 +244,11 @@ def test_quantile_allocation(fractions, nk, expected_counts, seed):
 
 
 # --- importance estimate ----------------------------------------------------------------------
-@pytest.mark.parametrize("importance", ["sampled", "mean_pooled"])
-def test_importance_finds_aligned_key_block(importance, seed):
+@pytest.mark.parametrize(
+    "importance,importance_dtype",
+    [("sampled", "bfloat16"), ("sampled", "float32"), ("mean_pooled", "auto")],
+)
+def test_importance_finds_aligned_key_block(importance, importance_dtype, seed):
     grid = (2, 9, 11)  # 198 tokens; 13 key blocks of 16 (last 6)
     n, D = math.prod(grid), 32
     g = torch.Generator().manual_seed(seed)
@@ -254,7 +258,8 @@ def test_importance_finds_aligned_key_block(importance, seed):
     target = int(torch.randint(0, 12, (1,), generator=g))
     k[:, target * 16 : (target + 1) * 16] += 2.0 * direction
     config = PSAConfig(
-        mode="quantile", fractions={1: 0.01}, block_q=32, block_k=16, reorder="none", importance=importance
+        mode="quantile", fractions={1: 0.01}, block_q=32, block_k=16, reorder="none",
+        importance=importance, importance_dtype=importance_dtype,
     )
     plan = plan_psa(q, k, grid, config)
     # Exactly one block per row (ceil(0.01 * 13) = 1): the aligned one, for every row.
@@ -307,6 +312,42 @@ def test_plan_levels_match_loop_pipeline(mode, reorder, seed):
         got.scatter_(1, torch.where(index >= 0, index, plan.num_k_blocks), plan.kv_level[0, h])
         got = got[:, :-1]
         assert got.tolist() == expected, f"head {h}"
+
+
+@pytest.mark.parametrize("importance_dtype", ["bfloat16", "float32"])
+def test_low_precision_importance_close_to_loop(importance_dtype, seed):
+    """The sampled estimate with bfloat16 / float32 matmul operands stays within their
+    rounding of the float64 loop: logits off by ~|logit| * 2^-8 in bfloat16."""
+    from vdiff_sparse.methods.psa import _sampled_importance
+
+    grid = (2, 9, 11)
+    n = math.prod(grid)
+    q, k, _ = random_qkv(1, n, 2, 16, dtype=torch.float32, seed=seed)
+    order = tile_order(grid, (2, 4, 4))
+    q_offsets, k_offsets = uniform_offsets(n, 40), uniform_offsets(n, 24)
+    dtype = getattr(torch, importance_dtype)
+    got = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
+    assert got.dtype == torch.float32
+    qp, kp = order.permute(q.double(), 1), order.permute(k.double(), 1)
+    tol = 0.03 if dtype == torch.bfloat16 else 1e-5
+    for h in range(2):
+        expected = torch.tensor(_importance_loop(qp[0, :, h], kp[0, :, h], q_offsets, k_offsets, 5, 6))
+        err = float(((got[h].double() - expected).abs() / expected.clamp(min=1e-3)).max())
+        assert err <= tol, f"head {h}: relative error {err:.3g} > {tol}"
+
+
+def test_importance_dtype_auto_resolution(monkeypatch):
+    import vdiff_sparse.methods.psa as psa
+
+    auto = PSAConfig()
+    q32, q64 = torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8, dtype=torch.float64)
+    for fast in (True, False):
+        monkeypatch.setattr(psa, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert importance_matmul_dtype(auto, q32) == (torch.bfloat16 if fast else torch.float32)
+        assert importance_matmul_dtype(auto, q32.bfloat16()) == (torch.bfloat16 if fast else torch.float32)
+        assert importance_matmul_dtype(auto, q64) == torch.float64  # exact inputs, exact estimate
+        for name in ("bfloat16", "float32", "float64"):  # an explicit choice is kept
+            assert importance_matmul_dtype(PSAConfig(importance_dtype=name), q64) == getattr(torch, name)
 
 
 def test_samples_per_block_default_is_quarter_block(seed):
@@ -487,6 +528,7 @@ def test_config_omegaconf_and_overrides(seed):
         (dict(mode="topk"), r"mode must be one of \['threshold', 'quantile'\], got 'topk'"),
         (dict(reorder="gilbert"), r"reorder must be one of .*'hilbert'.*got 'gilbert'"),
         (dict(importance="exact"), r"importance must be one of"),
+        (dict(importance_dtype="float16"), r"importance_dtype must be one of \['auto', 'bfloat16', 'float32', 'float64'\], got 'float16'"),
         (dict(thresholds={1: 0.6, 2: 0.5}), r"thresholds must increase strictly.*\{1: 0.6, 2: 0.5\}"),
         (dict(thresholds={1: 0.5, 4: 0.5}), r"thresholds must increase strictly"),
         (dict(thresholds={3: 0.5}), r"thresholds keys must be pool levels among \[1, 2, 4, 8\], got \[3\]"),
@@ -503,7 +545,7 @@ def test_config_omegaconf_and_overrides(seed):
         (dict(tile=(2, 4)), r"tile must be a tuple of 3 positive ints"),
     ],
     ids=[
-        "mode", "reorder", "importance", "thresholds-decreasing", "thresholds-equal",
+        "mode", "reorder", "importance", "importance-dtype", "thresholds-decreasing", "thresholds-equal",
         "thresholds-key", "thresholds-range", "thresholds-empty", "fractions-key",
         "fractions-negative", "fractions-sum", "fractions-zero", "min-full", "cap-key",
         "block-q", "samples", "tile",
