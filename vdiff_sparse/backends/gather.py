@@ -48,19 +48,24 @@ def _padded_positions(offsets: torch.Tensor, width: int):
 
 
 def _pool(x: torch.Tensor, offsets: torch.Tensor, p: int, width: int, perm) -> torch.Tensor:
-    """``[B, N, H, D]`` -> ``[B, n_blocks * width, H, D]``: means of groups of ``p`` plan
-    positions from each block start (``width`` groups per block; unused groups are 0).
-    ``x`` is in plan order, or in the original order if ``perm`` (plan position -> token)
+    """``[N, H, D]`` (one batch element) -> ``[n_blocks * width, H * D]``: means of groups of
+    ``p`` plan positions from each block start (``width`` groups per block; unused groups are
+    0). ``x`` is in plan order, or in the original order if ``perm`` (plan position -> token)
     is given."""
+    # One gather of every block's ``width * p`` slots in plan order (pad slots read position 0
+    # and are zeroed), then a sum over each group's ``p`` adjacent slots: ~10x faster on the
+    # CPU than scattering tokens into their groups with index_add_. Rows of ``H * D`` keep the
+    # gather on index_select's fast path (a view: the heads are adjacent).
     sizes = offsets.diff()
-    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=x.device), sizes)
-    within = torch.arange(x.shape[1], device=x.device) - offsets[:-1][block]
-    group = block * width + within.div(p, rounding_mode="floor")
-    if perm is not None:
-        group = torch.empty_like(group).index_copy_(0, perm, group)  # group of each token
-    sums = x.new_zeros(x.shape[0], sizes.numel() * width, *x.shape[2:]).index_add_(1, group, x)
-    counts = torch.bincount(group, minlength=sums.shape[1]).clamp(min=1).to(x.dtype)
-    return sums / counts[:, None, None]
+    slot = torch.arange(width * p, device=x.device)
+    valid = slot < sizes[:, None]  # [n_blocks, width * p]
+    positions = torch.where(valid, offsets[:-1, None] + slot, 0).reshape(-1)
+    rows = x.reshape(x.shape[0], -1).index_select(0, positions if perm is None else perm[positions])
+    if not bool(valid.all()):
+        rows = rows.masked_fill(~valid.reshape(-1, 1), 0.0)
+    sums = rows.view(-1, p, rows.shape[-1]).sum(1)
+    counts = valid.view(-1, p).sum(1).clamp(min=1).to(x.dtype)
+    return sums / counts[:, None]
 
 
 class _Level:
@@ -184,8 +189,7 @@ class _Problem:
         tables = []
         for p, width in self.pooled_sources.items():
             for x in (k, v):
-                pooled = _pool(x[b : b + 1, :, heads], self.plan.k_offsets, p, width, self.perm)
-                tables.append(pooled.reshape(-1, self.Hg * x.shape[-1]))
+                tables.append(_pool(x[b, :, heads], self.plan.k_offsets, p, width, self.perm))
         return tables
 
     def source_rows(self, rows: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
