@@ -133,12 +133,14 @@ class PSAConfig:
         importance: ``"sampled"`` or ``"mean_pooled"``.
         importance_dtype: operand dtype of the sampled importance matmul: ``"bfloat16"``,
             ``"float32"``, ``"float64"`` or ``"auto"``: float64 for float64 inputs, else
-            bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32 (other CPUs
-            emulate bfloat16 slowly). The matmul is most of the estimate's cost and ran ~4x
-            faster in bfloat16 on a 2-core AVX512-BF16 CPU; on video-like attention at 16K
-            tokens (``video_attention_qkv``) 96-99% of the plan entries and the output error
-            vs dense (to 3 digits) were those of a float32 estimate. The logits keep the
-            operands' dtype; the rest of the estimate runs in float32 or better.
+            bfloat16 on CUDA GPUs of compute capability 8.0 or more and on CPUs with
+            AVX512-BF16 or AMX, else float32 (other CPUs emulate bfloat16 slowly). The matmul
+            is most of the estimate's cost; ``bench/psa_importance.py`` measures its speed and
+            how much of the plan and of the output error a bfloat16 estimate changes. The
+            logits keep the operands' dtype (in bfloat16 a logit is off by up to about
+            ``|logit| * 2**-8``); the rest of the estimate runs in float32 or better. With
+            ``"auto"`` the plan may differ between machines (with or without fast bfloat16);
+            an explicit dtype pins it.
     """
 
     block_q: int = 128
@@ -275,8 +277,8 @@ def importance_matmul_dtype(config: PSAConfig, q: torch.Tensor) -> torch.dtype:
         return getattr(torch, config.importance_dtype)
     if q.dtype == torch.float64:
         return torch.float64
-    if q.is_cuda:
-        fast_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if q.is_cuda:  # bfloat16 tensor cores from compute capability 8.0 (Ampere) on
+        fast_bf16 = torch.cuda.get_device_capability(q.device)[0] >= 8
     else:
         fast_bf16 = q.device.type == "cpu" and _cpu_has_fast_bf16()
     return torch.bfloat16 if fast_bf16 else torch.float32
@@ -492,4 +494,7 @@ def psa_attention(
     return (out, plan) if return_plan else out
 
 
-__all__ = ["PSAConfig", "allocate_levels", "block_similarity", "plan_psa", "psa_attention"]
+__all__ = [
+    "PSAConfig", "allocate_levels", "block_similarity", "importance_matmul_dtype", "plan_psa",
+    "psa_attention",
+]
