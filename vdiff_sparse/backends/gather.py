@@ -361,10 +361,11 @@ def gather_attention(
     # One spare sink row past the end takes the output of pad query slots.
     out = q.new_zeros(B * N * prob.G + 1, Hg * Dv)
     spans = list(prob.chunks(chunk_bytes, q.element_size()))
-    group, pooled = None, []
+    group, pooled, sources = None, [], None
     for start, stop in spans:
         if start // prob.group_rows != group:
             group = start // prob.group_rows
+            pooled = sources = None  # the last group's tables go before this group's are made
             pooled = prob.pool(group, k, v)
         sources = (q, k, v, pooled, *extra_kv)
         if needs_grad and len(spans) > 1:
