@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from conftest import TOLERANCE, assert_close, random_qkv
 from vdiff_sparse import VideoLayout, dense_attention, run_plan
 from vdiff_sparse.backends import ExtraKeys, select_backend
-from vdiff_sparse.backends.gather import (
-    DEFAULT_CHUNK_BYTES,
-    MIN_CHUNK_BYTES,
-    default_chunk_bytes,
-    gather_attention,
-)
+from vdiff_sparse.backends.gather import gather_attention
 from vdiff_sparse.backends.reference import reference_attention
 from vdiff_sparse.layout import hilbert_order, tile_order, token_coords, uniform_offsets
 from vdiff_sparse.plan import AttentionPlan, TokenWindow, dense_plan, pack_block_selection
@@ -235,14 +230,6 @@ def test_torch_backend_gna_windows_any_chunking(config, seed):
     for chunk_bytes in (1, 50_000, 2**40):
         out = gather_attention(qp, kp, vp, plan, extra, chunk_bytes=chunk_bytes)
         assert_close(out, expected, torch.float64, f"chunk_bytes={chunk_bytes}")
-
-
-def test_default_chunk_is_a_quarter_of_the_output_within_bounds():
-    mib = 2**20
-    assert default_chunk_bytes(8 * mib) == 2 * mib  # 8K tokens x 4 heads x 64 x float32
-    assert default_chunk_bytes(16 * mib) == DEFAULT_CHUNK_BYTES == 4 * mib
-    assert default_chunk_bytes(2**40) == DEFAULT_CHUNK_BYTES
-    assert default_chunk_bytes(1000) == MIN_CHUNK_BYTES
 
 
 def test_torch_backend_window_plan(seed):

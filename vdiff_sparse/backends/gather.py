@@ -37,15 +37,6 @@ from .base import Backend, ExtraKeys
 from .routed import routed_attention, routed_supported
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
-MIN_CHUNK_BYTES = 2**20
-
-
-def default_chunk_bytes(output_bytes: int) -> int:
-    """A chunk's budget when none is given: a quarter of the call's output, within
-    [``MIN_CHUNK_BYTES``, ``DEFAULT_CHUNK_BYTES``]. The gathered keys then stay a fraction of
-    what the call returns anyway: with a fixed 4 MiB against an 8 MiB output (8K tokens, 4 heads,
-    D 64, float32) PSA with pooled levels peaked at 2.1x dense SDPA's memory."""
-    return min(DEFAULT_CHUNK_BYTES, max(MIN_CHUNK_BYTES, output_bytes // 4))
 
 
 def _padded_positions(offsets: torch.Tensor, width: int):
@@ -341,7 +332,7 @@ def gather_attention(
     plan: AttentionPlan,
     extra: ExtraKeys | None = None,
     scale: float | None = None,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     original_order: bool = False,
 ) -> torch.Tensor:
     """Execute ``plan`` by gathering selected key blocks.
@@ -351,8 +342,7 @@ def gather_attention(
         plan: the plan (any method).
         extra: always-attended keys ``[B, Ne, heads, D]`` with an optional ``[B, Ne]`` mask.
         scale: logit scale, ``D ** -0.5`` if ``None``.
-        chunk_bytes: soft bound on the gathered keys/values (and mask) of one chunk of rows;
-            ``None``: :func:`default_chunk_bytes` of the output's size.
+        chunk_bytes: soft bound on the gathered keys/values (and mask) of one chunk of rows.
         original_order: q, k, v and the output are in the original token order and the
             plan's ``perm`` is applied by the gathers themselves, which saves the four
             reordered copies (``3 + 1`` tensors of the input's size) of permuting around the call.
@@ -370,8 +360,6 @@ def gather_attention(
     Hg, Dv = prob.Hg, prob.Dv
     # One spare sink row past the end takes the output of pad query slots.
     out = q.new_zeros(B * N * prob.G + 1, Hg * Dv)
-    if chunk_bytes is None:
-        chunk_bytes = default_chunk_bytes(out.numel() * out.element_size())
     spans = list(prob.chunks(chunk_bytes, q.element_size()))
     group, pooled, sources = None, [], None
     for start, stop in spans:
@@ -396,7 +384,7 @@ class GatherBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, chunk_bytes: int | None = None):
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.chunk_bytes = chunk_bytes
 
     def why_not(self, q, plan) -> str | None:
@@ -413,4 +401,4 @@ class GatherBackend(Backend):
         return gather_attention(q, k, v, plan, extra, scale, self.chunk_bytes, original_order=True)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "GatherBackend", "default_chunk_bytes", "gather_attention"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "GatherBackend", "gather_attention"]
