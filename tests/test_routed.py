@@ -59,7 +59,7 @@ def test_vmoba_plans_match_reference(mode, scope, value, partition, seed):
     check_against_reference(qp, kp, vp, plan, ExtraKeys(ek, ev, emask))
 
 
-def random_routed_plan(N, B, H, *, plan_dims, keep_dims, seed):
+def random_routed_plan(N, B, H, *, plan_dims, keep_dims, seed, with_perm=False):
     """A per-token plan with ragged blocks (one of them empty), pad slots, a key block listed
     twice in some rows, and queries that keep nothing. ``plan_dims`` / ``keep_dims`` are the
     (batch, head) dims of ``kv_index`` / ``token_keep`` (1 = broadcast)."""
@@ -76,7 +76,8 @@ def random_routed_plan(N, B, H, *, plan_dims, keep_dims, seed):
     kv_index[..., :2, -1] = kv_index[..., :2, 1]  # listed twice (or a pad twice)
     token_keep = torch.rand(*keep_dims, N, kv_index.shape[-1], generator=g) < 0.5
     token_keep[..., :5, :] = False  # queries without a plan key
-    return AttentionPlan(None, q_off, k_off, kv_index, token_keep=token_keep)
+    perm = torch.randperm(N, generator=g) if with_perm else None
+    return AttentionPlan(perm, q_off, k_off, kv_index, token_keep=token_keep)
 
 
 SHARING = {
@@ -102,6 +103,26 @@ def test_random_token_plans_match_reference(sharing, fused, seed, monkeypatch):
     # Tiny chunks: many chunks per run, runs split across chunks.
     out = check_against_reference(q, k, v, plan, ExtraKeys(ek, ev, emask), chunk_bytes=4096)
     assert torch.equal(out[1, :5], torch.zeros_like(out[1, :5]))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash-op", "matmul"])
+def test_random_plan_in_original_order_with_only_q_grad(fused, seed, monkeypatch):
+    """Rows through a random ``perm`` (``original_order``), k and v without gradients (their
+    backward work is skipped), a contiguous output like every other backend's."""
+    monkeypatch.setattr(routed, "FUSED_CPU", fused)
+    N, B, H = 150, 2, 3
+    plan = random_routed_plan(N, B, H, plan_dims=(2, 3), keep_dims=(2, 3), seed=seed, with_perm=True)
+    q, k, v = random_qkv(B, N, H, 8, seed=seed)
+    q.requires_grad_(True)
+    got = routed_attention(q, k, v, plan, original_order=True, chunk_bytes=4096)
+    assert got.is_contiguous()
+    want = plan.unpermute(reference_attention(*(plan.permute(x) for x in (q, k, v)), plan, None))
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed))
+    (got_dq,) = torch.autograd.grad(got, [q], grad)
+    (want_dq,) = torch.autograd.grad(want, [q], grad.double())
+    tol = TOLERANCE[torch.float32]
+    assert (got.double() - want).abs().max().item() <= tol
+    assert (got_dq.double() - want_dq).abs().max().item() <= 5 * tol
 
 
 @pytest.mark.parametrize("with_extra", [False, True], ids=["no-extra", "extra"])

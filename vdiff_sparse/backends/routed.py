@@ -44,8 +44,10 @@ DEFAULT_CHUNK_BYTES = 4 * 2**20
 # run on the 2-core CPU (N = 16K, 256-key blocks; scratch, not a result file) 16 and 32 took
 # ~270 ms against ~310 for 64 and 128; 32 keeps the tables small.
 QUERIES_PER_TASK = 32
-# On CPU, aten's flash-attention op (2-3x faster than the matmul path); tests switch it off to
-# check the matmul path that other devices use.
+# On CPU, aten's flash-attention op, which returns the LSE without materialising a chunk's
+# probabilities (in scratch runs at 8K/16K it was also a few percent faster than the matmul
+# path: 61 vs 64-66 ms forward); tests switch it off to check the matmul path that other
+# devices use.
 FUSED_CPU = True
 
 
@@ -314,31 +316,33 @@ class _Problem:
         return rows.flatten(), key_rows, qg, kg, vg
 
     def forward(self, q_flat, sources):
-        """Output ``[Q, Dv]`` (compute dtype; a strided view of the merge state) and LSE ``[Q]``
-        (``-inf`` for queries with no key)."""
+        """Output ``[Q, Dv]`` (compute dtype, contiguous) and LSE ``[Q]`` (``-inf`` for
+        queries with no key)."""
         Q, Dv = q_flat.shape[0], self.shape[4]
-        # Per query: numerator (columns :Dv), running max of the partial LSEs (Dv) and the
-        # denominator relative to it (Dv + 1), in one table so that a chunk's merge is one
-        # gather and one write-back. Row Q is a sink for pad slots.
-        state = torch.zeros(Q + 1, Dv + 2, dtype=self.compute_dtype, device=q_flat.device)
-        state[:, Dv] = float("-inf")
+        # Per query: the numerator, and the running max of the partial LSEs with the
+        # denominator relative to it (column 0, 1 of ``stats``). Row Q is a sink for pad slots,
+        # so the output is the numerator's first Q rows: contiguous, no copy.
+        numerator = torch.zeros(Q + 1, Dv, dtype=self.compute_dtype, device=q_flat.device)
+        stats = torch.zeros(Q + 1, 2, dtype=self.compute_dtype, device=q_flat.device)
+        stats[:, 0] = float("-inf")
         for ts, start, stop in self.chunks(backward=False):
             rows, _, qg, kg, vg = self.gather(ts, start, stop, q_flat, sources)
             out, lse = _attend(qg, kg, vg, self.scale)
             # Online softmax merge; no query repeats within a chunk (pads all write the sink).
             # Few, whole-chunk ops: on a shared CPU each op can cost a thread wake-up.
-            merged = state.index_select(0, rows)
-            running_max, lse = merged[:, Dv], lse.reshape(-1)
+            merged, merged_stats = numerator.index_select(0, rows), stats.index_select(0, rows)
+            running_max, lse = merged_stats[:, 0], lse.reshape(-1)
             new_max = torch.maximum(running_max, lse)
             rescale = (running_max - new_max).exp_()  # of what the query had; 0 on its first
             weight = lse.sub(new_max).exp_()
-            merged[:, :Dv].mul_(rescale[:, None]).addcmul_(out.reshape(-1, Dv), weight[:, None])
-            merged[:, Dv + 1].mul_(rescale).add_(weight)
-            merged[:, Dv] = new_max
-            state.index_copy_(0, rows, merged)
-        numerator, running_max, denominator = state[:Q, :Dv], state[:Q, Dv], state[:Q, Dv + 1]
+            merged.mul_(rescale[:, None]).addcmul_(out.reshape(-1, Dv), weight[:, None])
+            merged_stats[:, 1].mul_(rescale).add_(weight)
+            merged_stats[:, 0] = new_max
+            numerator.index_copy_(0, rows, merged)
+            stats.index_copy_(0, rows, merged_stats)
+        running_max, denominator = stats[:Q, 0], stats[:Q, 1]
         lse = running_max + denominator.log()  # -inf where a query has no key
-        out = numerator.div_(torch.where(denominator > 0, denominator, 1.0)[:, None])
+        out = numerator[:Q].div_(torch.where(denominator > 0, denominator, 1.0)[:, None])
         return out, lse
 
     def backward(self, grad_out, out, lse, q_flat, sources, needs):
