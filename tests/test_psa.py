@@ -332,6 +332,9 @@ def test_low_precision_importance_close_to_loop(importance_dtype, magnitude, see
     dtype = getattr(torch, importance_dtype)
     got = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
     assert got.dtype == torch.float32
+    if dtype == torch.bfloat16:  # the dtype is used, not just accepted
+        exact = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
+        assert not torch.equal(got, exact)
     qp, kp = order.permute(q.double(), 1), order.permute(k.double(), 1)
     max_logit = float(torch.einsum("bnhd,bmhd->bhnm", qp, kp).abs().max()) * 16**-0.5
     tol = 2 * max_logit * 2**-8 if dtype == torch.bfloat16 else 1e-5
