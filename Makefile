@@ -29,7 +29,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/attention_cpu.py
+	$(BIN)/python bench/attention_cpu.py --densities 0.05 0.10 0.125 0.20
 
 clean:
 	rm -rf $(VENV)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from vdiff_sparse.benchmarks.meta import command_line, run_metadata, write_json
 
 # Token grid (T, H, W) -> frames, height, width for the tiny model (2x VAE, 2x2 patches).
 SIZES = {
@@ -69,12 +68,7 @@ def main(argv=None) -> int:
                   f"{report['latency_sparse_s']:7.2f} s  speedup {report['speedup']:5.2f}x  density "
                   f"{report['density']:.3f}  attention share (dense) {report['attention_share_dense']:.0%}  "
                   f"PSNR {report['psnr_db'] or float('inf'):.1f} dB  SSIM {report['ssim']:.4f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "argv": sys.argv}
-    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    out = write_json(args.out, {"benchmark": "generate_cpu", **run_metadata(command_line()), "runs": runs})
     print(f"wrote {out}")
     return 0
 
