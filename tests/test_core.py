@@ -162,6 +162,9 @@ CASES = {
     "token-keep": dict(N=90, bq=32, bk=16, keep=True),
     "keep+levels+ragged": dict(N=70, bq=16, bk=8, keep=True, levels=True, ragged=True),
     "shared": dict(N=50, bq=16, bk=8, levels=True, share=True),
+    # One plan for every head with per-token routing: the gather path's all-heads rows with a
+    # per-query drop mask (levels keep it off the routed path).
+    "shared+keep": dict(N=60, bq=16, bk=8, levels=True, keep=True, share=True),
 }
 
 
@@ -181,6 +184,37 @@ def test_torch_backend_matches_reference(case, extra, dtype, seed):
     out = run_plan(q, k, v, plan, backend="torch", **kw)
     assert out.dtype == dtype
     assert_close(out, expected, dtype, case)
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["no-text", "text"])
+def test_torch_backend_query_blocks_without_keys(extra, seed):
+    """Query blocks that select no key block get 0 without text keys (a chunk of such rows
+    runs no attention at all) and attend only the text with it, in every chunking."""
+    B, H, D, N = 2, 2, 8, 80
+    g = torch.Generator().manual_seed(seed)
+    offsets = uniform_offsets(N, 16)
+    selected = torch.rand(B, H, 5, 5, generator=g) < 0.5
+    selected[:, :, 1::2] = False  # every other query block of every (batch, head) is empty
+    levels = torch.tensor([1, 2, 4])[torch.randint(0, 3, (B, H, 5, 5), generator=g)]
+    plan = AttentionPlan(torch.randperm(N, generator=g), offsets, offsets,
+                         *pack_block_selection(selected, levels))
+    q, k, v = random_qkv(B, N, H, D, dtype=torch.float64, seed=seed, requires_grad=True)
+    kw = {}
+    if extra:
+        ek, ev, _ = random_qkv(B, 3, H, D, dtype=torch.float64, seed=seed + 1)
+        kw = dict(extra_k=ek, extra_v=ev)
+    expected = run_plan(q, k, v, plan, backend="reference", **kw)
+    extra_keys = ExtraKeys(kw["extra_k"], kw["extra_v"]) if extra else None
+    for chunk_bytes in (1, 2**40):
+        out = gather_attention(q, k, v, plan, extra_keys, chunk_bytes=chunk_bytes, original_order=True)
+        assert_close(out, expected, torch.float64, f"chunk_bytes={chunk_bytes}")
+        empty = plan.unpermute(torch.zeros(B, N, H, 1, dtype=torch.bool).index_fill_(
+            1, torch.arange(N)[plan.query_block_of_position() % 2 == 1], True))
+        assert bool((out.masked_select(empty) == 0).all()) != extra
+        grad_out = torch.randn_like(out)
+        for a, b, name in zip(torch.autograd.grad((expected * grad_out).sum(), (q, k, v), retain_graph=True),
+                              torch.autograd.grad((out * grad_out).sum(), (q, k, v)), "qkv"):
+            assert_close(b, a, torch.float64, f"chunk_bytes={chunk_bytes} d{name}")
 
 
 def test_torch_backend_chunking_does_not_change_result(seed):
@@ -277,7 +311,7 @@ def test_torch_backend_window_plan(seed):
     assert plan.density() == pytest.approx(allowed.double().mean().item())
 
 
-@pytest.mark.parametrize("case", ["levels", "keep+levels+ragged", "shared"], ids=str)
+@pytest.mark.parametrize("case", ["levels", "keep+levels+ragged", "shared", "shared+keep"], ids=str)
 def test_torch_backend_gradients_match_reference(case, seed):
     B, H, D = 2, 2, 8
     plan = random_plan(B=B, H=H, seed=seed, **CASES[case])

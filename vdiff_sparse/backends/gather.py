@@ -46,33 +46,42 @@ def _padded_positions(offsets: torch.Tensor, width: int):
     return torch.where(valid, offsets[:-1, None] + slot, 0), valid
 
 
-def _pool(x: torch.Tensor, offsets: torch.Tensor, p: int, width: int, perm) -> torch.Tensor:
-    """``[N, H, D]`` (one batch element) -> ``[n_blocks * width, H * D]``: means of groups of
-    ``p`` plan positions from each block start (``width`` groups per block; unused groups are
-    0). ``x`` is in plan order, or in the original order if ``perm`` (plan position -> token)
-    is given."""
-    # The j-th member of every group is gathered at once and added up, p gathers in all (pad
-    # slots read position 0 and are zeroed): 3-7x faster on the CPU than index_add_ of tokens
-    # into their groups (scratch run at 16K: 0.32-0.40 vs 1.15-2.42 ms a table), and no
-    # temporary larger than the table. Half-precision inputs are summed in float32. Rows of ``H * D`` keep the
-    # gathers on index_select's fast path: a view when the heads are adjacent in memory (k, v
-    # contiguous in their last two dims, as projections give them), else one copy of x.
-    sizes = offsets.diff()
-    slot = torch.arange(width * p, device=x.device)
-    valid = (slot < sizes[:, None]).view(-1, width, p)  # [n_blocks, width, p]
-    positions = torch.where(valid, offsets[:-1, None, None] + slot.view(width, p), 0)
-    tokens = positions if perm is None else perm[positions]
+class _PoolIndex:
+    """Which tokens make up each pooled key of one level: the same for every (batch, head
+    group), so it is built once per call."""
+
+    def __init__(self, offsets: torch.Tensor, p: int, width: int, perm):
+        """Groups of ``p`` plan positions from each block start, ``width`` groups per block
+        (``perm``: plan position -> token, or ``None`` when x is in plan order)."""
+        sizes = offsets.diff()
+        slot = torch.arange(width * p, device=offsets.device)
+        valid = (slot < sizes[:, None]).view(-1, width, p)  # [n_blocks, width, p]
+        positions = torch.where(valid, offsets[:-1, None, None] + slot.view(width, p), 0)
+        tokens = positions if perm is None else perm[positions]
+        # Member j of every group, as one flat index each; pad members read position 0.
+        self.members = [tokens[..., j].reshape(-1) for j in range(p)]
+        self.pad = None if bool(valid.all()) else [~valid[..., j].reshape(-1, 1) for j in range(p)]
+        self.counts = valid.sum(-1).reshape(-1, 1).clamp(min=1)
+
+
+def _pool(x: torch.Tensor, index: _PoolIndex) -> torch.Tensor:
+    """``[N, H, D]`` (one batch element) -> ``[n_blocks * width, H * D]``: the means of the
+    groups of ``index`` (unused groups are 0)."""
+    # The j-th member of every group is gathered at once and added up, p gathers in all:
+    # 3-7x faster on the CPU than index_add_ of tokens into their groups (scratch run at 16K:
+    # 0.32-0.40 vs 1.15-2.42 ms a table), and no temporary larger than the table.
+    # Half-precision inputs are summed in float32. Rows of ``H * D`` keep the gathers on
+    # index_select's fast path: a view when the heads are adjacent in memory (k, v contiguous
+    # in their last two dims, as projections give them), else one copy of x.
     rows = x.reshape(x.shape[0], -1)
-    has_pad = not bool(valid.all())  # one device sync per table, not one per member
     sum_dtype = torch.promote_types(x.dtype, torch.float32)
     sums = None
-    for j in range(p):
-        member = rows.index_select(0, tokens[..., j].reshape(-1)).to(sum_dtype)
-        if has_pad:
-            member.masked_fill_(~valid[..., j].reshape(-1, 1), 0.0)
+    for j, member_index in enumerate(index.members):
+        member = rows.index_select(0, member_index).to(sum_dtype)
+        if index.pad is not None:
+            member.masked_fill_(index.pad[j], 0.0)
         sums = member if sums is None else sums.add_(member)
-    counts = valid.sum(-1).reshape(-1).clamp(min=1).to(sum_dtype)
-    return (sums / counts[:, None]).to(x.dtype)
+    return (sums / index.counts.to(sum_dtype)).to(x.dtype)
 
 
 class _Level:
@@ -84,6 +93,7 @@ class _Level:
         self.index = index  # [R, E] key block ids packed to the front, -1 = unused
         self.counts = counts  # entries used by each row (a list, in sorted row order)
         self.bias = bias  # [n_k_blocks, width] ln(count) per key, -inf for empty slots
+        self.has_empty_slots = bool(torch.isneginf(bias).any())  # a block shorter than width
         self.drop = drop  # [B'|1, H'|1, N, E] True where a query skips an entry, or None
 
 
@@ -120,7 +130,7 @@ class _Problem:
         valid = plan.kv_index >= 0
         levels = plan.levels()
         self.levels: list[_Level] = []
-        self.pooled_sources: dict[int, int] = {}  # p -> keys per block of its pooled table
+        self.pooled_sources: dict[int, _PoolIndex] = {}  # p -> what its pooled table holds
         cost = torch.zeros(self.rows, dtype=torch.long, device=dev)
         for p in LEVELS:
             use = valid & (levels == p)
@@ -131,7 +141,7 @@ class _Problem:
             count = (k_sizes[:, None] - slot * p).clamp(0, p)  # tokens behind each pooled key
             bias = torch.where(count > 0, count.to(q.dtype).log(), float("-inf"))
             if p > 1:
-                self.pooled_sources[p] = width
+                self.pooled_sources[p] = _PoolIndex(plan.k_offsets, p, width, self.perm)
             e = int(use.sum(-1).max())
             order = (~use).to(torch.int8).argsort(dim=-1, stable=True)[..., :e]
             index = torch.where(use.gather(-1, order), plan.kv_index.gather(-1, order), -1)
@@ -194,9 +204,9 @@ class _Problem:
         b, g = divmod(group, self.G)
         heads = slice(g * self.Hg, (g + 1) * self.Hg)
         tables = []
-        for p, width in self.pooled_sources.items():
+        for index in self.pooled_sources.values():
             for x in (k, v):
-                tables.append(_pool(x[b, :, heads], self.plan.k_offsets, p, width, self.perm))
+                tables.append(_pool(x[b, :, heads], index))
         return tables
 
     def source_rows(self, rows: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -239,33 +249,41 @@ class _Problem:
             outside = out if outside is None else outside.logical_or_(out)
         return outside
 
-    def chunk(self, start: int, stop: int, q, k, v, pooled, extra_k, extra_v) -> torch.Tensor:
+    def chunk(self, start: int, stop: int, q_gather, q, k, v, pooled, extra_k, extra_v) -> torch.Tensor:
         """Output ``[stop - start, Hg, bq, Dv]`` for sorted rows ``start:stop``.
 
-        ``q, k, v`` are ``[B, N, H, D]``, ``pooled`` the chunk's (batch, head group)'s pooled
-        tables ``[n_k_blocks * width, Hg * D]`` (k, v per level in :attr:`pooled_sources`
-        order, from :meth:`pool`), ``extra_k``/``extra_v`` ``[B, Ne, H, D]`` or None.
+        ``q_gather`` are the rows' query rows (from :meth:`query_rows`), ``q, k, v``
+        ``[B, N, H, D]``, ``pooled`` the chunk's (batch, head group)'s pooled tables
+        ``[n_k_blocks * width, Hg * D]`` (k, v per level in :attr:`pooled_sources` order, from
+        :meth:`pool`), ``extra_k``/``extra_v`` ``[B, Ne, H, D]`` or None.
         """
         rows = self.order[start:stop]
         r, Hg, D, Dv = rows.numel(), self.Hg, self.D, self.Dv
         bq = self.q_pos.shape[1]
-        q_gather, _ = self.query_rows(rows)
         qc = q.reshape(-1, Hg * D).index_select(0, q_gather).view(r, bq, Hg, D).transpose(1, 2)
         q_pos = self.q_pos[self.row_qb[rows]]  # [r, bq]
         pooled_at = dict(zip(self.pooled_sources, range(0, 2 * len(self.pooled_sources), 2)))
         keys, values, biases, per_query = [], [], [], []  # per_query: (offset, [r, bq, n] drop)
         length = 0
         for level in self.levels:
-            e = max(level.counts[start:stop])
+            counts = level.counts[start:stop]
+            e = max(counts)
             if e == 0:
                 continue
             w = level.width
             idx = level.index[rows, :e]  # [r, e]
-            used = idx >= 0
             block = idx.clamp(min=0)
-            # Per key column: its entry slot, plan position (full resolution) and bias.
-            entry = torch.arange(e * w, device=idx.device).div(w, rounding_mode="floor").expand(r, -1)
-            bias = level.bias[block].masked_fill(~used[..., None], float("-inf")).reshape(r, e * w)
+            # Per key column: its entry slot, plan position (full resolution) and bias, each
+            # built only where something reads it: many plans (PSA at full resolution, whole
+            # blocks, equal counts per row) need neither a bias nor the entry slots.
+            entry = bias = None
+            if self.window is not None or level.drop is not None:
+                entry = torch.arange(e * w, device=idx.device).div(w, rounding_mode="floor").expand(r, -1)
+            if level.p > 1 or level.has_empty_slots or min(counts) < e or self.window is not None:
+                bias = level.bias[block]
+                if min(counts) < e:  # entries a row leaves unused are pad slots
+                    bias = bias.masked_fill((idx < 0)[..., None], float("-inf"))
+                bias = bias.reshape(r, e * w)
             if level.p == 1:
                 positions = self.k_pos[block].reshape(r, e * w)
                 if self.window is not None:
@@ -282,7 +300,7 @@ class _Problem:
             flat = (self.source_rows(rows, source_pos, self.N) if level.p == 1 else source_pos).reshape(-1)
             keys.append(ks.reshape(-1, Hg * D).index_select(0, flat).view(r, n, Hg, D))
             values.append(vs.reshape(-1, Hg * Dv).index_select(0, flat).view(r, n, Hg, Dv))
-            if level.p > 1 or bool(torch.isneginf(bias).any()):
+            if bias is not None and (level.p > 1 or bool(torch.isneginf(bias).any())):
                 biases.append((length, bias))
             dropped = None
             if level.drop is not None:
@@ -369,11 +387,11 @@ def gather_attention(
             pooled = sources = None  # the last group's tables go before this group's are made
             pooled = prob.pool(group, k, v)
         sources = (q, k, v, pooled, *extra_kv)
+        q_gather, scatter = prob.query_rows(prob.order[start:stop])
         if needs_grad and len(spans) > 1:
-            part = checkpoint(prob.chunk, start, stop, *sources, use_reentrant=False)
+            part = checkpoint(prob.chunk, start, stop, q_gather, *sources, use_reentrant=False)
         else:
-            part = prob.chunk(start, stop, *sources)
-        _, scatter = prob.query_rows(prob.order[start:stop])
+            part = prob.chunk(start, stop, q_gather, *sources)
         out.index_copy_(0, scatter, part.transpose(1, 2).reshape(-1, Hg * Dv))
     return out[:-1].view(B, N, H, Dv)
 
