@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,19 +245,29 @@ def test_torch_backend_in_original_order_equals_plan_order(case, seed):
         assert_close(b, a, torch.float64, f"{case} d{name}")
 
 
+def gna_plan_with_keys_from(plan: AttentionPlan, keys_from: str) -> AttentionPlan:
+    """``plan`` (a GNA plan with a window) as it is (``"boxes"``: its ``TokenWindow.grid``
+    lets the torch backend take keys from window boxes) or without that promise (``"tiles"``)."""
+    assert plan.window is not None and plan.window.grid is not None
+    if keys_from == "boxes":
+        return plan
+    return dataclasses.replace(plan, window=dataclasses.replace(plan.window, grid=None))
+
+
 @pytest.mark.parametrize("config", [
     dict(window=(3, 5, 5)),
     dict(window=(2, 3, 4), dilation=(1, 2, 2), causal=(True, False, False)),
     dict(window=(3, 6, 6), stride=(1, 2, 3)),
 ], ids=str)
-def test_torch_backend_gna_windows_any_chunking(config, seed):
-    """Rows carrying every head, the window test skipped for key tiles inside every window,
-    and per-chunk masks agree with the reference for every chunk size and batch > 1."""
+@pytest.mark.parametrize("keys_from", ["boxes", "tiles"])
+def test_torch_backend_gna_windows_any_chunking(config, keys_from, seed):
+    """Rows carrying every head and per-chunk window masks agree with the reference for every
+    chunk size and batch > 1, with keys taken from the boxes bounding the windows (GNA plans
+    promise their windows fill them) or, with that promise removed, from the listed tiles."""
     from vdiff_sparse.methods.gna import plan_gna
 
     grid = (4, 7, 9)
-    plan = plan_gna(grid, tile=(2, 3, 4), **config)
-    assert plan.window is not None
+    plan = gna_plan_with_keys_from(plan_gna(grid, tile=(2, 3, 4), **config), keys_from)
     q, k, v = random_qkv(2, plan.num_tokens, 3, 8, dtype=torch.float64, seed=seed)
     ek, ev, _ = random_qkv(2, 3, 3, 8, dtype=torch.float64, seed=seed + 1)
     extra = ExtraKeys(ek, ev, torch.tensor([[True, False, True], [True, True, True]]))
@@ -266,13 +278,15 @@ def test_torch_backend_gna_windows_any_chunking(config, seed):
         assert_close(out, expected, torch.float64, f"chunk_bytes={chunk_bytes}")
 
 
-def test_torch_backend_window_grads_through_checkpointed_chunks(seed):
+@pytest.mark.parametrize("keys_from", ["boxes", "tiles"])
+def test_torch_backend_window_grads_through_checkpointed_chunks(keys_from, seed):
     """Gradients of q, k, v and the masked extra keys with a window plan, a chunk per row
     (each chunk recomputed in backward), against the reference's."""
     from vdiff_sparse.methods.gna import plan_gna
 
     grid = (4, 7, 9)
     plan = plan_gna(grid, tile=(2, 3, 4), window=(3, 3, 5), dilation=(1, 2, 1))
+    plan = gna_plan_with_keys_from(plan, keys_from)
     q, k, v = random_qkv(2, plan.num_tokens, 3, 8, dtype=torch.float64, seed=seed, requires_grad=True)
     ek, ev, _ = random_qkv(2, 3, 3, 8, dtype=torch.float64, seed=seed + 1, requires_grad=True)
     mask = torch.tensor([[True, False, True], [True, True, True]])

@@ -41,12 +41,18 @@ class TokenWindow:
         coords: ``[N, 3]`` int64 ``(t, h, w)`` of every plan position (queries and keys).
         lo, hi: ``[N, 3]`` int64 inclusive window bounds of every query (plan order).
         dilation: per-axis dilation.
+        grid: ``(T, H, W)`` when ``coords`` are the positions of a whole grid whose token
+            ``(t * H + h) * W + w`` sits at plan position ``p`` with ``perm[p]`` that token, and
+            the plan's key blocks hold every key of every query's window (GNA plans): a backend
+            may then take a query block's keys straight from the box bounding its windows.
+            ``None`` (any window plan) promises nothing of the kind.
     """
 
     coords: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
     dilation: tuple[int, int, int]
+    grid: tuple[int, int, int] | None = None
 
     def allows(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Bool mask of shape ``q_pos.shape + k_pos.shape`` for plan positions ``q_pos``, ``k_pos``."""
@@ -71,7 +77,8 @@ class TokenWindow:
         return ((last - first).div(d, rounding_mode="floor") + 1).clamp(min=0).prod(dim=-1)
 
     def to(self, device) -> "TokenWindow":
-        return TokenWindow(self.coords.to(device), self.lo.to(device), self.hi.to(device), self.dilation)
+        return TokenWindow(self.coords.to(device), self.lo.to(device), self.hi.to(device), self.dilation,
+                           self.grid)
 
 
 @dataclass(frozen=True, eq=False)

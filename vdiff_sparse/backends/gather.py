@@ -16,7 +16,9 @@ keys, ``-inf`` for pad slots and masked extra keys) broadcast over queries, plus
 ``-inf`` where a coordinate window or per-token routing drops a key. With a window, keys
 outside the box bounding all windows of a row's queries are left out of its key list (a
 block-sparse plan of GNA lists whole key tiles, a third of whose keys no query of the row
-can see). Rows are sorted by their number of keys, so a chunk pads only to the longest row
+can see); when the plan promises that the listed tiles hold every key of every window
+(``TokenWindow.grid``: GNA), the row's keys are that box in raster order and the window test
+is a sum of per-axis tests. Rows are sorted by their number of keys, so a chunk pads only to the longest row
 among similar rows, and chunks are sized so that their gathered keys fit ``chunk_bytes``.
 With gradients enabled each chunk is recomputed in backward (activation checkpointing), so
 training memory is bounded the same way.
@@ -82,6 +84,60 @@ def _pool(x: torch.Tensor, index: _PoolIndex) -> torch.Tensor:
             member.masked_fill_(index.pad[j], 0.0)
         sums = member if sums is None else sums.add_(member)
     return (sums / index.counts.to(sum_dtype)).to(x.dtype)
+
+
+class _WindowBoxes:
+    """The keys of a window plan's rows taken straight from the boxes bounding their queries'
+    windows (plans with ``TokenWindow.grid``: GNA), instead of from the listed key tiles.
+
+    The window is a product of per-axis intervals, so with a row's keys laid out as the box's
+    ``[t, h, w]`` raster the window test is three small per-axis ``[r, bq, extent]`` tests
+    added together, where the tile-list path compares every (query, key) pair on every axis
+    and first has to drop the listed keys outside the box.
+    """
+
+    def __init__(self, problem: "_Problem", grid: tuple[int, int, int], perm: torch.Tensor | None):
+        """``problem``'s window and query-block boxes; ``perm`` the plan's reorder when the
+        sources are in plan order (a box key's token is then looked up in it), ``None`` when
+        they are indexed by token."""
+        self.window, self.row_qb, self.grid = problem.window, problem.row_qb, grid
+        size = torch.tensor(grid, device=problem.box_lo.device)
+        self.lo = problem.box_lo.long().clamp(min=0)  # [nqb, 3], clipped to the grid
+        self.extent = (problem.box_hi.long().minimum(size - 1) - self.lo + 1).clamp(min=0)
+        self.volume = self.extent.prod(-1)  # [nqb]
+        self.position_of_token = None
+        if perm is not None:
+            self.position_of_token = torch.empty_like(perm)
+            self.position_of_token[perm] = torch.arange(perm.numel(), device=perm.device)
+
+    def keys(self, rows: torch.Tensor, q_pos: torch.Tensor, dtype: torch.dtype):
+        """``([r, n] source positions, [r, bq, n] 0 / -inf window bias)`` of the rows' box keys
+        (pad slots past a smaller box read position 0 and are masked for every query)."""
+        _, lo_all, hi_all, dilation = self.window
+        lo, extent = self.lo[self.row_qb[rows]], self.extent[self.row_qb[rows]]  # [r, 3]
+        widths = extent.amax(0).tolist()
+        token, bias = None, None
+        for axis, width in enumerate(widths):
+            slot = torch.arange(width, device=rows.device)
+            x = lo[:, axis, None] + slot  # [r, width] key coordinate on this axis
+            in_box = slot < extent[:, axis, None]
+            x = torch.where(in_box, x, 0)
+            token = x if token is None else token[..., None] * self.grid[axis] + x.view(
+                -1, *([1] * (token.dim() - 1)), width)
+            q_lo = lo_all[q_pos, axis][:, :, None].long()  # [r, bq, 1]
+            q_hi = hi_all[q_pos, axis][:, :, None].long()
+            xq = x[:, None, :]
+            inside = (xq >= q_lo) & (xq <= q_hi) & in_box[:, None, :]
+            if dilation[axis] > 1:
+                inside &= torch.remainder(xq - q_lo, dilation[axis]) == 0
+            axis_bias = torch.zeros(inside.shape, dtype=dtype, device=rows.device).masked_fill_(~inside, float("-inf"))
+            # [r, bq, e0, e1, ...]: the sum over axes is -inf wherever one axis says no.
+            bias = axis_bias if bias is None else bias[..., None] + axis_bias.view(
+                *axis_bias.shape[:2], *([1] * (bias.dim() - 2)), width)
+        r = rows.numel()
+        token = token.reshape(r, -1)
+        source = token if self.position_of_token is None else self.position_of_token[token]
+        return source, bias.reshape(r, q_pos.shape[1], -1)
 
 
 class _Level:
@@ -158,7 +214,7 @@ class _Problem:
         else:
             self.extra_bias = None
 
-        self.window = None
+        self.window = self.boxes = None
         if plan.window is not None:  # small ints: the window test is many full-size passes
             window = plan.window
             small = torch.int16 if int(window.coords.abs().max()) < 2**14 else torch.int32
@@ -169,6 +225,9 @@ class _Problem:
             lo = torch.where(self.q_valid[..., None], self.window[1][self.q_pos], big)
             hi = torch.where(self.q_valid[..., None], self.window[2][self.q_pos], -big)
             self.box_lo, self.box_hi = lo.amin(1), hi.amax(1)
+            if window.grid is not None and plan.token_keep is None:
+                self.boxes = _WindowBoxes(self, window.grid, plan.perm if self.perm is None else None)
+                cost = self.boxes.volume[self.row_qb]  # the keys a row gathers
 
         # Longest rows first, so each chunk pads to a length close to all of its rows.
         # Rows stay grouped by (batch, head group), nqb rows each, so that only one group's
@@ -264,6 +323,7 @@ class _Problem:
         q_pos = self.q_pos[self.row_qb[rows]]  # [r, bq]
         pooled_at = dict(zip(self.pooled_sources, range(0, 2 * len(self.pooled_sources), 2)))
         keys, values, biases, per_query = [], [], [], []  # per_query: (offset, [r, bq, n] drop)
+        window_masks = []  # (offset, [r, bq, n] 0 / -inf): the box path's window test
         length = 0
         for level in self.levels:
             counts = level.counts[start:stop]
@@ -284,6 +344,15 @@ class _Problem:
                 if min(counts) < e:  # entries a row leaves unused are pad slots
                     bias = bias.masked_fill((idx < 0)[..., None], float("-inf"))
                 bias = bias.reshape(r, e * w)
+            if self.boxes is not None:  # a window plan whose windows fill their boxes
+                source_pos, allowed = self.boxes.keys(rows, q_pos, qc.dtype)
+                n = source_pos.shape[1]
+                flat = self.source_rows(rows, source_pos, self.N).reshape(-1)
+                keys.append(k.reshape(-1, Hg * D).index_select(0, flat).view(r, n, Hg, D))
+                values.append(v.reshape(-1, Hg * Dv).index_select(0, flat).view(r, n, Hg, Dv))
+                window_masks.append((length, allowed))
+                length += n
+                continue
             if level.p == 1:
                 positions = self.k_pos[block].reshape(r, e * w)
                 if self.window is not None:
@@ -326,11 +395,13 @@ class _Problem:
         values = (values[0] if len(values) == 1 else torch.cat(values, 1)).transpose(1, 2)
 
         mask = None
-        if biases or per_query:
+        if biases or per_query or window_masks:
             # [r, 1, 1|bq, L]: a per-key bias, widened per query only where a query drops keys.
-            mask = qc.new_zeros(r, 1, bq if per_query else 1, length)
+            mask = qc.new_zeros(r, 1, bq if per_query or window_masks else 1, length)
             for offset, bias in biases:
                 mask[:, 0, :, offset : offset + bias.shape[-1]] = bias[:, None, :]
+            for offset, allowed in window_masks:
+                mask[:, 0, :, offset : offset + allowed.shape[-1]] = allowed
             for offset, dropped in per_query:
                 mask[:, 0, :, offset : offset + dropped.shape[-1]].masked_fill_(dropped, float("-inf"))
         # Queries with no key at all must get 0, like the reference. SDPA's CPU kernels do

@@ -217,7 +217,9 @@ def _plan_gna_cpu(
         coords = token_coords(grid, order.perm)
         lo = torch.stack([lows[a][coords[:, a]] for a in range(3)], dim=1)
         hi = torch.stack([highs[a][coords[:, a]] for a in range(3)], dim=1)
-        token_window = TokenWindow(coords, lo, hi, dilation)
+        # Every key of every window is in a listed key tile (the lists are the tiles the
+        # windows touch), which is what ``grid`` promises backends.
+        token_window = TokenWindow(coords, lo, hi, dilation, grid=tuple(grid))
     info = {
         "grid": grid,
         "window": window,
