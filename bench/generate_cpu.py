@@ -31,8 +31,11 @@ SIZES = {
 
 # On random weights attention is nearly flat, so PSA's threshold mode (the presets') keeps most
 # blocks (density ~0.7 measured here); for a speed comparison PSA runs in quantile mode at a
-# FLOP-equivalent density near the other methods' (full 6%, x2 6%, x4 12%: about 0.12).
-METHOD_OVERRIDES = {"psa": ["mode=quantile", "fractions={1: 0.06, 2: 0.06, 4: 0.12}"]}
+# FLOP-equivalent density near the other methods' (full 6%, x2 6%, x4 12%: about 0.12), with
+# the method's default 128-token blocks: the tiny config's 64 are sized for its 5K-token grid,
+# and at 8K-16K tokens they would halve the query rows of every attention call.
+METHOD_OVERRIDES = {"psa": ["mode=quantile", "fractions={1: 0.06, 2: 0.06, 4: 0.12}",
+                            "block_q=128", "block_k=128"]}
 
 
 def size_args(grid):
