@@ -42,7 +42,7 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def why_not(self, q, plan) -> str | None:
+    def why_not(self, q, v, plan) -> str | None:
         try:
             import triton  # noqa: F401
         except ImportError as err:
@@ -52,17 +52,19 @@ class TritonBackend(Backend):
                 f"q is on {q.device.type}; the Triton kernels need a CUDA tensor "
                 "(or CPU tensors with TRITON_INTERPRET=1)"
             )
+        supported = ", ".join(map(str, SUPPORTED_HEAD_DIMS))
         if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-            return f"head dim {q.shape[-1]} is not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+            return f"head dim {q.shape[-1]} is not supported (supported: {supported})"
+        if v.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            return f"value head dim {v.shape[-1]} is not supported (supported: {supported})"
         if q.dtype not in SUPPORTED_DTYPES:
             return f"dtype {q.dtype} is not supported (supported: float16, bfloat16, float32)"
         return None
 
     def forward(self, q, k, v, plan, extra=None, scale=None):
-        if v.shape[-1] not in SUPPORTED_HEAD_DIMS:
-            raise NotImplementedError(
-                f"value head dim {v.shape[-1]} is not supported (supported: {SUPPORTED_HEAD_DIMS})"
-            )
+        reason = self.why_not(q, v, plan)  # called directly, not through select_backend
+        if reason is not None:
+            raise NotImplementedError(f"backend 'triton' cannot run this problem: {reason}")
         return _ops().plan_attention(q, k, v, plan, extra, scale)
 
 

@@ -219,6 +219,30 @@ def test_torch_backend_query_blocks_without_keys(extra, seed):
             assert_close(b, a, torch.float64, f"chunk_bytes={chunk_bytes} d{name}")
 
 
+@pytest.mark.parametrize("index_dims,keep_dims", [((1, 1), (2, 3)), ((2, 3), (1, 1)), ((1, 3), (2, 1))],
+                         ids=["shared-index", "shared-keep", "crossed"])
+def test_torch_backend_index_and_token_keep_broadcast_independently(index_dims, keep_dims, seed):
+    """kv_index / kv_level and token_keep may each be shared over batch and heads (dims of 1)
+    on their own; pooled levels keep the plan on the gather path (not the routed one)."""
+    B, H, D, N = 2, 3, 8, 64
+    g = torch.Generator().manual_seed(seed)
+    offsets = uniform_offsets(N, 16)
+    selected = torch.rand(*index_dims, 4, 4, generator=g) < 0.6
+    selected[..., 0] = True
+    levels = torch.tensor([1, 2, 4])[torch.randint(0, 3, (*index_dims, 4, 4), generator=g)]
+    index, level = pack_block_selection(selected, levels)
+    keep = torch.rand(*keep_dims, N, index.shape[-1], generator=g) < 0.6
+    plan = AttentionPlan(torch.randperm(N, generator=g), offsets, offsets, index, level, keep)
+    q, k, v = random_qkv(B, N, H, D, dtype=torch.float64, seed=seed, requires_grad=True)
+    expected = run_plan(q, k, v, plan, backend="reference")
+    out = run_plan(q, k, v, plan, backend="torch")
+    assert_close(out, expected, torch.float64, "out")
+    grad_out = torch.randn_like(out)
+    for a, b, name in zip(torch.autograd.grad((expected * grad_out).sum(), (q, k, v)),
+                          torch.autograd.grad((out * grad_out).sum(), (q, k, v)), "qkv"):
+        assert_close(b, a, torch.float64, f"d{name}")
+
+
 def test_torch_backend_chunking_does_not_change_result(seed):
     plan = random_plan(100, 16, 16, 2, 2, levels=True, keep=True, seed=seed)
     q, k, v = random_qkv(2, 100, 2, 8, dtype=torch.float64, seed=seed)
@@ -358,13 +382,21 @@ def test_torch_backend_float32_gradients_with_checkpointed_chunks(seed):
 
 def test_auto_backend_on_cpu_is_torch():
     q = torch.randn(1, 10, 1, 8)
-    assert select_backend("auto", q, dense_plan(10, 4)).name in ("torch", "triton")
+    assert select_backend("auto", q, q, dense_plan(10, 4)).name in ("torch", "triton")
     with pytest.raises(ValueError, match=r"backend must be one of .*'torch'.*got 'cuda'"):
-        select_backend("cuda", q, dense_plan(10, 4))
+        select_backend("cuda", q, q, dense_plan(10, 4))
 
 
 def test_run_plan_errors():
     q, k, v = random_qkv(1, 10, 2, 8)
+    with pytest.raises(ValueError, match=r"q, k, v must share \[B, N, heads\].*k \(1, 12, 2, 8\)"):
+        run_plan(q, torch.randn(1, 12, 2, 8), torch.randn(1, 12, 2, 8), dense_plan(10, 4))
+    with pytest.raises(ValueError, match=r"q, k, v must share a dtype"):
+        run_plan(q, k.double(), v, dense_plan(10, 4))
+    with pytest.raises(ValueError, match=r"k must be \[B, N, heads, D\] \(4 dims\)"):
+        run_plan(q, k[0], v, dense_plan(10, 4))
+    with pytest.raises(ValueError, match=r"extra_v must be \[B, Ne, heads, Dv=8\]"):
+        run_plan(q, k, v, dense_plan(10, 4), extra_k=torch.randn(1, 3, 2, 8), extra_v=torch.randn(1, 3, 2, 4))
     with pytest.raises(ValueError, match="plan covers N=12 tokens but q has N=10"):
         run_plan(q, k, v, dense_plan(12, 4))
     with pytest.raises(ValueError, match=r"extra_k must be \[B=1, Ne, heads=2, D=8\]"):

@@ -415,3 +415,10 @@ def test_attention_errors():
         gna_attention(q, k, v, (3, 5, 7), (4, 3, 3))
     with pytest.raises(ValueError, match="backend must be one of"):
         gna_attention(q, k, v, (3, 5, 7), 3, backend="cuda")
+    # Non-finite inputs, also for a window covering the grid (run as dense SDPA).
+    for name, window in (("q", 3), ("k", 3), ("v", 3), ("v", (3, 5, 7))):
+        bad = {"q": q, "k": k, "v": v}
+        bad[name] = bad[name].clone()
+        bad[name][0, 4, 1, 3] = float("nan") if name != "k" else float("-inf")
+        with pytest.raises(ValueError, match=rf"^{name} contains 1 NaN/Inf values"):
+            gna_attention(bad["q"], bad["k"], bad["v"], (3, 5, 7), window)

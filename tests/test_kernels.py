@@ -347,21 +347,37 @@ def test_pool_gradient_spreads_evenly():
 
 
 @pytest.mark.parametrize(
-    "shape,dtype,device,interp,reason",
+    "shape,value_dim,dtype,device,interp,reason",
     [
-        ((1, 8, 1, 96), torch.float32, "cpu", True, "head dim 96 is not supported"),
-        ((1, 8, 1, 32), torch.float64, "cpu", True, "dtype torch.float64 is not supported"),
-        ((1, 8, 1, 32), torch.float32, "cpu", False, "need a CUDA tensor"),
+        ((1, 8, 1, 96), 96, torch.float32, "cpu", True, "head dim 96 is not supported"),
+        ((1, 8, 1, 32), 48, torch.float32, "cpu", True, "value head dim 48 is not supported"),
+        ((1, 8, 1, 32), 32, torch.float64, "cpu", True, "dtype torch.float64 is not supported"),
+        ((1, 8, 1, 32), 32, torch.float32, "cpu", False, "need a CUDA tensor"),
     ],
-    ids=["head_dim", "dtype", "cpu_without_interpreter"],
+    ids=["head_dim", "value_head_dim", "dtype", "cpu_without_interpreter"],
 )
-def test_why_not(shape, dtype, device, interp, reason, monkeypatch):
+def test_why_not(shape, value_dim, dtype, device, interp, reason, monkeypatch):
     if not interp:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    got = triton_backend().why_not(torch.zeros(shape, dtype=dtype, device=device), dense_plan(8, 8))
+    q = torch.zeros(shape, dtype=dtype, device=device)
+    v = torch.zeros(*shape[:3], value_dim, dtype=dtype, device=device)
+    got = triton_backend().why_not(q, v, dense_plan(8, 8))
     assert got is not None and reason in got
+
+
+def test_auto_backend_falls_back_for_a_value_head_dim_the_kernels_cannot_do(monkeypatch):
+    """q's head dim is one the kernels do, v's is not: "auto" runs the torch backend."""
+    from vdiff_sparse import gna_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, _ = random_qkv(1, 4 * 4 * 4, 2, 32, seed=0)
+    v = torch.randn(1, 64, 2, 48)
+    out = gna_attention(q, k, v, (4, 4, 4), window=3, backend="auto")
+    expected = gna_attention(q, k, v, (4, 4, 4), window=3, backend="torch")
+    assert out.shape == (1, 64, 2, 48)
+    torch.testing.assert_close(out, expected)
 
 
 def test_run_plan_with_permutation(seed):

@@ -578,6 +578,10 @@ def test_input_errors(seed):
     bad_k[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"^k contains 1 NaN/Inf"):
         plan_psa(q, bad_k, (3, 5, 7))
+    bad_v = v.clone()
+    bad_v[0, 9, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^v contains 1 NaN/Inf"):
+        psa_attention(q, k, bad_v, (3, 5, 7))
     with pytest.raises(ValueError, match=r"q must be \[B, N, heads, D\]"):
         plan_psa(q[0], k[0], (3, 5, 7))
 

@@ -436,3 +436,9 @@ def test_argument_errors():
     bad_k[0, 3, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="k contains"):
         plan_vmoba(q, bad_k, (3, 5, 7), 1, make_config("threshold", "global", 0.5))
+    with pytest.raises(ValueError, match="q contains"):  # top-k >= blocks: a dense plan, still checked
+        vmoba_attention(bad, k, v, (3, 5, 7), 2, **SMALL, topk=1000, backend="reference")
+    bad_v = v.clone()
+    bad_v[0, 9, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="v contains 1 NaN/Inf"):
+        vmoba_attention(q, k, bad_v, (3, 5, 7), 2, **SMALL, topk=2, backend="reference")

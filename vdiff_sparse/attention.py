@@ -12,14 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from .backends import ExtraKeys, select_backend
+from .checks import check_qkv
 from .plan import AttentionPlan
 
 
 def make_extra(
-    extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, extra_mask: torch.Tensor | None, q: torch.Tensor
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    extra_mask: torch.Tensor | None,
+    q: torch.Tensor,
+    v: torch.Tensor,
 ) -> ExtraKeys | None:
-    """Validate always-attended keys: ``extra_k``/``extra_v`` ``[B, Ne, heads, D]``,
-    ``extra_mask`` ``[B, Ne]`` bool (True = real key)."""
+    """Validate always-attended keys against q and v ``[B, N, heads, D|Dv]``: ``extra_k``
+    ``[B, Ne, heads, D]``, ``extra_v`` ``[B, Ne, heads, Dv]``, ``extra_mask`` ``[B, Ne]`` bool
+    (True = real key)."""
     if extra_k is None and extra_v is None:
         if extra_mask is not None:
             raise ValueError("extra_mask was given without extra_k/extra_v")
@@ -31,9 +37,10 @@ def make_extra(
         raise ValueError(
             f"extra_k must be [B={B}, Ne, heads={H}, D={D}], got {tuple(extra_k.shape)}"
         )
-    if extra_v.shape[:3] != extra_k.shape[:3]:
+    if extra_v.dim() != 4 or extra_v.shape[:3] != extra_k.shape[:3] or extra_v.shape[3] != v.shape[3]:
         raise ValueError(
-            f"extra_v must be [B, Ne, heads, Dv] like extra_k {tuple(extra_k.shape)}, got {tuple(extra_v.shape)}"
+            f"extra_v must be [B, Ne, heads, Dv={v.shape[3]}] like extra_k {tuple(extra_k.shape)} "
+            f"with v's head dim, got {tuple(extra_v.shape)}"
         )
     if extra_mask is not None:
         if extra_mask.shape != extra_k.shape[:2] or extra_mask.dtype != torch.bool:
@@ -69,10 +76,11 @@ def run_plan(
     Returns:
         ``[B, N, heads, D]`` in original order, dtype of q.
     """
+    check_qkv(q, k, v)
     if q.shape[1] != plan.num_tokens:
         raise ValueError(f"the plan covers N={plan.num_tokens} tokens but q has N={q.shape[1]}")
-    extra = make_extra(extra_k, extra_v, extra_mask, q)
-    runner = select_backend(backend, q, plan)
+    extra = make_extra(extra_k, extra_v, extra_mask, q, v)
+    runner = select_backend(backend, q, v, plan)
     if plan.kv_index.device != q.device:
         plan = plan.to(q.device)
     return runner.forward_original_order(q, k, v, plan, extra, scale)
@@ -89,7 +97,8 @@ def dense_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Dense SDPA on ``[B, N, heads, D]`` tensors (with extra keys appended): the baseline."""
-    extra = make_extra(extra_k, extra_v, extra_mask, q)
+    check_qkv(q, k, v)
+    extra = make_extra(extra_k, extra_v, extra_mask, q, v)
     mask = None
     if extra is not None:
         k = torch.cat([k, extra.k], dim=1)

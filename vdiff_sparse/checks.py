@@ -85,15 +85,21 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Sequence[
 
 
 def check_finite(**tensors: torch.Tensor) -> None:
-    """Raise if any tensor holds NaN or Inf (selection on such inputs is meaningless).
+    """Raise if any tensor holds NaN or Inf (selection on such inputs is meaningless, and
+    attention would spread them over every query that sees them).
 
-    Costs one sum per tensor when the inputs are finite: a NaN or Inf summand makes the sum NaN
-    or Inf, so a finite sum clears the whole tensor. A non-finite sum can also be an overflow of
-    large finite values, so only then does the element-wise test decide.
+    Costs one sum per tensor and one device sync in all when the inputs are finite: a NaN or
+    Inf summand makes a sum NaN or Inf, so a finite total clears every tensor. A non-finite
+    total can also be an overflow of large finite values, so only then does the element-wise
+    test decide.
     """
-    for name, x in tensors.items():
-        if x is None or torch.isfinite(x.sum()):
-            continue
+    present = {name: x for name, x in tensors.items() if x is not None}
+    if not present:
+        return
+    total = torch.stack([x.sum(dtype=torch.float32) for x in present.values()]).sum()
+    if torch.isfinite(total):
+        return
+    for name, x in present.items():
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).sum().item()
             raise ValueError(f"{name} contains {bad} NaN/Inf values; inputs must be finite")

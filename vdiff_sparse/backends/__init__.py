@@ -50,20 +50,21 @@ def get_backend(name: str) -> Backend:
     return _instances[name]
 
 
-def _probe(name: str, q: torch.Tensor, plan: AttentionPlan) -> str | None:
+def _probe(name: str, q: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
     try:
         backend = get_backend(name)
     except ImportError as err:  # e.g. triton not installed
         return f"cannot be imported ({err})"
-    return backend.why_not(q, plan)
+    return backend.why_not(q, v, plan)
 
 
-def select_backend(name: str, q: torch.Tensor, plan: AttentionPlan) -> Backend:
-    """Resolve ``name`` (``"auto"`` or a backend name) to a backend that can run this problem."""
+def select_backend(name: str, q: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> Backend:
+    """Resolve ``name`` (``"auto"`` or a backend name) to a backend that can run ``plan`` on
+    queries ``q`` and values ``v`` (``[B, N, heads, D|Dv]``)."""
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER:
-            reason = _probe(candidate, q, plan)
+            reason = _probe(candidate, q, v, plan)
             if reason is None:
                 return get_backend(candidate)
             logger.debug("backend %s declined: %s", candidate, reason)
@@ -71,7 +72,7 @@ def select_backend(name: str, q: torch.Tensor, plan: AttentionPlan) -> Backend:
         raise NotImplementedError("no backend can run this problem: " + "; ".join(reasons))
     if name not in _FACTORIES:
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
-    reason = _probe(name, q, plan)
+    reason = _probe(name, q, v, plan)
     if reason is not None:
         raise NotImplementedError(f"backend {name!r} cannot run this problem: {reason}")
     return get_backend(name)

@@ -28,13 +28,13 @@ class Backend:
     """Executes an :class:`AttentionPlan`.
 
     Subclasses set ``name`` and implement :meth:`why_not` (``None`` if the backend can run this
-    problem, else a sentence saying why not) and :meth:`forward` (q, k, v ``[B, N, heads, D]``
+    problem, q and v ``[B, N, heads, D|Dv]``, else a sentence saying why not) and :meth:`forward` (q, k, v ``[B, N, heads, D]``
     in plan order -> output ``[B, N, heads, Dv]`` in plan order, same dtype as q).
     """
 
     name: str = ""
 
-    def why_not(self, q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    def why_not(self, q: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
         raise NotImplementedError
 
     def forward(

@@ -162,10 +162,16 @@ class _Problem:
         self.B, self.N, self.D, self.Dv = B, N, D, v.shape[-1]
         dev = q.device
         nqb = plan.num_q_blocks
-        bp, hp = plan.kv_index.shape[:2]
-        keep_hp = 1 if plan.token_keep is None else plan.token_keep.shape[1]
+        # kv_index / kv_level and token_keep broadcast over batch and heads each on its own:
+        # seen here at their joint shape [bp, hp, ...] (views).
+        kv_index, levels, keep = plan.kv_index, plan.levels(), plan.token_keep
+        bp, hp = kv_index.shape[:2]
+        if keep is not None:
+            bp, hp = max(bp, keep.shape[0]), max(hp, keep.shape[1])
+            keep = keep.expand(bp, hp, *keep.shape[2:])
+        kv_index, levels = (x.expand(bp, hp, *x.shape[2:]) for x in (kv_index, levels))
         # One row for all heads when nothing in the plan differs between heads.
-        self.Hg = H if hp == 1 and keep_hp == 1 else 1
+        self.Hg = H if hp == 1 else 1
         self.G = H // self.Hg
         self.rows = B * self.G * nqb
 
@@ -183,8 +189,7 @@ class _Problem:
         self.plan_b = self.row_b if bp > 1 else torch.zeros_like(r)
         self.plan_h = self.row_g if hp > 1 else torch.zeros_like(r)
 
-        valid = plan.kv_index >= 0
-        levels = plan.levels()
+        valid = kv_index >= 0
         self.levels: list[_Level] = []
         self.pooled_sources: dict[int, _PoolIndex] = {}  # p -> what its pooled table holds
         cost = torch.zeros(self.rows, dtype=torch.long, device=dev)
@@ -200,11 +205,11 @@ class _Problem:
                 self.pooled_sources[p] = _PoolIndex(plan.k_offsets, p, width, self.perm)
             e = int(use.sum(-1).max())
             order = (~use).to(torch.int8).argsort(dim=-1, stable=True)[..., :e]
-            index = torch.where(use.gather(-1, order), plan.kv_index.gather(-1, order), -1)
+            index = torch.where(use.gather(-1, order), kv_index.gather(-1, order), -1)
             drop = None
-            if plan.token_keep is not None:
+            if keep is not None:
                 q_block = plan.query_block_of_position()
-                drop = ~plan.token_keep.gather(-1, order[:, :, q_block, :])  # [B',H',N,e]
+                drop = ~keep.gather(-1, order[:, :, q_block, :])  # [bp, hp, N, e]
             row_index = index[self.plan_b, self.plan_h, self.row_qb]  # [R, e]
             row_count = (row_index >= 0).sum(-1)
             cost += row_count * width
@@ -477,7 +482,7 @@ class GatherBackend(Backend):
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.chunk_bytes = chunk_bytes
 
-    def why_not(self, q, plan) -> str | None:
+    def why_not(self, q, v, plan) -> str | None:
         return None
 
     def forward(self, q, k, v, plan, extra=None, scale=None):

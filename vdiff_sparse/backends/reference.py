@@ -104,7 +104,7 @@ def reference_attention(
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def why_not(self, q, plan) -> str | None:
+    def why_not(self, q, v, plan) -> str | None:
         if plan.num_tokens > 16384:
             return f"N={plan.num_tokens} is too large for the dense float64 reference (max 16384)"
         return None

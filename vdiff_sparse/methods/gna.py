@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..attention import dense_attention, run_plan
-from ..checks import check_grid, check_per_axis, check_qkv
+from ..checks import check_finite, check_grid, check_per_axis, check_qkv
 from ..layout import tile_order, token_coords
 from ..plan import AttentionPlan, TokenWindow, pack_block_selection
 
@@ -310,6 +310,7 @@ def gna_attention(
         ``[B, N, heads, D]`` output in the input order (and the plan if ``return_plan``).
     """
     grid = check_qkv(q, k, v, grid)
+    check_finite(q=q, k=k, v=v)
     plan = plan_gna(grid, window, stride, dilation, causal, tile=tile, device=q.device)
     extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, scale=scale)
     if backend == "auto" and plan.info["dense"]:

@@ -490,6 +490,7 @@ def psa_attention(
     if overrides:
         config = config.replace(**overrides)
     check_qkv(q, k, v, grid)
+    check_finite(v=v)  # q and k: plan_psa
     plan = plan_psa(q, k, grid, config, scale=scale)
     out = run_plan(
         q, k, v, plan,

@@ -297,9 +297,9 @@ def plan_vmoba(
         "mode": config.mode,
         "scope": config.scope,
     }
+    check_finite(q=q, k=k)
     if config.mode == "topk" and config.topk >= nb:
         return _dense_selection_plan(order, q_offsets, info)
-    check_finite(q=q, k=k)
 
     B, _, H, D = q.shape
     gate_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -394,6 +394,7 @@ def vmoba_attention(
     if overrides:
         config = config.replace(**overrides)
     check_qkv(q, k, v, grid)
+    check_finite(v=v)  # q and k: plan_vmoba
     plan = plan_vmoba(q, k, grid, layer_index, config)
     out = run_plan(
         q, k, v, plan,
