@@ -253,6 +253,30 @@ def test_config_sources_in_order():
     assert P.VMoBAProcessor(schedule=ScheduleConfig(dense_layers=[0])).schedule.dense_layers == [0]
 
 
+def test_model_preset_of_another_family_refused(seed):
+    """A model preset is for one model family (its ``family:``): ``enable`` refuses a model of
+    another family, and so does the first call after a plain ``set_attn_processor``; method
+    presets and presets of the model's family run."""
+    hunyuan = tiny_hunyuan_video_transformer(seed=seed % 1000)
+    inputs = tiny_inputs("hunyuan_video", GRID, seed=seed)
+    refused = (r"PSAProcessor\(preset='wan2.1-1.3b'\): that preset is for wan models, but the processor is "
+               r"used in a hunyuan_video model; model presets for hunyuan_video: \['hunyuanvideo'\]")
+    with pytest.raises(ValueError, match=refused):
+        integration.enable(hunyuan, P.PSAProcessor(preset="wan2.1-1.3b"))
+    hunyuan.set_attn_processor(P.PSAProcessor(preset="wan2.1-1.3b"))
+    with pytest.raises(ValueError, match=refused):
+        _forward(hunyuan, inputs, 900)
+    integration.disable(hunyuan)
+    for preset in ("hunyuanvideo", "gna"):
+        integration.enable(hunyuan, P.GNAProcessor(preset=preset, window=2, stride=1))
+        assert torch.isfinite(_forward(hunyuan, inputs, 900)).all()
+    integration.disable(hunyuan)
+    from vdiff_sparse.processors.base import preset_family
+
+    families = {cls.name for cls in P.ModelAdapter.__subclasses__()}
+    assert {preset_family(name) for name in P.available_presets()["models"]} <= families
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown preset 'wan9'"):
         P.PSAProcessor(preset="wan9")
@@ -361,6 +385,21 @@ def test_ltx_without_grid_kwargs_says_how(seed):
     integration.disable(model)
 
 
+def test_ltx_grid_kwargs_are_the_token_grid(seed):
+    """LTX's ``num_frames/height/width`` are the token grid (diffusers' RoPE makes one position
+    per token), also with ``patch_size=2``: the grid is taken as given, not divided again."""
+    model = tiny_ltx_transformer(patch_size=2, patch_size_t=1, in_channels=32, out_channels=32, seed=seed % 1000)
+    inputs = tiny_inputs("ltx", GRID, seed=seed)
+    inputs["hidden_states"] = torch.randn(1, GRID[0] * GRID[1] * GRID[2], 32, generator=torch.Generator().manual_seed(seed))
+    ref = _forward(model, inputs, 900)
+    integration.enable(model, P.DenseProcessor())
+    out = _forward(model, inputs, 900)
+    grid = integration.get_context(model).grid
+    integration.disable(model)
+    assert grid == GRID
+    assert (out - ref).abs().max() <= 1e-5
+
+
 # --- pipelines ---------------------------------------------------------------------------------
 PIPE_KW = dict(prompt="a cat runs on the beach", negative_prompt="snow", height=32, width=64, num_frames=9,
                num_inference_steps=3, guidance_scale=2.0, output_type="pt")
@@ -421,7 +460,7 @@ def test_wan22_set_attn_processor_without_enable(pipes):
     bare = tiny_wan_transformer(seed=0)
     bare.set_attn_processor(P.PSAProcessor(block_q=8, block_k=8))
     says_how = (r"PSAProcessor in 'blocks.0.attn1'.*number of steps is unknown.*"
-                r"vdiff_sparse.enable\(pipe, processor\).*set_context\(transformer, total_steps=N\)")
+                r"run it in its pipeline.*set_context\(transformer, total_steps=N\)")
     with pytest.raises(ValueError, match=says_how):
         _forward(bare, inputs, 900)
     integration.set_context(bare, total_steps=10)
@@ -434,7 +473,7 @@ def test_wan22_two_experts_share_steps(pipes):
     rec = Recorder(dense_steps=0.5)
     ctx = integration.enable(pipe, rec)
     out = _generate(pipe)
-    assert integration.get_context(pipe.transformer_2) is ctx and ctx.total_steps == 3
+    assert integration.get_context(pipe.transformer_2) is ctx and ctx.num_steps() == 3
     # 3 steps x 2 CFG calls x 2 layers, over both experts; ceil(0.5 * 3) = 2 warm-up steps.
     assert [(s, r) for layer, s, r in rec.calls if layer == 0] == [
         (0, "warmup"), (0, "warmup"), (1, "warmup"), (1, "warmup"), (2, ""), (2, "")]
@@ -488,3 +527,43 @@ def test_torch_compile(wan):
     assert (eager[1] - _forward(model, inputs, 600)).abs().max() > 1e-4, "step 1 was not sparse"
     recs = [(r.step, r.method, r.flop_density < 1) for r in proc.stats.records]
     assert recs == [(0, "dense", False)] * 2 + [(1, "gna", True)] * 2
+
+
+def test_enable_compiled_transformer(pipes):
+    """``pipe.transformer = torch.compile(pipe.transformer)`` (the usual diffusers recipe), then
+    ``enable`` on the pipeline or on the compiled transformer: the hook and the bindings go on
+    the module it compiles, and ``disable`` takes them off again."""
+    pipe = pipes[0]
+    original = pipe.transformer
+    pipe.transformer = torch.compile(original, backend="aot_eager")
+    try:
+        for target in (pipe, pipe.transformer):
+            proc = P.DenseProcessor()
+            ctx = integration.enable(target, proc)
+            assert integration.get_context(original) is ctx
+            assert all(block.attn1.processor is proc for block in original.blocks)
+            integration.disable(target)
+            assert integration.binding_of(original.blocks[0].attn1) is None
+            assert not isinstance(original.blocks[0].attn1.processor, P.SparseProcessor)
+    finally:
+        pipe.transformer = original
+
+
+@pytest.mark.slow  # compiles the transformer (about 8 s on 2 cores)
+def test_set_attn_processor_then_compile(seed):
+    """``set_attn_processor`` then ``torch.compile`` with no eager call first: the processor
+    attaches itself from inside the compiled model (the stack walk runs eagerly) and gives what
+    the eager model gives."""
+    model = tiny_wan_transformer(seed=seed % 1000)
+    twin = tiny_wan_transformer(seed=seed % 1000)  # same weights
+    inputs = tiny_inputs("wan", GRID, seed=seed)
+    proc = P.GNAProcessor(window=2, stride=1, stats=True)
+    model.set_attn_processor(proc)
+    compiled = _forward(torch.compile(model, backend="aot_eager"), inputs, 900)
+    twin.set_attn_processor(P.GNAProcessor(window=2, stride=1))
+    eager = _forward(twin, inputs, 900)
+    assert integration.get_context(model).grid == GRID
+    assert [(r.layer, r.method) for r in proc.stats.records] == [(0, "gna"), (1, "gna")]
+    assert (compiled - eager).abs().max() <= 1e-5
+    integration.disable(model)
+    integration.disable(twin)

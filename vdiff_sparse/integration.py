@@ -11,12 +11,14 @@ index. This module supplies them:
   on the modules, so one processor instance can serve every layer.
 * :func:`enable` attaches every transformer of a pipeline (Wan 2.2's ``transformer_2`` too,
   with one shared context) and sets the processor; :func:`disable` restores the model's own
-  processors and removes everything.
+  processors and removes everything. ``enable`` takes a bare transformer too, and a
+  ``torch.compile``-d one (the hook and the bindings go on the module it compiles).
 * ``transformer.set_attn_processor(proc)`` without ``enable`` also works: on its first call the
   processor finds its transformer on the call stack and attaches it (see :func:`discover`).
-  When a diffusers pipeline that owns the transformer is running further up the stack, every
-  transformer of that pipeline shares one context (Wan 2.2's two experts count steps together)
-  and the number of steps is read from the pipeline's scheduler.
+* On every call the hook looks for a diffusers pipeline holding the transformer further up the
+  call stack. When it finds one, every transformer of that pipeline shares one context (Wan
+  2.2's two experts count steps together, also after one ``enable`` per expert) and the number
+  of steps is read from that pipeline's scheduler, also when ``enable`` was given a transformer.
 * Attention modules added to an attached transformer later (``set_attn_processor`` again after
   model surgery) are bound on their first call: video self-attention by its layer index,
   anything else to the model's dense path.
@@ -25,12 +27,14 @@ Denoising step: the context counts distinct noise levels. A call at the same tim
 previous one is the same step (classifier-free guidance calls the transformer twice per step
 with one timestep, Wan / HunyuanVideo; CogVideoX / LTX / Mochi batch both in one call); a lower
 noise level is the next step; a higher one starts a new generation (step 0). Mochi's timesteps
-run upwards (its adapter says so), the others' downwards. ``enable`` also resets the count when
-the pipeline calls ``scheduler.set_timesteps`` (the start of every generation). The number of
-steps, which fractional warm-up schedules need, comes from ``set_context(..., total_steps=N)``
-if given, else from the scheduler of the pipeline (``enable`` or a pipeline found on the
-stack); a bare transformer has none, and such a schedule raises an error that says how to give
-it.
+run upwards (its adapter says so), the others' downwards.
+
+Number of steps, which fractional warm-up schedules need: ``set_context(..., total_steps=N)``
+if given, else the scheduler the pipeline holds when the count is needed (so a scheduler
+swapped in after ``enable`` counts), counting only the scheduler's timesteps at or below the
+first one of the generation (video-to-video with ``strength < 1`` skips the noisiest ones). A
+transformer called on its own, or before the pipeline's ``scheduler.set_timesteps``, has none,
+and such a schedule raises an error that says how to give it.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ from .processors.adapters import ModelAdapter, adapter_for, supported_models
 
 _BINDING = "_vdiff_sparse_binding"  # on attention modules
 _ATTACHMENT = "_vdiff_sparse_attachment"  # on transformers
-_SCHEDULER_WRAP = "_vdiff_sparse_set_timesteps"  # marker on the wrapped scheduler method
 
 
 @dataclass
@@ -59,41 +62,62 @@ class RunContext:
     Attributes:
         grid: latent grid ``(T, H, W)`` of the current forward call, after patchify.
         step: denoising step index of the current call (0-based).
-        total_steps: number of denoising steps of the generation, if known; when ``None``,
-            :meth:`num_steps` asks the scheduler the context follows.
+        total_steps: number of denoising steps of the generation, given by hand
+            (``set_context``); when ``None``, :meth:`num_steps` asks the scheduler of the
+            pipeline the context follows.
     """
 
     grid: Grid | None = None
     step: int = 0
     total_steps: int | None = None
-    _last_timestep: float | None = field(default=None, repr=False)
-    _scheduler: Any = field(default=None, repr=False)  # weakref to a pipeline's scheduler
+    # Noise levels (the timestep, negated where timesteps increase): of the last call, and of
+    # the first call of this generation.
+    _last_level: float | None = field(default=None, repr=False)
+    _first_level: float | None = field(default=None, repr=False)
+    _timestep_increases: bool = field(default=False, repr=False)
+    _pipeline: Any = field(default=None, repr=False)  # weakref to the pipeline followed
+    # ((scheduler id, its num_inference_steps, first level), number of steps): counting the
+    # scheduler's timesteps reads a device tensor, so it is done once per generation.
+    _steps_cache: tuple | None = field(default=None, repr=False)
 
-    def new_generation(self, total_steps: int | None = None) -> None:
+    def new_generation(self) -> None:
+        """Restart the step count: the next call is step 0 of a new generation."""
         self.step = 0
-        self._last_timestep = None
-        self.total_steps = total_steps
+        self._last_level = None
+        self._first_level = None
 
-    def follow_scheduler(self, scheduler) -> None:
-        """Read the number of steps from ``scheduler`` (a diffusers scheduler) when
-        ``total_steps`` is not set."""
-        self._scheduler = None if scheduler is None else weakref.ref(scheduler)
+    def follow_pipeline(self, pipe) -> None:
+        """Read the number of steps from the scheduler ``pipe`` (a diffusers pipeline) holds at
+        the time it is needed, when ``total_steps`` is not set."""
+        self._pipeline = weakref.ref(pipe)
+
+    def pipeline(self):
+        """The pipeline this context follows, or ``None``."""
+        return None if self._pipeline is None else self._pipeline()
 
     def num_steps(self) -> int | None:
         """The number of denoising steps of the current generation, or ``None`` if unknown."""
         if self.total_steps is not None:
             return self.total_steps
-        return _scheduler_steps(self._scheduler() if self._scheduler is not None else None)
+        scheduler = getattr(self.pipeline(), "scheduler", None)
+        key = (id(scheduler), getattr(scheduler, "num_inference_steps", None), self._first_level)
+        if self._steps_cache is None or self._steps_cache[0] != key:
+            steps = _scheduler_steps(scheduler, self._first_level, self._timestep_increases)
+            self._steps_cache = (key, steps)
+        return self._steps_cache[1]
 
-    def observe_timestep(self, value: float) -> None:
-        """Advance the step count for a transformer call at noise level ``value`` (higher =
-        noisier)."""
-        last = self._last_timestep
-        if last is None or value > last:
-            self.step = 0
-        elif value < last:
+    def observe_timestep(self, timestep: float, *, increases: bool = False) -> None:
+        """Advance the step count for a transformer call at ``timestep``; ``increases``: the
+        model's timesteps grow as denoising proceeds (Mochi), else they fall."""
+        level = -timestep if increases else timestep  # higher = noisier
+        last = self._last_level
+        if last is None or level > last:
+            self.new_generation()
+            self._first_level = level
+        elif level < last:
             self.step += 1
-        self._last_timestep = value
+        self._last_level = level
+        self._timestep_increases = increases
 
 
 @dataclass(eq=False)
@@ -128,15 +152,28 @@ class _Attachment:
     modules: list  # (module, original processor or None)
 
 
-def _scheduler_steps(scheduler) -> int | None:
-    """Number of denoising steps a diffusers scheduler was set up for (``None`` before its
-    ``set_timesteps``)."""
-    if scheduler is None:
-        return None
+def _scheduler_steps(scheduler, first_level: float | None = None, increases: bool = False) -> int | None:
+    """Number of denoising steps a diffusers scheduler runs in the current generation, ``None``
+    before its ``set_timesteps`` (its ``timesteps`` then are the training ones, not steps).
+
+    ``first_level``: noise level of the generation's first transformer call (the timestep,
+    negated when the model's timesteps ``increase``). A pipeline that starts part-way
+    (video-to-video with ``strength < 1``) skips the scheduler's noisiest timesteps; only those
+    at or below the first level run.
+    """
     total = getattr(scheduler, "num_inference_steps", None)
-    if total is None and getattr(scheduler, "timesteps", None) is not None:
-        total = len(scheduler.timesteps) // max(1, getattr(scheduler, "order", 1))
-    return total
+    timesteps = getattr(scheduler, "timesteps", None)
+    if total is None or timesteps is None or first_level is None:
+        return total
+    levels = torch.as_tensor(timesteps).detach().float()
+    levels = -levels if increases else levels
+    first = levels[(levels - first_level).abs().argmin()]
+    # The scheduler's level the call was at; pipelines may pass the timestep in the latents'
+    # dtype (Mochi), and bfloat16 rounds by at most 2**-8 of it.
+    if abs(float(first) - first_level) > abs(first_level) * 2**-8 + 1e-6:
+        return total  # the transformer's timesteps are not on the scheduler's scale
+    # Distinct levels, as the step counter counts them (Heun repeats each timestep).
+    return min(total, torch.unique(levels[levels <= first]).numel())
 
 
 def _attention_modules(transformer: torch.nn.Module):
@@ -167,6 +204,12 @@ def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     return dict(bound.arguments)
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped (``pipe.transformer = torch.compile(...)``), else
+    ``module``: hooks and bindings go on the compiled module's own modules."""
+    return getattr(module, "_orig_mod", module)
+
+
 def _require_adapter(transformer: torch.nn.Module) -> ModelAdapter:
     adapter = adapter_for(transformer)
     if adapter is None:
@@ -179,8 +222,19 @@ def _require_adapter(transformer: torch.nn.Module) -> ModelAdapter:
 
 @torch.compiler.disable
 def _pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    attachment: _Attachment = getattr(module, _ATTACHMENT)
-    _observe(module, attachment, _named_inputs(module, args, kwargs))
+    _on_forward(module, _named_inputs(module, args, kwargs), sys._getframe(1))
+
+
+def _on_forward(transformer: torch.nn.Module, inputs: dict, frame) -> None:
+    """Publish the context of a forward call of an attached ``transformer``: join the pipeline
+    running on the stack from ``frame`` up (if any), then read the grid and the timestep."""
+    pipe = _running_pipeline(frame, transformer)
+    attachment: _Attachment = getattr(transformer, _ATTACHMENT)
+    if pipe is not None and attachment.context.pipeline() is not pipe:
+        # enable(pipe.transformer, ...), one enable per expert, or the transformers moved to
+        # another pipeline: one context for all of this pipeline's transformers, following it.
+        _shared_context(pipe)
+    _observe(transformer, attachment, inputs)
 
 
 def _observe(module, attachment: _Attachment, inputs: dict) -> None:
@@ -193,7 +247,7 @@ def _observe(module, attachment: _Attachment, inputs: dict) -> None:
         return
     # Batched CFG passes one timestep per sample (all equal); max() reads it.
     value = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
-    ctx.observe_timestep(-value if attachment.adapter.timestep_increases else value)
+    ctx.observe_timestep(value, increases=attachment.adapter.timestep_increases)
 
 
 def _rotary_arg(processor) -> str | None:
@@ -213,6 +267,7 @@ def attach(transformer: torch.nn.Module, context: RunContext | None = None) -> R
     Raises:
         NotImplementedError: the transformer's class has no adapter.
     """
+    transformer = _unwrap(transformer)
     adapter = _require_adapter(transformer)
     existing: _Attachment | None = getattr(transformer, _ATTACHMENT, None)
     if existing is not None:
@@ -253,6 +308,7 @@ def _bind_modules(transformer: torch.nn.Module, attachment: _Attachment) -> None
 def detach(transformer: torch.nn.Module) -> None:
     """Undo :func:`attach`: remove the hook and bindings and give every attention module back
     the processor it had before (the model's default where that was a vdiff_sparse one)."""
+    transformer = _unwrap(transformer)
     attachment: _Attachment | None = getattr(transformer, _ATTACHMENT, None)
     if attachment is None:
         return
@@ -268,14 +324,15 @@ def binding_of(module: torch.nn.Module) -> LayerBinding | None:
     return getattr(module, _BINDING, None)
 
 
+@torch.compiler.disable  # walks the Python stack: compiled models call it eagerly
 def discover(attn: torch.nn.Module) -> LayerBinding | None:
     """Find the transformer that is calling ``attn`` on the Python call stack, attach it and
     publish the context of the running forward call (its hook was not installed yet).
 
     This is what makes ``transformer.set_attn_processor(proc)`` work without :func:`enable`.
     If a diffusers pipeline holding the transformer is running further up the stack, all its
-    transformers are attached with one shared context that follows the pipeline's scheduler
-    (the number of steps; Wan 2.2's ``transformer_2`` continues the step count of
+    transformers are attached with one shared context that follows the pipeline (its scheduler
+    gives the number of steps; Wan 2.2's ``transformer_2`` continues the step count of
     ``transformer``). Returns ``None`` when no transformer on the stack owns ``attn``.
     """
     frame = sys._getframe(1)
@@ -285,25 +342,25 @@ def discover(attn: torch.nn.Module) -> LayerBinding | None:
             if isinstance(owner, torch.nn.Module) and any(m is attn for m in owner.modules()):
                 if adapter_for(owner) is not None or _looks_like_transformer(owner):
                     attach(owner)
-                    pipe = _running_pipeline(frame.f_back, owner)
-                    if pipe is not None:
-                        _shared_context(_transformers(pipe)).follow_scheduler(getattr(pipe, "scheduler", None))
-                    attachment = getattr(owner, _ATTACHMENT)
                     inputs = _named_inputs(owner, frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
-                    _observe(owner, attachment, inputs)
+                    _on_forward(owner, inputs, frame.f_back)
                     return binding_of(attn)
         frame = frame.f_back
     return None
 
 
 def _running_pipeline(frame, transformer: torch.nn.Module):
-    """The pipeline object (a non-module ``self`` whose ``components`` hold ``transformer``)
-    of the nearest frame on the stack from ``frame`` up, or ``None``."""
+    """The pipeline object (a non-module ``self`` with ``transformer`` among its
+    ``transformer*`` components) of the nearest frame on the stack from ``frame`` up, or
+    ``None``."""
     while frame is not None:
         obj = frame.f_locals.get("self")
         if obj is not None and not isinstance(obj, torch.nn.Module):
             components = getattr(obj, "components", None)
-            if isinstance(components, dict) and any(c is transformer for c in components.values()):
+            if isinstance(components, dict) and any(
+                name.startswith("transformer") and isinstance(c, torch.nn.Module) and _unwrap(c) is transformer
+                for name, c in components.items()
+            ):
                 return obj
         frame = frame.f_back
     return None
@@ -316,67 +373,56 @@ def _looks_like_transformer(module: torch.nn.Module) -> bool:
 
 # --- pipelines ---------------------------------------------------------------------------------
 def _transformers(obj) -> list[torch.nn.Module]:
-    """The transformers of a pipeline (``transformer``, ``transformer_2``, ...) or ``[obj]``."""
+    """The transformers of a pipeline (``transformer``, ``transformer_2``, ...) or ``[obj]``,
+    unwrapped from ``torch.compile``."""
     if isinstance(obj, torch.nn.Module):
-        return [obj]
+        return [_unwrap(obj)]
     components = getattr(obj, "components", None)
     if not isinstance(components, dict):
         raise TypeError(
             f"expected a diffusers pipeline or transformer, got {type(obj).__name__}"
         )
-    found = [m for name, m in components.items() if name.startswith("transformer") and isinstance(m, torch.nn.Module)]
+    found = [_unwrap(m) for name, m in components.items() if name.startswith("transformer") and isinstance(m, torch.nn.Module)]
     if not found:
         raise ValueError(f"the pipeline {type(obj).__name__} has no transformer component")
     return found
 
 
-def _wrap_set_timesteps(scheduler, context: RunContext) -> None:
-    if scheduler is None or getattr(scheduler.set_timesteps, _SCHEDULER_WRAP, False):
-        return
-    original = scheduler.set_timesteps
-    ref = weakref.ref(scheduler)
-
-    @functools.wraps(original)
-    def set_timesteps(*args, **kwargs):
-        result = original(*args, **kwargs)
-        context.new_generation(_scheduler_steps(ref()))
-        return result
-
-    setattr(set_timesteps, _SCHEDULER_WRAP, True)
-    scheduler.set_timesteps = set_timesteps
-
-
-def _shared_context(transformers: list[torch.nn.Module]) -> RunContext:
-    """Attach every transformer with one context (the first existing one, else a new one)."""
+def _shared_context(obj) -> RunContext:
+    """Attach every transformer of ``obj`` (a pipeline or a transformer) with one context (the
+    first existing one, else a new one); a pipeline's context follows it."""
+    transformers = _transformers(obj)
     for transformer in transformers:
         _require_adapter(transformer)
     existing = [getattr(t, _ATTACHMENT).context for t in transformers if hasattr(t, _ATTACHMENT)]
     context = existing[0] if existing else RunContext()
     for transformer in transformers:
         attach(transformer, context)
+    if not isinstance(obj, torch.nn.Module):
+        context.follow_pipeline(obj)
     return context
 
 
 def enable(pipe, processor) -> RunContext:
     """Use ``processor`` in every transformer of ``pipe`` (a diffusers pipeline or a bare
-    transformer). Returns the shared :class:`RunContext`.
+    transformer, ``torch.compile``-d or not). Returns the shared :class:`RunContext`.
 
     The model's own processors are remembered; :func:`disable` restores them. Calling
     ``enable`` again with another processor replaces the processor and keeps the context.
 
     Raises:
         NotImplementedError: a transformer of ``pipe`` has no adapter.
+        ValueError: ``processor`` has a model preset of another model family.
     """
     transformers = _transformers(pipe)
-    context = _shared_context(transformers)
+    if _is_ours(processor):
+        for transformer in transformers:
+            processor.check_model_family(_require_adapter(transformer).name)
+    context = _shared_context(pipe)
     for transformer in transformers:
         # Not transformer.set_attn_processor: some models (Mochi) do not have it.
         for module, _ in getattr(transformer, _ATTACHMENT).modules:
             _set_processor(module, processor)
-    if not isinstance(pipe, torch.nn.Module):
-        scheduler = getattr(pipe, "scheduler", None)
-        context.follow_scheduler(scheduler)
-        _wrap_set_timesteps(scheduler, context)
     return context
 
 
@@ -384,9 +430,6 @@ def disable(pipe) -> None:
     """Back to the model's own processors: undo :func:`enable` (or a discovered attach)."""
     for transformer in _transformers(pipe):
         detach(transformer)
-    scheduler = getattr(pipe, "scheduler", None) if not isinstance(pipe, torch.nn.Module) else None
-    if scheduler is not None and getattr(scheduler.set_timesteps, _SCHEDULER_WRAP, False):
-        del scheduler.set_timesteps
 
 
 def get_context(obj) -> RunContext:
@@ -394,7 +437,7 @@ def get_context(obj) -> RunContext:
     (attaching the transformers first if needed)."""
     if isinstance(obj, torch.nn.Module) and binding_of(obj) is not None:
         return binding_of(obj).context
-    return _shared_context(_transformers(obj))
+    return _shared_context(obj)
 
 
 def set_context(obj, *, grid=None, step: int | None = None, total_steps: int | None = None) -> RunContext:

@@ -44,9 +44,10 @@ class ScheduleConfig:
 
     Attributes:
         dense_steps: dense warm-up. ``0`` none; an integer ``>= 1`` is a number of denoising
-            steps; a value in ``(0, 1)`` a fraction of the generation's steps (rounded up),
-            which needs the total number of steps (known under ``vdiff_sparse.enable`` or when
-            a diffusers pipeline calls the transformer; else ``set_context(total_steps=N)``).
+            steps; a value in ``(0, 1)`` a fraction of the steps the generation runs (rounded
+            up; with ``strength < 1`` fewer than the scheduler's), which needs their number:
+            known when a diffusers pipeline calls the transformer, else
+            ``set_context(total_steps=N)``.
         dense_layers: video self-attention layer indices that always run dense; negative
             indices count from the last layer.
         layers: per-layer overrides, ``{layer index: {field: value}}``: fields of the method
@@ -102,8 +103,8 @@ class ScheduleConfig:
         if total_steps is None:
             raise ValueError(
                 f"dense_steps={d} is a fraction of the denoising steps but the number of steps is "
-                f"unknown (the transformer was not called by a diffusers pipeline): use "
-                f"vdiff_sparse.enable(pipe, processor), call "
+                f"unknown (the transformer was not called by a diffusers pipeline, or was called "
+                f"before the pipeline's scheduler.set_timesteps): run it in its pipeline, call "
                 f"vdiff_sparse.set_context(transformer, total_steps=N), or give dense_steps as a "
                 f"number of steps"
             )
@@ -240,6 +241,14 @@ def load_preset(method: str, name: str | None = None) -> dict:
     return settings
 
 
+def preset_family(name: str | None) -> str | None:
+    """The model family (adapter name, e.g. ``"wan"``) model preset ``name`` is for; ``None``
+    for no preset or a method preset."""
+    if name is None or name not in available_presets()["models"]:
+        return None
+    return _read_yaml(_config_dir("models") / f"{name}.yaml").get("family")
+
+
 def _tuples(value):
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
@@ -264,7 +273,9 @@ class SparseProcessor:
     Args:
         config: the method's config object (or a mapping of its fields); replaces the
             preset's method settings.
-        preset: a model preset (``"wan2.1-1.3b"``, ...) or a method preset name.
+        preset: a model preset (``"wan2.1-1.3b"``, ...) or a method preset name. A model
+            preset is for one model family (its ``family:``); running the processor in a model
+            of another family raises ``ValueError``.
         schedule: a :class:`ScheduleConfig` (or mapping); replaces the preset's schedule.
         backend: plan backend, ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
         stats: collect :class:`CallStats` in ``self.stats`` (off by default).
@@ -300,6 +311,8 @@ class SparseProcessor:
         self.config = build_dataclass(self.config_cls, settings["config"], self.method)
         self.schedule = build_dataclass(ScheduleConfig, settings["schedule"], "schedule")
         self.backend = backend
+        self.preset = preset
+        self.preset_family = preset_family(preset)
         self.stats = StatsLog(stats)
         # Per-layer overrides: a config of this method, or a processor of another method
         # (its settings from the same model preset) whose attention() this one calls.
@@ -326,6 +339,24 @@ class SparseProcessor:
             return self._layer_processors[layer].config
         return self._layer_configs.get(layer, self.config)
 
+    def check_model_family(self, family: str) -> None:
+        """Refuse a model of another family than the model preset's.
+
+        Args:
+            family: the adapter name of the model the processor runs in (``"wan"``, ...).
+
+        Raises:
+            ValueError: the processor was built from a model preset for another family.
+        """
+        if self.preset_family is None or self.preset_family == family:
+            return
+        fitting = [n for n in available_presets()["models"] if preset_family(n) == family]
+        raise ValueError(
+            f"{type(self).__name__}(preset={self.preset!r}): that preset is for {self.preset_family} "
+            f"models, but the processor is used in a {family} model; model presets for {family}: "
+            f"{fitting}, or give no preset (the method's defaults)"
+        )
+
     def method_for(self, layer: int) -> str:
         """The method video self-attention layer ``layer`` runs after any warm-up."""
         return self.schedule.layer_method(layer) or self.method
@@ -344,6 +375,7 @@ class SparseProcessor:
                 f"grid=(T, H, W), step=...)."
             )
         adapter = binding.adapter
+        self.check_model_family(adapter.name)
         if binding.index is None:  # cross-attention, text refiner, unknown module: dense
             return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
                                          attention_mask, image_rotary_emb, kwargs)
@@ -552,5 +584,6 @@ __all__ = [
     "available_presets",
     "fit_gna",
     "load_preset",
+    "preset_family",
     "processor_classes",
 ]

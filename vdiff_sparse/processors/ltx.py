@@ -1,8 +1,10 @@
 """LTX-Video (``LTXVideoTransformer3DModel``): the grid comes as forward kwargs.
 
-The transformer takes packed tokens ``[B, N, C]`` with ``num_frames``, ``height``, ``width``
-(latent sizes before patchify) as keyword arguments; without them (``video_coords`` only) the
-grid is unknown and must be given with ``vdiff_sparse.set_context(transformer, grid=...)``.
+The transformer takes packed tokens ``[B, N, C]`` with ``num_frames``, ``height``, ``width`` as
+keyword arguments: the token grid, after patchify (diffusers' LTX RoPE makes one position per
+``num_frames * height * width`` token and scales them by the patch size itself; LTX-Video's
+patch size is 1, where the two grids agree). Without them (``video_coords`` only) the grid is
+unknown and must be given with ``vdiff_sparse.set_context(transformer, grid=...)``.
 Self-attention (``transformer_blocks.i.attn1``) uses the processor's attention; cross-attention
 (``attn2``) stays dense. q/k/v as ``LTXVideoAttnProcessor``: projections, RMSNorm across heads,
 RoPE before the head split.
@@ -10,7 +12,7 @@ RoPE before the head split.
 
 from __future__ import annotations
 
-from .adapters import ModelAdapter, describe_mask, patched_grid, register_adapter
+from .adapters import ModelAdapter, describe_mask, register_adapter
 
 
 @register_adapter
@@ -22,8 +24,7 @@ class LTXAdapter(ModelAdapter):
         sizes = [inputs.get(k) for k in ("num_frames", "height", "width")]
         if any(s is None for s in sizes):
             return None
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        return patched_grid(tuple(int(s) for s in sizes), (p_t, p, p))
+        return tuple(int(s) for s in sizes)  # already the token grid (module docstring)
 
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
