@@ -160,13 +160,19 @@ _PIPELINE_PIXEL_MULTIPLE = {"wan": 16, "hunyuan_video": 16, "cogvideo": 8, "ltx"
 
 def size_rules(pipe) -> SizeRules:
     """The :class:`SizeRules` of a diffusers video pipeline, from its VAE compression factors
-    (``vae_scale_factor_spatial/temporal`` or LTX's ``vae_spatial/temporal_compression_ratio``),
-    its transformer's patch size and the multiple its ``check_inputs`` demands."""
-    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_spatial_compression_ratio", None)
-    temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", None)
+    (``vae_scale_factor_spatial/temporal``, LTX's ``vae_spatial/temporal_compression_ratio`` or
+    Mochi's ``vae_spatial/temporal_scale_factor``), its transformer's patch size and the multiple
+    its ``check_inputs`` demands."""
+    def first_attribute(*names):
+        return next((getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None), None)
+
+    spatial = first_attribute("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor")
+    temporal = first_attribute("vae_scale_factor_temporal", "vae_temporal_compression_ratio",
+                               "vae_temporal_scale_factor")
     if spatial is None or temporal is None:
         raise NotImplementedError(
-            f"{type(pipe).__name__} does not say its VAE compression (vae_scale_factor_spatial/temporal)"
+            f"{type(pipe).__name__} does not say its VAE compression (vae_scale_factor_spatial/temporal "
+            "or the LTX / Mochi names of them)"
         )
     pt, ph, pw = _patch(pipe.transformer)
     family = type(pipe).__module__.split(".")[-2] if type(pipe).__module__.count(".") >= 2 else ""
@@ -212,19 +218,29 @@ def _looks_like_path(name: str) -> bool:
 def load_diffusers_pipeline(model: str, torch_dtype: torch.dtype):
     """``DiffusionPipeline.from_pretrained`` that never hangs on a missing model: a local
     directory, else the Hugging Face cache, else (unless ``HF_HUB_OFFLINE=1``) a download.
+    Every component takes ``torch_dtype`` but a Wan pipeline's VAE, which stays float32 (the
+    Wan model cards load it so, and WanPipeline casts latents to the VAE's dtype; CogVideoX's
+    and others' pipelines decode latents in the transformer's dtype, so their VAE must match).
 
     Raises:
         ModelNotAvailableError: the directory does not exist, the model is not cached while
             offline, or it could not be downloaded; the message says what to download where.
     """
-    from diffusers import DiffusionPipeline
-
     # diffusers >= 0.36 renames torch_dtype to dtype (FutureWarning); the old name works in
     # every version this package supports.
     warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
-    # The Wan VAE is meant to run in float32 (the model cards load it so); other components
-    # take the requested dtype.
+    # The VAE is read in float32 (its weights as stored) and cast afterwards where the pipeline
+    # needs it in the transformer's dtype: the class is only known once loaded.
     dtype = torch_dtype if torch_dtype == torch.float32 else {"default": torch_dtype, "vae": torch.float32}
+    pipe = _from_pretrained(model, dtype)
+    if not type(pipe).__name__.startswith("Wan") and getattr(pipe, "vae", None) is not None:
+        pipe.vae.to(torch_dtype)
+    return pipe
+
+
+def _from_pretrained(model: str, dtype):
+    from diffusers import DiffusionPipeline
+
     path = Path(model).expanduser()
     if path.exists() or _looks_like_path(model):
         if not (path / "model_index.json").is_file():

@@ -92,8 +92,10 @@ def _mean_by(calls: list[dict], key: str, value: str) -> dict[int, float]:
 
 
 def _attention_tflops(calls: list[dict], inner_dim: int, weight: str | None) -> float:
-    # Q K^T and P V: 2 matmuls x 2 FLOPs per multiply-add, per batch sample.
-    return sum(4 * c["num_tokens"] ** 2 * inner_dim * (c[weight] if weight else 1.0) for c in calls) / 1e12
+    # Q K^T and P V: 2 matmuls x 2 FLOPs per multiply-add, for every sample of every call, so
+    # that guidance run as two calls (Wan) and as one call of two samples (CogVideoX) count alike.
+    return sum(4 * c["num_tokens"] ** 2 * inner_dim * c["batch"] * (c[weight] if weight else 1.0)
+               for c in calls) / 1e12
 
 
 def summarize(result) -> dict:
@@ -138,7 +140,8 @@ def compare(sparse, dense=None) -> dict:
       ``attention_share_sparse`` (share of the latency), ``attention_speedup``;
     * ``density`` (pairs attended, pooled keys counted fully), ``flop_density`` (a key pooled
       ``p`` times counts ``1/p``), ``attention_tflops_dense``, ``attention_tflops_sparse``,
-      ``attention_flops_saved`` (share), all per batch sample;
+      ``attention_flops_saved`` (share), for the whole generation of the one video (every call,
+      both classifier-free guidance branches);
     * ``per_layer_density``, ``per_layer_flop_density``, ``per_step_density``
       (``{index: density}``), ``attention_calls``, ``dense_calls`` (calls the schedule sent
       to dense);
@@ -210,7 +213,7 @@ def report_table(report: dict) -> str:
         ("density (pairs attended)", "1.000", f"{r['density']:.3f}", ""),
         ("FLOP-equivalent density", "1.000", f"{r['flop_density']:.3f}",
          f"{r['attention_flops_saved']:.0%} attention FLOPs saved"),
-        ("attention FLOPs (per sample)", _flops(r["attention_tflops_dense"]), _flops(r["attention_tflops_sparse"]),
+        ("attention FLOPs (whole generation)", _flops(r["attention_tflops_dense"]), _flops(r["attention_tflops_sparse"]),
          ""),
         ("PSNR / SSIM vs dense", "", fidelity, ""),
     ]

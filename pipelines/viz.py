@@ -71,18 +71,24 @@ def capture_plan(processor, *, source: str = "tiny", layer: int = 0, step: int |
         ValueError: dense processors have no plan; the layer or step is out of range or ran
             dense (schedule).
     """
-    if processor.method == "dense":
-        raise ValueError("attn=dense has no plan to draw; choose vmoba, psa or gna")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"layer must be a non-negative integer, got {layer!r}")
+    if processor.method_for(layer) == "dense":
+        raise ValueError(f"layer {layer} runs attn=dense, which has no plan to draw; choose vmoba, psa or gna"
+                         + (" for it" if processor.method != "dense" else ""))
+    # A layer with its own settings (schedule ``layers``) runs its own processor.
+    runner = processor.layer_runner(layer)
     if source == "random":
         from ..checks import check_grid
         from ..synthetic import video_qkv
 
+        if any(layer == i for i in processor.schedule.dense_layers):
+            raise ValueError(f"layer {layer} is in dense_layers {list(processor.schedule.dense_layers)}: "
+                             f"it runs dense and has no plan to draw")
         grid = check_grid(grid)
         q, k, v = video_qkv(grid, heads, head_dim, seed=seed)
         with torch.no_grad():
-            _, plan = processor.attention(q, k, v, grid, layer, return_plan=True)
+            _, plan = runner.attention(q, k, v, grid, layer, return_plan=True)
         return plan, grid
     if source != "tiny":
         raise ValueError(f"source must be 'tiny' or 'random', got {source!r}")
@@ -100,7 +106,7 @@ def capture_plan(processor, *, source: str = "tiny", layer: int = 0, step: int |
         raise ValueError(f"layer must be in [0, {num_layers - 1}] for the tiny model's {num_layers} layers, "
                          f"got {layer}")
     pipe.set_attn_processor(processor)
-    captured = _recording_processor(processor, layer, step, lambda: get_context(pipe.pipe))
+    captured = _recording_processor(runner, layer, step, lambda: get_context(pipe.pipe))
     pipe(prompt, seed=seed, **size)
     if "plan" not in captured:
         raise ValueError(f"layer {layer} at step {step} ran dense: the schedule {processor.schedule} sends "

@@ -167,6 +167,19 @@ def test_size_rules_come_from_the_pipeline_config(tiny):
     assert size_rules(tiny_wan_pipeline()) == SizeRules(4, 1, 16, 16, 16, 16)  # Wan's VAE 8x / 4x
 
 
+def test_size_rules_of_mochi_read_its_own_attribute_names():
+    """MochiPipeline names its VAE factors vae_spatial/temporal_scale_factor (8x / 6x)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    from vdiff_sparse.tiny_models import tiny_mochi_transformer
+
+    transformer = tiny_mochi_transformer()
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                         tokenizer=None, transformer=transformer)
+    patch = transformer.config.patch_size
+    assert size_rules(pipe) == SizeRules(6, 1, 8 * patch, 8 * patch, 8 * patch, 8 * patch)
+
+
 # --- the Python API ----------------------------------------------------------------------------
 def test_generation_results_and_their_comparison(tiny):
     size = dict(num_frames=5, height=32, width=48, num_inference_steps=1, seed=3)
@@ -253,6 +266,53 @@ def test_cli_generate_with_a_local_diffusers_folder(tmp_path, capsys):
     assert read_video(tmp_path / "out" / "gna.mp4").shape == (5, 64, 64, 3)
 
 
+def _tiny_cogvideox_pipeline():
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel
+
+    from vdiff_sparse.tiny_models import tiny_text_encoder
+
+    tokenizer, _ = tiny_text_encoder()
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2, relative_attention_num_buckets=8, pad_token_id=0,
+                                           eos_token_id=1, decoder_start_token_id=0)).eval()
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=2,
+                                              sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=226,
+                                              use_rotary_positional_embeddings=True).eval()
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+
+
+def test_bfloat16_loading_keeps_only_the_wan_vae_in_float32(tmp_path):
+    """Wan casts latents to its float32 VAE; CogVideoX decodes in the transformer's dtype, so its
+    VAE follows it (a float32 VAE crashed the bfloat16 decode after all denoising)."""
+    from vdiff_sparse.pipelines.generate import load_diffusers_pipeline
+    from vdiff_sparse.tiny_models import tiny_wan_pipeline
+
+    tiny_wan_pipeline().save_pretrained(tmp_path / "wan")
+    _tiny_cogvideox_pipeline().save_pretrained(tmp_path / "cog")
+    wan = load_diffusers_pipeline(str(tmp_path / "wan"), torch.bfloat16)
+    assert wan.vae.dtype == torch.float32 and wan.transformer.dtype == torch.bfloat16
+    cog = load_diffusers_pipeline(str(tmp_path / "cog"), torch.bfloat16)
+    assert cog.vae.dtype == cog.transformer.dtype == torch.bfloat16
+    args = ["generate", "--model", str(tmp_path / "cog"), "--attn", "gna", "--frames", "9", "--height", "64",
+            "--width", "64", "--steps", "1", "--no-warmup", "--dtype", "bfloat16", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert read_video(tmp_path / "out" / "gna.mp4").shape == (9, 64, 64, 3)
+    # CogVideoX batches the two guidance branches into one call: its FLOPs count both samples.
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    n, inner = report["num_tokens"], 2 * 16
+    assert report["attention_tflops_dense"] == pytest.approx(4 * n**2 * inner * 2 * report["attention_calls"] / 1e12)
+
+
 # --- the CLI -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["dense", "vmoba", "psa", "gna"])
 def test_cli_generate_compare_dense(method, tmp_path, capsys):
@@ -317,6 +377,28 @@ def test_cli_config_file_and_overrides_in_order(tmp_path):
     assert "topk=2" in processor and "block_2d=(8, 4)" in processor and "block_3d=(2, 8, 8)" in processor
 
 
+def test_cli_overrides_anywhere_among_the_options(tmp_path, capsys):
+    """key=value overrides split by other options all apply; a stray option is still an error."""
+    assert main(["generate", "--attn", "vmoba", "block_2d=[8,4]", "--out", str(tmp_path), *SMALL[:-1], "topk=2",
+                 "--seed", "5", "dense_steps=0"]) == 0
+    processor = json.loads((tmp_path / "report.json").read_text())["processor"]
+    assert "topk=2" in processor and "block_2d=(8, 4)" in processor and "dense_steps=0" in processor
+    with pytest.raises(SystemExit):
+        main(["generate", "--attn", "vmoba", "topk=2", "--out", str(tmp_path), "--no-such-option", "dense_steps=0"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_cli_out_that_is_a_file_fails_before_generating(tmp_path, capsys, monkeypatch):
+    import vdiff_sparse.cli as cli
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda args: pytest.fail("the model was loaded"))
+    not_a_dir = tmp_path / "report.txt"
+    not_a_dir.write_text("")
+    assert main(["generate", "--attn", "gna", "--out", str(not_a_dir), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{not_a_dir}' exists and is not a directory" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -325,6 +407,7 @@ def test_cli_config_file_and_overrides_in_order(tmp_path):
         (["topk"], "overrides are key=value"),
         (["--frames", "0"], "num_frames must be a positive integer"),
         (["--height", "-8"], "height must be a positive integer"),
+        (["dense_layers=3"], "dense_layers must be a list of ints, got 3"),
         (["--model", "./no/such/dir"], "not a diffusers model directory"),
         (["--config", "no_such.yaml"], "config file 'no_such.yaml' does not exist"),
         (["--preset", "psa"], "preset 'psa' is for method 'psa', not 'vmoba'"),
@@ -333,7 +416,7 @@ def test_cli_config_file_and_overrides_in_order(tmp_path):
         (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
         (["--model", "x/y", "--tiny-layers", "4"], "--tiny-layers set the built-in tiny model"),
     ],
-    ids=["preset", "override-key", "override-format", "frames", "height", "missing-path", "config-file",
+    ids=["preset", "override-key", "override-format", "frames", "height", "dense-layers-int", "missing-path", "config-file",
          "other-method-preset", "steps", "override-value", "device", "tiny-option-with-model"],
 )
 def test_cli_bad_options_are_one_line_errors(args, message, tmp_path, capsys):
@@ -397,6 +480,24 @@ def test_cli_viz_draws_a_plan_of_the_tiny_model(method, layer, tmp_path, capsys)
     assert out.stat().st_size > 1000
     printed = capsys.readouterr().out
     assert f"layer {layer}, grid (3, 8, 16)" in printed and "density" in printed
+
+
+@pytest.mark.parametrize("source", ["random", "tiny"])
+def test_cli_viz_follows_the_layer_schedule(source, tmp_path, capsys):
+    """A layer with its own method draws that method's plan; a dense layer has none."""
+    out = tmp_path / "plan.png"
+    size = ["--frames", "5", "--height", "32", "--width", "64", "--steps", "1", "dense_steps=0"]
+    vmoba_layer = "layers={1: {method: vmoba, block_2d: [4, 4], topk: 2}}"
+    assert main(["viz", "--attn", "gna", "--source", source, "--layer", "1", vmoba_layer, "--out", str(out),
+                 *size]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"vmoba ({source}), layer 1") and out.stat().st_size > 1000
+    assert main(["viz", "--attn", "gna", "--source", source, "--layer", "1", "dense_layers=[1]", "--out", str(out),
+                 *size]) == 2
+    assert "layer 1" in capsys.readouterr().err
+    assert main(["viz", "--attn", "gna", "--source", source, "--layer", "2", "layers={2: {method: dense}}",
+                 "--out", str(out), *size]) == 2
+    assert "layer 2 runs attn=dense" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

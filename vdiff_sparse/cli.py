@@ -168,6 +168,18 @@ def _method_processor(method: str, args, *, stats: bool = True):
                           stats=stats, backend=args.backend)
 
 
+def _output_dir(path: str) -> Path:
+    """``path`` as an existing directory (made if missing), or a :class:`CLIError` saying why not."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {path!r} exists and is not a directory; give a directory for the videos and reports")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {path!r} cannot be made ({err.strerror})") from None
+    return out
+
+
 def run_generate(args) -> int:
     import json
 
@@ -175,6 +187,7 @@ def run_generate(args) -> int:
     from .pipelines.report import compare, plot_report, report_markdown, report_table
 
     sparse_proc = _method_processor(args.attn, args)
+    out = _output_dir(args.out)  # before the model loads and the videos are made
     pipe = _load_pipeline(args)
     # Round the sizes once (one warning), so every run below uses the same valid sizes.
     call = dict(pipe.resolve_size(**_sizes(args)), seed=args.seed, negative_prompt=args.negative_prompt)
@@ -199,8 +212,6 @@ def run_generate(args) -> int:
         pipe.pipe.set_progress_bar_config(desc=name, leave=False)
         results.append(pipe(args.prompt, **call))
     dense, sparse = results if args.compare_dense else (None, results[0])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     video = save_video(sparse.frames, out / f"{args.attn}.mp4", fps=args.fps)
     if dense is not None:
         save_video(dense.frames, out / "dense.mp4", fps=args.fps)
@@ -225,7 +236,8 @@ def run_viz(args) -> int:
     proc = _method_processor(args.attn, args, stats=False)
     plan, grid = capture_plan(proc, source=args.source, layer=args.layer, step=args.step, size=_sizes(args),
                               grid=tuple(args.grid), heads=args.heads, head_dim=args.head_dim, seed=args.seed)
-    title = f"{args.attn} ({args.source}), layer {args.layer}, grid {tuple(grid)}"
+    method = proc.method_for(args.layer)  # a layer may run another method (schedule ``layers``)
+    title = f"{method} ({args.source}), layer {args.layer}, grid {tuple(grid)}"
     path = plot_plan(plan, args.out, head=args.head, title=title)
     print(f"{title}: density {plan.density():.3f}, {plan.num_q_blocks} query x {plan.num_k_blocks} key "
           f"blocks; wrote {path}")
@@ -405,7 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in PASSTHROUGH:
             return PASSTHROUGH[command](argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        # argparse fills the key=value positional from one run of arguments only, so overrides
+        # after another option (``--attn gna window=[3,9,9] --steps 1 dense_steps=0.2``) are left
+        # over: they are overrides all the same.
+        if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+            args.overrides = [*args.overrides, *rest]
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except CLIError as err:
         print(f"vdiff-sparse {command}: error: {err}", file=sys.stderr)

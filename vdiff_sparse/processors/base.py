@@ -72,6 +72,8 @@ class ScheduleConfig:
                 f"dense_steps must be 0, an int >= 1 (steps) or a fraction in (0, 1), got {d!r}"
             )
         try:
+            if isinstance(self.dense_layers, (str, int)):
+                raise TypeError("a single value, not a list")
             self.dense_layers = [int(i) for i in self.dense_layers]
         except (TypeError, ValueError):
             raise ValueError(f"dense_layers must be a list of ints, got {self.dense_layers!r}") from None
@@ -132,6 +134,7 @@ class CallStats:
         flop_density: FLOP-equivalent density (a key pooled ``p`` times counts ``1/p``).
         time_ms: wall time of the attention (device synchronised).
         dense_reason: ``"warmup"``/``"layer"`` when the schedule chose dense, else ``""``.
+        batch: samples in the call (2 where a pipeline batches classifier-free guidance).
     """
 
     layer: int
@@ -142,6 +145,7 @@ class CallStats:
     flop_density: float
     time_ms: float
     dense_reason: str = ""
+    batch: int = 1
 
 
 def plan_densities(plan: AttentionPlan | None) -> tuple[float, float]:
@@ -263,7 +267,8 @@ def build_dataclass(cls, values: Mapping[str, Any], what: str):
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown {what} option(s) {unknown}; valid options are {names}")
-    return cls(**{k: _tuples(v) if k not in ("dense_layers",) else list(v) for k, v in values.items()})
+    # dense_layers stays as given: ScheduleConfig checks it (a bare int is an error there).
+    return cls(**{k: _tuples(v) if k != "dense_layers" else v for k, v in values.items()})
 
 
 # --- processors --------------------------------------------------------------------------------
@@ -338,6 +343,11 @@ class SparseProcessor:
         if layer in self._layer_processors:
             return self._layer_processors[layer].config
         return self._layer_configs.get(layer, self.config)
+
+    def layer_runner(self, layer: int) -> "SparseProcessor":
+        """The processor whose :meth:`attention` runs layer ``layer``: this one, or the layer's
+        own when :attr:`ScheduleConfig.layers` names another method for it."""
+        return self._layer_processors.get(layer, self)
 
     def check_model_family(self, family: str) -> None:
         """Refuse a model of another family than the model preset's.
@@ -424,7 +434,7 @@ class SparseProcessor:
         check_grid_matches(grid, q.shape[1], f"layer {binding.name}")
         extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask)
         layer = binding.index
-        runner = self._layer_processors.get(layer, self)
+        runner = self.layer_runner(layer)
         if not self.stats.enabled or torch._C._current_graph_task_id() != -1:
             if reason:
                 return dense_attention(q, k, v, **extras)
@@ -440,7 +450,7 @@ class SparseProcessor:
         density, flop = plan_densities(plan)
         self.stats.records.append(CallStats(
             layer, binding.context.step, "dense" if reason else self.method_for(layer),
-            q.shape[1], density, flop, elapsed, reason,
+            q.shape[1], density, flop, elapsed, reason, q.shape[0],
         ))
         return out
 
