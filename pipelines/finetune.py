@@ -2,8 +2,8 @@
 
 ::
 
-    accelerate launch -m vdiff_sparse.pipelines.finetune --config configs/finetune/wan_tiny_vmoba.yaml \\
-        train.max_steps=200 sparse.options.tau=0.3
+    accelerate launch -m vdiff_sparse.pipelines.finetune --config configs/finetune/tiny_wan_vmoba.yaml \\
+        train.max_steps=200 sparse.options.vmoba.tau=0.3
     accelerate launch -m vdiff_sparse.pipelines.finetune --config ... --resume latest
     vdiff-sparse finetune --config ...                  # the same, one process
 
@@ -21,6 +21,11 @@ with ``accelerator.save_state``: model, optimizer, EMA, step; for LoRA only the 
 model, the frozen base being rebuilt from ``model``) therefore takes exactly the steps the
 uninterrupted run takes, and a run on P processes with per-process batch b sees the same
 samples and noise as one process with batch P*b.
+
+A run without ``resume`` starts fresh and refuses an ``output_dir`` that already holds
+checkpoints; ``resume`` takes ``latest`` or a checkpoint folder ``<output_dir>/checkpoints/step-N``.
+``sparse.options`` has one section per method (``sparse.options.vmoba.tau=0.3``); only that of
+``sparse.method`` is used, and every section given is checked when the config is loaded.
 
 Outputs under ``output_dir``: ``config.yaml``, ``cache/`` (latents), ``checkpoints/step-N``,
 ``logs/metrics.csv`` (and tensorboard events when tensorboard is installed),
@@ -126,26 +131,50 @@ class DataConfig:
 
 
 @dataclass
+class MethodOptions:
+    """Processor options per method; only the section of ``sparse.method`` is used, so one YAML
+    can hold settings for every method and ``sparse.method=psa`` switches between them.
+
+    Each section holds fields of the method's config (``VMoBAConfig``, ``PSAConfig``,
+    ``GNAConfig``, ``DenseConfig``) and optionally the schedule's per-layer overrides
+    ``layers`` (see ``ScheduleConfig``); they apply over the preset and, for VMoBA, over the
+    training defaults (``mode=threshold, scope=global, tau=0.25``). Dense layers are
+    ``sparse.dense_layers`` (every method); ``dense_steps`` is always 0 while training.
+    """
+
+    vmoba: Dict[str, Any] = field(default_factory=dict)
+    psa: Dict[str, Any] = field(default_factory=dict)
+    gna: Dict[str, Any] = field(default_factory=dict)
+    dense: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SparseConfig:
     """The attention method active while training.
 
     Attributes:
         method: ``vmoba`` (default), ``psa``, ``gna`` or ``dense`` (the baseline).
         preset: a model or method preset of ``configs/`` (``None``: the method's defaults).
-        options: method config fields, over the preset and the training defaults
-            (VMoBA: ``mode=threshold, scope=global, tau=0.25``).
-        dense_layers: self-attention layers that stay dense.
-        backend: ``auto`` (Triton on CUDA, else torch), ``torch``, ``triton``.
+        options: per-method options, ``options.<method>`` (see :class:`MethodOptions`).
+        dense_layers: self-attention layers that stay dense, whatever the method (replaces the
+            preset's ``dense_layers``).
+        backend: ``auto`` (Triton on CUDA, else torch), ``torch``, ``triton`` or ``reference``.
     """
 
     method: str = "vmoba"
     preset: Optional[str] = None
-    options: Dict[str, Any] = field(default_factory=dict)
+    options: MethodOptions = field(default_factory=MethodOptions)
     dense_layers: List[int] = field(default_factory=list)
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        from vdiff_sparse.backends import BACKENDS
+
         _check(self.method in METHODS, "sparse.method", self.method, f"one of {METHODS}")
+        _check(isinstance(self.options, MethodOptions), "sparse.options", self.options,
+               f"a MethodOptions, one section per method {METHODS} (e.g. MethodOptions(vmoba={{'tau': 0.3}}))")
+        backends = ("auto", *BACKENDS)
+        _check(self.backend in backends, "sparse.backend", self.backend, f"one of {backends}")
 
 
 @dataclass
@@ -169,7 +198,9 @@ class TrainConfig:
         timestep_sampling: ``logit_normal`` (u = sigmoid(N(logit_mean, logit_std))) or
             ``uniform``; the flow sigma is ``shift u / (1 + (shift - 1) u)``.
         checkpoint_every: save a checkpoint every so many steps (and at the end).
-        checkpoints_keep: checkpoints kept (older ones are deleted; 0 keeps all).
+        checkpoints_keep: checkpoints kept, the one just written included (older ones are
+            deleted; 0 keeps all). Checkpoints of later steps than the one written (left by
+            the run this one resumed from an earlier checkpoint) are always deleted.
         log_every: log metrics every so many steps.
         stop_after: end this invocation after so many steps *without saving*, as a killed or
             preempted job would (0: off); a later ``resume=latest`` continues from the last
@@ -251,8 +282,9 @@ class FinetuneConfig:
     Attributes:
         output_dir: checkpoints, logs, cache, samples and the final weights.
         seed: seeds the model's random init (tiny model), data order, noise and timesteps.
-        resume: ``None``, ``"latest"`` (the newest checkpoint in ``output_dir``, if any) or a
-            checkpoint folder.
+        resume: ``None`` (a fresh run: refused if ``output_dir`` already holds checkpoints),
+            ``"latest"`` (the newest checkpoint in ``output_dir``, if any) or a checkpoint
+            folder ``<output_dir>/checkpoints/step-N`` (see :func:`resolve_resume`).
     """
 
     output_dir: str = "runs/finetune"
@@ -290,7 +322,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: List[str] | No
     ``key=value`` ``overrides``.
 
     Raises:
-        ValueError: an unknown key, a value of the wrong type or an invalid setting.
+        ValueError: an unknown key, a value of the wrong type or an invalid setting (the
+            ``sparse`` section is checked by building its processor, see :func:`check_sparse`).
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -306,8 +339,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: List[str] | No
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ValueError(f"fine-tuning config: {e}") from None
+        hint = ""
+        if str(getattr(e, "full_key", "")).count(".") == 2 and e.full_key.startswith("sparse.options."):
+            hint = (f"\nsparse.options has one section per method, {', '.join(METHODS)}; e.g. "
+                    f"sparse.options.vmoba.tau=0.3")
+        raise ValueError(f"fine-tuning config: {e}{hint}") from None
     config.data.check_source()
+    check_sparse(config.sparse)
     return config
 
 
@@ -357,15 +395,48 @@ def check_trainable_model(pipe) -> None:
         )
 
 
-def make_processor(sparse: SparseConfig):
-    """The processor of ``sparse.method`` with training settings and statistics on."""
+def make_processor(sparse: SparseConfig, method: str | None = None):
+    """The processor of ``method`` (default: ``sparse.method``) with training settings and
+    statistics on: ``sparse.preset``, then the training defaults, then
+    ``sparse.options.<method>``; ``sparse.dense_layers`` dense; no dense warm-up.
+
+    Raises:
+        ValueError: an option of that section (or the preset, or a dense layer) is invalid;
+            the message names ``sparse.options.<method>``.
+    """
     from vdiff_sparse.processors import DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor
 
-    cls = {"vmoba": VMoBAProcessor, "psa": PSAProcessor, "gna": GNAProcessor, "dense": DenseProcessor}[sparse.method]
-    options = {**TRAINING_OPTIONS.get(sparse.method, {}), **dict(sparse.options)}
+    method = method or sparse.method
+    cls = {"vmoba": VMoBAProcessor, "psa": PSAProcessor, "gna": GNAProcessor, "dense": DenseProcessor}[method]
+    section = f"sparse.options.{method}"
+    options = dict(getattr(sparse.options, method))
+    if "dense_layers" in options:
+        raise ValueError(f"{section}.dense_layers={options['dense_layers']!r}: give dense layers as "
+                         "sparse.dense_layers (they apply to every method)")
     # Training sees random timesteps, so step-based dense warm-up has no meaning here.
-    return cls(preset=sparse.preset, backend=sparse.backend, stats=True, dense_steps=0,
-               dense_layers=list(sparse.dense_layers), **options)
+    if options.get("dense_steps", 0) != 0:
+        raise ValueError(f"{section}.dense_steps must be 0 (training draws a random timestep per sample, "
+                         f"there are no denoising steps to warm up on), got {options['dense_steps']!r}")
+    options.update(dense_steps=0, dense_layers=list(sparse.dense_layers))
+    try:
+        return cls(preset=sparse.preset, backend=sparse.backend, stats=True,
+                   **{**TRAINING_OPTIONS.get(method, {}), **options})
+    except ValueError as e:
+        raise ValueError(f"{section} (with sparse.preset={sparse.preset!r}, "
+                         f"sparse.dense_layers={list(sparse.dense_layers)}): {e}") from None
+
+
+def check_sparse(sparse: SparseConfig) -> None:
+    """Build the processor of ``sparse.method`` and of every other method that has options, so
+    that a bad option fails when the config is loaded (not after the data is encoded), even
+    in a section not in use.
+
+    Raises:
+        ValueError: see :func:`make_processor`.
+    """
+    for method in METHODS:
+        if method == sparse.method or getattr(sparse.options, method):
+            make_processor(sparse, method)
 
 
 def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
@@ -483,16 +554,45 @@ class Progress:
         self.step = int(state["step"])
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(_CHECKPOINT_PREFIX):])
+
+
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(output_dir) / "checkpoints"
     found = [p for p in root.glob(f"{_CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(_CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX):]))
+    return sorted(found, key=_step_of)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint folder written by :func:`train`: it holds the saved
+    training step (accelerate's ``custom_checkpoint_*.pkl``), whatever the distributed setup."""
+    return any(Path(path).glob("custom_checkpoint_*.pkl"))
 
 
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder to resume from (``None``: start fresh)."""
+    """The checkpoint folder to resume from (``None``: start fresh).
+
+    Args:
+        resume: ``None`` (start fresh), ``"latest"`` (the newest checkpoint of ``output_dir``;
+            none yet: start fresh) or a checkpoint folder ``<a run's output_dir>/checkpoints/step-N``.
+        output_dir: the folder the run writes to.
+
+    Raises:
+        ValueError: a fresh start in an ``output_dir`` that already holds checkpoints (its
+            pruning and ``"latest"`` would mix the two runs), or ``resume`` is not a checkpoint
+            folder (a run's ``output_dir`` is named as such, with its checkpoints).
+    """
     if resume in (None, "", "none"):
+        existing = checkpoints(output_dir)
+        if existing:
+            raise ValueError(
+                f"output_dir {str(output_dir)!r} already holds checkpoints of an earlier run "
+                f"({', '.join(p.name for p in existing)}): continue that run with --resume latest "
+                f"(resume=latest), or start a new run in another output_dir (or delete "
+                f"{Path(output_dir) / 'checkpoints'} to start over in this one)"
+            )
         return None
     if resume == "latest":
         found = checkpoints(output_dir)
@@ -500,21 +600,40 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     path = Path(resume)
     if not path.is_dir():
         raise ValueError(f"resume must be 'latest' or a checkpoint folder, got {resume!r} (not a folder)")
-    return path
+    if is_checkpoint(path):
+        return path
+    run_dir = path.parent if path.name == "checkpoints" else path
+    found = checkpoints(run_dir)
+    if found:
+        raise ValueError(
+            f"resume={resume!r} is a run's folder, not a checkpoint: resume from one of its checkpoints, "
+            f"e.g. the newest, resume={str(found[-1])!r} (all: {', '.join(p.name for p in found)}), or "
+            f"set output_dir={str(run_dir)!r} with resume=latest"
+        )
+    raise ValueError(
+        f"resume={resume!r} is not a checkpoint folder (no custom_checkpoint_*.pkl in it, nor checkpoints "
+        f"under {str(run_dir / 'checkpoints')!r}): give 'latest' or a folder <output_dir>/checkpoints/step-N"
+    )
 
 
 class MetricsLog:
-    """Metrics per step to ``<dir>/metrics.csv`` (appended on resume), and to tensorboard
-    when it is installed."""
+    """Metrics per step to ``<dir>/metrics.csv``, and to tensorboard when it is installed.
 
-    def __init__(self, directory: Path, enabled: bool):
+    Args:
+        directory: where the files go.
+        enabled: write anything (the main process).
+        restart: begin a new ``metrics.csv`` (a run starting at step 0, so rows already there
+            are of a run that left no checkpoint) instead of appending to it (a resumed run).
+    """
+
+    def __init__(self, directory: Path, enabled: bool, restart: bool):
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "metrics.csv"
-        if not self.path.exists():
+        if restart or not self.path.exists():
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(_METRICS)
         try:
@@ -647,7 +766,10 @@ def _save_final(accelerator, model, config: FinetuneConfig, ema, params) -> Path
             from peft.utils import get_peft_model_state_dict
 
             lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrapped, state_dict=state))
-            WanPipeline.save_lora_weights(str(final), transformer_lora_layers=lora)
+            # The adapter config travels in the file's metadata: without it load_lora_weights
+            # takes lora_alpha = rank, a wrong scale whenever train.lora_alpha differs.
+            WanPipeline.save_lora_weights(str(final), transformer_lora_layers=lora,
+                                          transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict())
         else:
             target = final / "transformer"
             target.mkdir(parents=True, exist_ok=True)
@@ -730,8 +852,16 @@ def _save_checkpoint(accelerator, config: FinetuneConfig, step: int) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
+        found = checkpoints(config.output_dir)
+        # Later steps are of the run this one left by resuming from an earlier checkpoint: gone,
+        # so that "latest" is this run's newest.
+        later = [p for p in found if _step_of(p) > step]
+        if later:
+            logger.warning("removing checkpoints %s, later than step %d of this run",
+                           [p.name for p in later], step)
         keep = config.train.checkpoints_keep
-        for old in checkpoints(config.output_dir)[:-keep] if keep else []:
+        earlier = [p for p in found if _step_of(p) < step]
+        for old in later + (earlier[:max(0, len(earlier) - keep + 1)] if keep else []):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -784,6 +914,10 @@ def train(config: FinetuneConfig) -> RunResult:
 
     t = config.train
     config.data.check_source()
+    # Settings and the output folder are checked before the model loads and the data is encoded.
+    processor = make_processor(config.sparse)
+    output_dir = Path(config.output_dir)
+    resume_from = resolve_resume(config.resume, output_dir)
     accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.grad_accum)
     distributed = accelerator.distributed_type
@@ -793,7 +927,6 @@ def train(config: FinetuneConfig) -> RunResult:
     if t.ema_decay and (fsdp or deepspeed):
         raise NotImplementedError("train.ema_decay with FSDP or DeepSpeed (sharded weights) is not supported")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         from omegaconf import OmegaConf
 
@@ -808,7 +941,6 @@ def train(config: FinetuneConfig) -> RunResult:
     dataset = _build_dataset(config, pipe, accelerator)
     transformer = pipe.transformer
     params = _trainable_setup(transformer, t)
-    processor = make_processor(config.sparse)
     enable(pipe, processor)
     model_dtype = next(transformer.parameters()).dtype
 
@@ -836,7 +968,6 @@ def train(config: FinetuneConfig) -> RunResult:
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
 
-    resume_from = resolve_resume(config.resume, output_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         if accelerator.is_main_process:
@@ -850,7 +981,7 @@ def train(config: FinetuneConfig) -> RunResult:
     patch = tuple(transformer.config.patch_size)
     c, tt, h, w = dataset.latent_shape
     tokens_per_sample = (tt // patch[0]) * (h // patch[1]) * (w // patch[2])
-    log = MetricsLog(output_dir / "logs", accelerator.is_main_process)
+    log = MetricsLog(output_dir / "logs", accelerator.is_main_process, restart=progress.step == 0)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     # Sampling runs the bare model on the main process: impossible when the weights are sharded.
     sharded = fsdp or (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -936,7 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="training YAML, or the name of one in configs/finetune/ (tiny_wan_vmoba, "
                                          "wan2.1-1.3b_vmoba, wan2.1-1.3b_vmoba_lora)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder OUTPUT_DIR/checkpoints/step-N (same as "
+                                         "resume=...); without it, output_dir must hold no checkpoints")
     parser.add_argument("overrides", nargs="*", help="key=value settings")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
@@ -954,21 +1086,25 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "DataConfig",
     "FinetuneConfig",
+    "MethodOptions",
     "ModelConfig",
     "RunResult",
     "SparseConfig",
     "TrainConfig",
     "ValidationConfig",
     "check_distributed_type",
+    "check_sparse",
     "check_trainable_model",
     "checkpoints",
     "config_path",
     "flow_matching_loss",
     "global_batch",
+    "is_checkpoint",
     "load_config",
     "main",
     "make_processor",
     "read_metrics",
+    "resolve_resume",
     "train",
 ]
 

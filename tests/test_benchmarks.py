@@ -237,3 +237,19 @@ def test_wan_e2e_smoke_runs(tmp_path):
 def test_wan_e2e_without_gpu_says_so(capsys):
     assert wan_e2e.main([]) == 2
     assert "--smoke" in capsys.readouterr().out
+
+
+def test_train_cpu_script_runs_small(tmp_path):
+    """bench/train_cpu.py on a tiny grid (it is not imported by the package, so only running it
+    shows that it still fits the fine-tuning API)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "train_cpu.py"
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(script), "--grid", "2", "8", "8", "--layers", "1", "--repeats", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "train_cpu" and saved["shape"]["tokens"] == 128
+    assert saved["speedup"] > 0 and "machine" in saved

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,17 @@ def test_global_batches_cover_each_epoch_once(seed):
     pytest.param(["data.num_frames=8"], "4k", id="frames"),
     pytest.param(["data.video_dir=null"], "no training data", id="no-data"),
     pytest.param(["train.lr"], "key=value", id="not-key-value"),
+    pytest.param(["sparse.options.psa.block_1d=3"], r"sparse.options.psa.*unknown PSAProcessor option 'block_1d'",
+                 id="option-of-another-method"),
+    pytest.param(["sparse.options.gna.stride=4"], r"sparse.options.gna.*stride must be in 1..window",
+                 id="bad-option-of-an-unused-method"),
+    pytest.param(["sparse.options.tau=0.3"], "one section per method.*sparse.options.vmoba.tau", id="flat-options"),
+    pytest.param(["sparse.options.vmoba.dense_layers=[0]"], r"give dense layers as sparse.dense_layers",
+                 id="dense-layers-in-options"),
+    pytest.param(["sparse.options.vmoba.dense_steps=2"], "dense_steps must be 0", id="dense-steps"),
+    pytest.param(["sparse.preset=wan9"], r"sparse.options.vmoba \(with sparse.preset='wan9'.*unknown preset",
+                 id="preset"),
+    pytest.param(["sparse.backend=cuda"], "sparse.backend must be one of", id="backend"),
 ])
 def test_config_errors(tmp_path, extra, match):
     base = [f"data.video_dir={tmp_path}", f"data.captions={tmp_path}/c.jsonl"]
@@ -247,10 +259,29 @@ def test_config_errors(tmp_path, extra, match):
         ft.load_config(TINY_CONFIG, base + extra)
 
 
+@pytest.mark.parametrize("method", ft.METHODS)
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "finetune").glob("*.yaml")))
-def test_shipped_training_configs_load(name, tmp_path):
-    config = ft.load_config(name, [f"data.latents_dir={tmp_path}"])
-    assert config.sparse.method in ft.METHODS and config.train.max_steps >= 1
+def test_shipped_training_configs_load_with_every_method(name, method, tmp_path):
+    # load_config builds the processor, so a method whose options the YAML gets wrong fails here.
+    config = ft.load_config(name, [f"data.latents_dir={tmp_path}", f"sparse.method={method}"])
+    assert config.train.max_steps >= 1
+    processor = ft.make_processor(config.sparse)
+    assert processor.method == method and processor.schedule.dense_steps == 0
+
+
+def test_flat_options_in_python_name_the_per_method_sections():
+    with pytest.raises(ValueError, match=r"sparse.options must be a MethodOptions.*MethodOptions\(vmoba="):
+        ft.SparseConfig(options={"block_1d": 2})
+    processor = ft.make_processor(ft.SparseConfig(options=ft.MethodOptions(vmoba={"block_1d": 2})))
+    assert processor.config.block_1d == 2 and processor.config.mode == "threshold"
+
+
+@pytest.mark.parametrize("method", ft.METHODS)
+def test_dense_layers_reach_the_processor_of_every_method(tmp_path, method):
+    config = ft.load_config(TINY_CONFIG, [f"data.latents_dir={tmp_path}", f"sparse.method={method}",
+                                          "sparse.dense_layers=[0]"])
+    schedule = ft.make_processor(config.sparse).schedule
+    assert schedule.layer_is_dense(0, 2) and not schedule.layer_is_dense(1, 2)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "finetune" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
@@ -365,6 +396,109 @@ def test_killed_run_resumes_exactly(videos, tmp_path, reference_full, settings):
             run(videos, tmp_path / "run", *settings, "train.lora_rank=2", "train.max_steps=5", "resume=latest")
     else:
         assert state["model.safetensors"].keys() == ft.load_pipeline(ft.ModelConfig()).transformer.state_dict().keys()
+
+
+@pytest.mark.parametrize("method", ["psa", "gna", "dense"])
+def test_tiny_config_trains_with_every_method(videos, tmp_path, method):
+    # The tiny YAML's options for VMoBA must not reach the other methods.
+    result = run(videos, tmp_path, f"sparse.method={method}", "train.max_steps=1")
+    rows = ft.read_metrics(tmp_path)
+    assert result.step == 1 and np.isfinite(rows[0]["loss"])
+    if method == "dense":
+        assert rows[0]["density"] == 1.0
+    else:
+        assert 0 < rows[0]["density"] < 0.9, f"{method} must actually be sparse on the tiny grid"
+
+
+def test_lora_with_alpha_other_than_rank_loads_at_the_trained_scale(videos, tmp_path):
+    # The final adapters loaded with pipe.load_lora_weights give the trained model's outputs:
+    # lora_alpha is saved with them (a loader assuming alpha = rank scales them by 1/4 here).
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    run(videos, tmp_path, *LORA, "train.lora_alpha=16", "train.max_steps=2")
+    trained = ft.load_pipeline(ft.ModelConfig()).transformer
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=16, init_lora_weights=True,
+                                   target_modules=ft.TrainConfig().lora_targets))
+    adapters = load_file(str(ft.checkpoints(tmp_path)[-1] / ft.ADAPTER_CHECKPOINT))
+    parameters = dict(trained.named_parameters())
+    with torch.no_grad():
+        for name, value in adapters.items():
+            parameters[name].copy_(value)
+    loaded = ft.load_pipeline(ft.ModelConfig())
+    loaded.load_lora_weights(str(tmp_path / "final"))
+    base = ft.load_pipeline(ft.ModelConfig()).transformer
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, 16, 3, 6, 10, generator=g), "timestep": torch.tensor([500.0]),
+              "encoder_hidden_states": torch.randn(1, 16, 32, generator=g), "return_dict": False}
+    with torch.no_grad():
+        expected, actual, untrained = (m(**inputs)[0] for m in (trained, loaded.transformer, base))
+    assert (expected - untrained).abs().max() > 1e-2, "the adapters must change the output for this test to mean anything"
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_run_in_a_folder_with_checkpoints_is_refused(videos, tmp_path):
+    run(videos, tmp_path, "train.max_steps=2")
+    metrics = (tmp_path / "logs" / "metrics.csv").read_text()
+    with pytest.raises(ValueError, match=r"already holds checkpoints of an earlier run \(step-00000002\).*--resume latest"):
+        run(videos, tmp_path, "train.max_steps=4")
+    assert [p.name for p in ft.checkpoints(tmp_path)] == ["step-00000002"]
+    assert (tmp_path / "logs" / "metrics.csv").read_text() == metrics
+    resumed = run(videos, tmp_path, "train.max_steps=3", "resume=latest")
+    assert resumed.step == 3 and len(resumed.losses) == 1
+
+
+def test_run_starting_at_step_0_begins_a_new_metrics_log(videos, tmp_path):
+    # The first run stops before its first checkpoint: its rows are of no run that continues.
+    run(videos, tmp_path, "train.stop_after=1")
+    assert not ft.checkpoints(tmp_path)
+    run(videos, tmp_path, "train.max_steps=2", "resume=latest")
+    lines = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["step", "1", "2"]
+
+
+def test_resumed_run_keeps_its_new_checkpoint_and_drops_later_ones(videos, tmp_path):
+    # Resumed from step 2 of a run that reached step 4: with checkpoints_keep=1 the checkpoint
+    # kept is the one just written (step 3), and step 4 of the abandoned run is not "latest".
+    run(videos, tmp_path)
+    assert [p.name for p in ft.checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
+    run(videos, tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.checkpoints_keep=1",
+        f"resume={ft.checkpoints(tmp_path)[0]}")
+    assert [p.name for p in ft.checkpoints(tmp_path)] == ["step-00000003"]
+
+
+def make_checkpoint(run_dir: Path, step: int) -> Path:
+    """An empty stand-in of a checkpoint folder (what :func:`ft.is_checkpoint` looks for)."""
+    folder = run_dir / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "custom_checkpoint_0.pkl").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("resume, match", [
+    pytest.param("{run}", r"is a run's folder, not a checkpoint.*resume='{run}/checkpoints/step-00000004'"
+                          r".*step-00000002, step-00000004.*output_dir='{run}' with resume=latest", id="output-dir"),
+    pytest.param("{run}/checkpoints", r"is a run's folder, not a checkpoint.*step-00000004", id="checkpoints-dir"),
+    pytest.param("{empty}", r"'{empty}' is not a checkpoint folder.*checkpoints/step-N", id="empty-dir"),
+    pytest.param("{run}/gone", "not a folder", id="missing"),
+    pytest.param(None, r"output_dir '{run}' already holds checkpoints.*--resume latest", id="fresh-start"),
+])
+def test_resume_that_is_not_a_checkpoint_says_where_the_checkpoints_are(tmp_path, resume, match):
+    run_dir, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    make_checkpoint(run_dir, 2)
+    make_checkpoint(run_dir, 4)
+    names = {"run": run_dir, "empty": empty}
+    with pytest.raises(ValueError, match=match.format(**{k: re.escape(str(v)) for k, v in names.items()})):
+        ft.resolve_resume(resume and resume.format(**names), run_dir)
+
+
+def test_resume_finds_checkpoints(tmp_path):
+    assert ft.resolve_resume(None, tmp_path) is None and ft.resolve_resume("latest", tmp_path) is None
+    newest = make_checkpoint(tmp_path, 4)
+    make_checkpoint(tmp_path, 2)
+    assert ft.resolve_resume("latest", tmp_path) == newest
+    assert ft.resolve_resume(str(newest), tmp_path / "elsewhere") == newest
 
 
 def test_interrupted_checkpoint_write_keeps_the_last_checkpoint(videos, tmp_path, reference_full, monkeypatch):
