@@ -43,7 +43,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -434,9 +434,16 @@ def check_sparse(sparse: SparseConfig) -> None:
     Raises:
         ValueError: see :func:`make_processor`.
     """
+    from vdiff_sparse.processors.base import available_presets
+
     for method in METHODS:
-        if method == sparse.method or getattr(sparse.options, method):
+        if method == sparse.method:
             make_processor(sparse, method)
+        elif getattr(sparse.options, method):
+            # A method preset (preset=vmoba) belongs to its own method only; a model preset
+            # has a section for every method.
+            model_preset = sparse.preset in available_presets()["models"]
+            make_processor(replace(sparse, preset=sparse.preset if model_preset else None), method)
 
 
 def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,6 +269,17 @@ def test_shipped_training_configs_load_with_every_method(name, method, tmp_path)
     assert processor.method == method and processor.schedule.dense_steps == 0
 
 
+@pytest.mark.parametrize("method", ["vmoba", "psa", "gna"])
+def test_a_method_preset_does_not_reach_the_other_methods_sections(method, tmp_path):
+    """sparse.preset=<method> with the tiny config's sections for all three methods loads: the
+    method preset applies to its own method only (a model preset has a section for each)."""
+    config = ft.load_config("tiny_wan_vmoba", [f"data.latents_dir={tmp_path}", f"sparse.method={method}",
+                                               f"sparse.preset={method}"])
+    assert ft.make_processor(config.sparse).method == method
+    config = ft.load_config("tiny_wan_vmoba", [f"data.latents_dir={tmp_path}", "sparse.preset=wan2.1-1.3b"])
+    assert ft.make_processor(config.sparse).method == "vmoba"
+
+
 def test_flat_options_in_python_name_the_per_method_sections():
     with pytest.raises(ValueError, match=r"sparse.options must be a MethodOptions.*MethodOptions\(vmoba="):
         ft.SparseConfig(options={"block_1d": 2})

@@ -124,8 +124,20 @@ def test_video_to_video_counts_the_steps_that_run(seed):
     video = [Image.fromarray((torch.rand(32, 64, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(9)]
     proc = P.DenseProcessor(dense_steps=0.4, stats=True)
     ctx = integration.enable(pipe, proc)
-    pipe(video=video, prompt_embeds=torch.randn(1, 8, 32, generator=g), height=32, width=64, num_inference_steps=10,
-         strength=0.5, guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, 8, 32, generator=g)
+
+    def run(steps, strength):
+        proc.stats.records.clear()
+        pipe(video=video, prompt_embeds=embeds, height=32, width=64, num_inference_steps=steps, strength=strength,
+             guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(0))
+
+    run(10, 0.5)
+    assert ctx.num_steps() == 5
+    assert _schedule(proc) == [(0, "warmup"), (1, "warmup"), (2, ""), (3, ""), (4, "")]
+    # A 1-step preview, then the same run: it starts below the preview's noise level, and is a
+    # new generation all the same (the scheduler's set_timesteps made new timesteps).
+    run(1, 1.0)
+    run(10, 0.5)
     assert ctx.num_steps() == 5
     assert _schedule(proc) == [(0, "warmup"), (1, "warmup"), (2, ""), (3, ""), (4, "")]
 

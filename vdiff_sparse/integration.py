@@ -26,15 +26,18 @@ index. This module supplies them:
 Denoising step: the context counts distinct noise levels. A call at the same timestep as the
 previous one is the same step (classifier-free guidance calls the transformer twice per step
 with one timestep, Wan / HunyuanVideo; CogVideoX / LTX / Mochi batch both in one call); a lower
-noise level is the next step; a higher one starts a new generation (step 0). Mochi's timesteps
-run upwards (its adapter says so), the others' downwards.
+noise level is the next step; a higher one starts a new generation (step 0), and so does a
+new ``scheduler.timesteps`` tensor of the pipeline being followed (its ``set_timesteps`` ran,
+for runs that start at or below the last level seen). Mochi's timesteps run upwards (its
+adapter says so), the others' downwards.
 
 Number of steps, which fractional warm-up schedules need: ``set_context(..., total_steps=N)``
 if given, else the scheduler the pipeline holds when the count is needed (so a scheduler
 swapped in after ``enable`` counts), counting only the scheduler's timesteps at or below the
 first one of the generation (video-to-video with ``strength < 1`` skips the noisiest ones). A
-transformer called on its own, or before the pipeline's ``scheduler.set_timesteps``, has none,
-and such a schedule raises an error that says how to give it.
+transformer never called inside a pipeline, or called before the pipeline's
+``scheduler.set_timesteps``, has none, and such a schedule raises an error that says how to give
+it (one called on its own after a pipeline run keeps following that pipeline's scheduler).
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class RunContext:
     _first_level: float | None = field(default=None, repr=False)
     _timestep_increases: bool = field(default=False, repr=False)
     _pipeline: Any = field(default=None, repr=False)  # weakref to the pipeline followed
+    # weakref to the scheduler's timesteps tensor of the last call: set_timesteps makes a new
+    # one at the start of every run of the pipeline.
+    _timesteps_seen: Any = field(default=None, repr=False)
     # ((scheduler id, its num_inference_steps, first level), number of steps): counting the
     # scheduler's timesteps reads a device tensor, so it is done once per generation.
     _steps_cache: tuple | None = field(default=None, repr=False)
@@ -94,6 +100,19 @@ class RunContext:
     def pipeline(self):
         """The pipeline this context follows, or ``None``."""
         return None if self._pipeline is None else self._pipeline()
+
+    def observe_schedule(self, timesteps) -> None:
+        """Start a new generation when the followed pipeline's scheduler holds another
+        ``timesteps`` tensor than at the last call (its ``set_timesteps`` ran: a new run). This
+        catches runs that start at or below the last noise level seen, which the timestep
+        alone cannot tell from a next step (a 1-step preview then a ``strength < 1`` run)."""
+        if not isinstance(timesteps, torch.Tensor):
+            return
+        if self._timesteps_seen is None:  # the first call this context sees
+            self._timesteps_seen = weakref.ref(timesteps)
+        elif self._timesteps_seen() is not timesteps:  # replaced (the old one may be freed)
+            self.new_generation()
+            self._timesteps_seen = weakref.ref(timesteps)
 
     def num_steps(self) -> int | None:
         """The number of denoising steps of the current generation, or ``None`` if unknown."""
@@ -234,6 +253,8 @@ def _on_forward(transformer: torch.nn.Module, inputs: dict, frame) -> None:
         # enable(pipe.transformer, ...), one enable per expert, or the transformers moved to
         # another pipeline: one context for all of this pipeline's transformers, following it.
         _shared_context(pipe)
+    if pipe is not None:
+        attachment.context.observe_schedule(getattr(getattr(pipe, "scheduler", None), "timesteps", None))
     _observe(transformer, attachment, inputs)
 
 
