@@ -335,6 +335,15 @@ class _Problem:
             e = max(counts)
             if e == 0:
                 continue
+            if self.boxes is not None:  # a window plan whose windows fill their boxes
+                source_pos, allowed = self.boxes.keys(rows, q_pos, qc.dtype)
+                n = source_pos.shape[1]
+                flat = self.source_rows(rows, source_pos, self.N).reshape(-1)
+                keys.append(k.reshape(-1, Hg * D).index_select(0, flat).view(r, n, Hg, D))
+                values.append(v.reshape(-1, Hg * Dv).index_select(0, flat).view(r, n, Hg, Dv))
+                window_masks.append((length, allowed))
+                length += n
+                continue  # the box replaces the listed tiles: no entry slots or biases
             w = level.width
             idx = level.index[rows, :e]  # [r, e]
             block = idx.clamp(min=0)
@@ -349,15 +358,6 @@ class _Problem:
                 if min(counts) < e:  # entries a row leaves unused are pad slots
                     bias = bias.masked_fill((idx < 0)[..., None], float("-inf"))
                 bias = bias.reshape(r, e * w)
-            if self.boxes is not None:  # a window plan whose windows fill their boxes
-                source_pos, allowed = self.boxes.keys(rows, q_pos, qc.dtype)
-                n = source_pos.shape[1]
-                flat = self.source_rows(rows, source_pos, self.N).reshape(-1)
-                keys.append(k.reshape(-1, Hg * D).index_select(0, flat).view(r, n, Hg, D))
-                values.append(v.reshape(-1, Hg * Dv).index_select(0, flat).view(r, n, Hg, Dv))
-                window_masks.append((length, allowed))
-                length += n
-                continue
             if level.p == 1:
                 positions = self.k_pos[block].reshape(r, e * w)
                 if self.window is not None:
