@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from vdiff_sparse.backends.base import ExtraKeys
-from vdiff_sparse.plan import LEVELS, AttentionPlan
+from vdiff_sparse.plan import LEVELS, AttentionPlan, ExtraKeys
 
 from . import attention as _k
 from .pooling import pyramid

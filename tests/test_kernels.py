@@ -41,7 +41,7 @@ def interpreter(monkeypatch):
 
 
 def triton_backend():
-    from vdiff_sparse.kernels.backend import TritonBackend
+    from vdiff_sparse.backends.triton import TritonBackend
 
     return TritonBackend()
 

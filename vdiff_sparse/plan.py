@@ -233,6 +233,21 @@ class AttentionPlan:
         }
 
 
+@dataclass(frozen=True)
+class ExtraKeys:
+    """Keys every query attends in the same softmax as its plan keys (text tokens).
+
+    Attributes:
+        k, v: ``[B, Ne, heads, D]``.
+        mask: ``[B, Ne]`` bool, ``True`` where the key is real (e.g. HunyuanVideo's text
+            padding mask), or ``None`` for all real.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
 def dense_plan(num_tokens: int, block: int = 128, device="cpu") -> AttentionPlan:
     """A plan keeping every key at full resolution (density 1)."""
     from .layout import uniform_offsets

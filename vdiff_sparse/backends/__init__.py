@@ -30,7 +30,7 @@ def _torch() -> Backend:
 
 
 def _triton() -> Backend:
-    from ..kernels.backend import TritonBackend
+    from .triton import TritonBackend
 
     return TritonBackend()
 

@@ -1,27 +1,11 @@
-"""The interface every backend implements, and the always-attended extra keys."""
+"""The interface every backend implements (the always-attended extra keys, :class:`ExtraKeys`,
+are part of the problem and live with the plan)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..plan import AttentionPlan
-
-
-@dataclass(frozen=True)
-class ExtraKeys:
-    """Keys every query attends in the same softmax as its plan keys (text tokens).
-
-    Attributes:
-        k, v: ``[B, Ne, heads, D]``.
-        mask: ``[B, Ne]`` bool, ``True`` where the key is real (e.g. HunyuanVideo's text
-            padding mask), or ``None`` for all real.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None = None
+from ..plan import AttentionPlan, ExtraKeys
 
 
 class Backend:

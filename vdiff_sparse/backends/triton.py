@@ -1,8 +1,9 @@
 """``backend="triton"``: the fused block-sparse kernels behind the :class:`Backend` interface.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
-how the tests exercise the kernels without a GPU). Importing this module does not compile or
-decorate any kernel; the kernel modules load on the first call.
+how the tests exercise the kernels without a GPU). Importing this module imports neither triton
+nor the kernels (:mod:`vdiff_sparse.kernels`); they load on the first call, so the dependency
+points one way: backends -> kernels -> plan.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-from vdiff_sparse.backends.base import Backend
+from .base import Backend
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -29,7 +30,7 @@ def _ops():
     if the flag changed since (e.g. a test process imported the kernels before setting it),
     the kernel module is reloaded so the kernels match the mode of the tensors they get.
     """
-    from . import attention, ops
+    from ..kernels import attention, ops
 
     if attention.INTERPRET != _interpreting():
         importlib.reload(attention)
