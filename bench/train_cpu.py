@@ -33,7 +33,7 @@ VMOBA_BLOCKS = {"block_1d": 2, "block_2d": (8, 8), "block_3d": (2, 8, 8)}
 def build(grid, layers: int, heads: int, head_dim: int, method: str, seed: int):
     """The model (with ``method``'s processor, or none for dense) and its processor."""
     from vdiff_sparse.integration import enable
-    from vdiff_sparse.pipelines.finetune import MethodOptions, SparseConfig, make_processor
+    from vdiff_sparse.pipelines.finetune import SparseConfig, training_processor
     from vdiff_sparse.tiny_models import tiny_wan_transformer
 
     model = tiny_wan_transformer(seed=seed, num_layers=layers, num_attention_heads=heads,
@@ -41,8 +41,8 @@ def build(grid, layers: int, heads: int, head_dim: int, method: str, seed: int):
                                  rope_max_seq_len=max(1024, 2 * max(grid))).train()
     processor = None
     if method != "dense":
-        options = MethodOptions(vmoba=dict(VMOBA_BLOCKS))
-        processor = make_processor(SparseConfig(method=method, options=options, backend="torch"))
+        options = {"vmoba": dict(VMOBA_BLOCKS)}
+        processor = training_processor(SparseConfig(method=method, options=options, backend="torch"))
         enable(model, processor)
     return model, processor
 
@@ -79,8 +79,8 @@ def attention_breakdown(grid, heads: int, head_dim: int, layers: int, repeats: i
     dense_s = timed(lambda: dense_attention(q, k, v).sum().backward())
     rows = []
     for layer in range(min(layers, 3)):
-        plan = plan_vmoba(q, k, grid, layer, config)
-        select_s = timed(lambda: plan_vmoba(q, k, grid, layer, config))
+        plan = plan_vmoba(q, k, grid, config, layer_index=layer)
+        select_s = timed(lambda: plan_vmoba(q, k, grid, config, layer_index=layer))
         backend_s = timed(lambda: run_plan(q, k, v, plan, backend="torch").sum().backward())
         rows.append({
             "layer": layer, "partition": plan.info["partition"], "density": plan.density(),

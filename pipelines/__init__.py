@@ -16,6 +16,6 @@ Importing this package imports torch and numpy only; diffusers is loaded when a 
 built.
 """
 
-from .generate import GenerationResult, ModelNotAvailableError, SparseVideoPipeline, make_processor
+from .generate import GenerationResult, ModelNotAvailableError, SparseVideoPipeline, generation_processor
 
-__all__ = ["GenerationResult", "ModelNotAvailableError", "SparseVideoPipeline", "make_processor"]
+__all__ = ["GenerationResult", "ModelNotAvailableError", "SparseVideoPipeline", "generation_processor"]

@@ -45,22 +45,18 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 
+from vdiff_sparse.methods.registry import get_method, method_names
 from vdiff_sparse.pipelines.data import LatentDataset, build_cache
+from vdiff_sparse.presets import is_model_preset
 
 logger = logging.getLogger("vdiff_sparse.finetune")
 
 TINY_MODEL = "tiny-wan"
-METHODS = ("vmoba", "psa", "gna", "dense")
-# Per method, the selection settings used while training (DESIGN §4.1: VMoBA trains with
-# threshold selection over the whole head, tau = 0.25); the user's options override them.
-TRAINING_OPTIONS: dict[str, dict[str, Any]] = {
-    "vmoba": {"mode": "threshold", "scope": "global", "tau": 0.25},
-}
 _CHECKPOINT_PREFIX = "step-"
 _METRICS = ("step", "loss", "lr", "grad_norm", "density", "step_time_s", "tokens_per_s")
 
@@ -131,31 +127,20 @@ class DataConfig:
 
 
 @dataclass
-class MethodOptions:
-    """Processor options per method; only the section of ``sparse.method`` is used, so one YAML
-    can hold settings for every method and ``sparse.method=psa`` switches between them.
-
-    Each section holds fields of the method's config (``VMoBAConfig``, ``PSAConfig``,
-    ``GNAConfig``, ``DenseConfig``) and optionally the schedule's per-layer overrides
-    ``layers`` (see ``ScheduleConfig``); they apply over the preset and, for VMoBA, over the
-    training defaults (``mode=threshold, scope=global, tau=0.25``). Dense layers are
-    ``sparse.dense_layers`` (every method); ``dense_steps`` is always 0 while training.
-    """
-
-    vmoba: Dict[str, Any] = field(default_factory=dict)
-    psa: Dict[str, Any] = field(default_factory=dict)
-    gna: Dict[str, Any] = field(default_factory=dict)
-    dense: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class SparseConfig:
     """The attention method active while training.
 
     Attributes:
-        method: ``vmoba`` (default), ``psa``, ``gna`` or ``dense`` (the baseline).
+        method: a registered method: ``vmoba`` (default), ``psa``, ``gna``, ``dense`` (the
+            baseline), or one registered by a plug-in.
         preset: a model or method preset of ``configs/`` (``None``: the method's defaults).
-        options: per-method options, ``options.<method>`` (see :class:`MethodOptions`).
+        options: processor options per method, ``options.<method>``; only the section of
+            ``method`` is used, so one YAML can hold settings for every method and
+            ``sparse.method=psa`` switches between them. Each section holds fields of the
+            method's config and optionally the schedule's per-layer overrides ``layers``; they
+            apply over the preset and the method's training defaults (VMoBA:
+            ``mode=threshold, scope=global, tau=0.25``). Dense layers are
+            ``sparse.dense_layers`` (every method); ``dense_steps`` is always 0 while training.
         dense_layers: self-attention layers that stay dense, whatever the method (replaces the
             preset's ``dense_layers``).
         backend: ``auto`` (Triton on CUDA, else torch), ``torch``, ``triton`` or ``reference``.
@@ -163,16 +148,21 @@ class SparseConfig:
 
     method: str = "vmoba"
     preset: Optional[str] = None
-    options: MethodOptions = field(default_factory=MethodOptions)
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     dense_layers: List[int] = field(default_factory=list)
     backend: str = "auto"
 
     def __post_init__(self) -> None:
         from vdiff_sparse.backends import BACKENDS
 
-        _check(self.method in METHODS, "sparse.method", self.method, f"one of {METHODS}")
-        _check(isinstance(self.options, MethodOptions), "sparse.options", self.options,
-               f"a MethodOptions, one section per method {METHODS} (e.g. MethodOptions(vmoba={{'tau': 0.3}}))")
+        methods = method_names()
+        _check(self.method in methods, "sparse.method", self.method, f"one of {list(methods)}")
+        _check(isinstance(self.options, Mapping) and all(isinstance(v, Mapping) for v in self.options.values()),
+               "sparse.options", self.options,
+               f"a mapping with one section per method {list(methods)} (e.g. {{'vmoba': {{'tau': 0.3}}}})")
+        unknown = sorted(set(self.options) - set(methods))
+        _check(not unknown, "sparse.options", self.options,
+               f"sections named after methods {list(methods)}; unknown {unknown}")
         backends = ("auto", *BACKENDS)
         _check(self.backend in backends, "sparse.backend", self.backend, f"one of {backends}")
 
@@ -341,7 +331,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: List[str] | No
     except OmegaConfBaseException as e:
         hint = ""
         if str(getattr(e, "full_key", "")).count(".") == 2 and e.full_key.startswith("sparse.options."):
-            hint = (f"\nsparse.options has one section per method, {', '.join(METHODS)}; e.g. "
+            hint = (f"\nsparse.options has one section per method, {', '.join(method_names())}; e.g. "
                     f"sparse.options.vmoba.tau=0.3")
         raise ValueError(f"fine-tuning config: {e}{hint}") from None
     config.data.check_source()
@@ -395,7 +385,7 @@ def check_trainable_model(pipe) -> None:
         )
 
 
-def make_processor(sparse: SparseConfig, method: str | None = None):
+def training_processor(sparse: SparseConfig, method: str | None = None):
     """The processor of ``method`` (default: ``sparse.method``) with training settings and
     statistics on: ``sparse.preset``, then the training defaults, then
     ``sparse.options.<method>``; ``sparse.dense_layers`` dense; no dense warm-up.
@@ -404,12 +394,11 @@ def make_processor(sparse: SparseConfig, method: str | None = None):
         ValueError: an option of that section (or the preset, or a dense layer) is invalid;
             the message names ``sparse.options.<method>``.
     """
-    from vdiff_sparse.processors import DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor
+    from vdiff_sparse.processors import build_processor
 
     method = method or sparse.method
-    cls = {"vmoba": VMoBAProcessor, "psa": PSAProcessor, "gna": GNAProcessor, "dense": DenseProcessor}[method]
     section = f"sparse.options.{method}"
-    options = dict(getattr(sparse.options, method))
+    options = dict(sparse.options.get(method) or {})
     if "dense_layers" in options:
         raise ValueError(f"{section}.dense_layers={options['dense_layers']!r}: give dense layers as "
                          "sparse.dense_layers (they apply to every method)")
@@ -419,8 +408,8 @@ def make_processor(sparse: SparseConfig, method: str | None = None):
                          f"there are no denoising steps to warm up on), got {options['dense_steps']!r}")
     options.update(dense_steps=0, dense_layers=list(sparse.dense_layers))
     try:
-        return cls(preset=sparse.preset, backend=sparse.backend, stats=True,
-                   **{**TRAINING_OPTIONS.get(method, {}), **options})
+        return build_processor(method, preset=sparse.preset, backend=sparse.backend, stats=True,
+                               settings={**get_method(method).training, **options})
     except ValueError as e:
         raise ValueError(f"{section} (with sparse.preset={sparse.preset!r}, "
                          f"sparse.dense_layers={list(sparse.dense_layers)}): {e}") from None
@@ -432,18 +421,16 @@ def check_sparse(sparse: SparseConfig) -> None:
     in a section not in use.
 
     Raises:
-        ValueError: see :func:`make_processor`.
+        ValueError: see :func:`training_processor`.
     """
-    from vdiff_sparse.processors.base import available_presets
-
-    for method in METHODS:
+    for method in method_names():
         if method == sparse.method:
-            make_processor(sparse, method)
-        elif getattr(sparse.options, method):
+            training_processor(sparse, method)
+        elif sparse.options.get(method):
             # A method preset (preset=vmoba) belongs to its own method only; a model preset
             # has a section for every method.
-            model_preset = sparse.preset in available_presets()["models"]
-            make_processor(replace(sparse, preset=sparse.preset if model_preset else None), method)
+            preset = sparse.preset if is_model_preset(sparse.preset) else None
+            training_processor(replace(sparse, preset=preset), method)
 
 
 def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
@@ -922,7 +909,7 @@ def train(config: FinetuneConfig) -> RunResult:
     t = config.train
     config.data.check_source()
     # Settings and the output folder are checked before the model loads and the data is encoded.
-    processor = make_processor(config.sparse)
+    processor = training_processor(config.sparse)
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir)
     accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
@@ -1093,7 +1080,6 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "DataConfig",
     "FinetuneConfig",
-    "MethodOptions",
     "ModelConfig",
     "RunResult",
     "SparseConfig",
@@ -1109,7 +1095,7 @@ __all__ = [
     "is_checkpoint",
     "load_config",
     "main",
-    "make_processor",
+    "training_processor",
     "read_metrics",
     "resolve_resume",
     "train",

@@ -27,7 +27,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-METHODS = ("dense", "vmoba", "psa", "gna")
 TINY_MODEL = "tiny"  # the model name of the built-in tiny pipeline in reports
 
 
@@ -46,7 +45,7 @@ class GenerationResult:
         stats: ``method``, ``settings`` (prompt, sizes, steps, seed, model), ``grid`` (latent
             token grid after patchify), ``num_tokens``, ``inner_dim`` (heads x head dim of the
             transformer) and, when the processor collects stats, ``calls`` (one dict per video
-            self-attention call: layer, step, method, num_tokens, density, flop_density,
+            self-attention call: layer, step, method, num_tokens, coverage, density,
             time_ms, dense_reason) and ``attention_s`` (their total time).
     """
 
@@ -56,15 +55,6 @@ class GenerationResult:
 
 
 # --- processors --------------------------------------------------------------------------------
-def _processor_class(method: str):
-    from ..processors import DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor
-
-    classes = {"dense": DenseProcessor, "vmoba": VMoBAProcessor, "psa": PSAProcessor, "gna": GNAProcessor}
-    if method not in classes:
-        raise ValueError(f"attn must be one of {list(METHODS)}, got {method!r}")
-    return classes[method]
-
-
 def tiny_defaults() -> dict:
     """``configs/generate/tiny.yaml``: the tiny model's default size and per-method settings."""
     from omegaconf import OmegaConf
@@ -92,10 +82,10 @@ def read_settings_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def make_processor(method: str, *, preset: str | None = None, config_file: str | os.PathLike | None = None,
-                   overrides: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
-                   stats: bool = True, backend: str = "auto"):
-    """A processor for ``method`` (``dense``, ``vmoba``, ``psa``, ``gna``).
+def generation_processor(method: str, *, preset: str | None = None,
+                         config_file: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+                         defaults: Mapping[str, Any] | None = None, stats: bool = True, backend: str = "auto"):
+    """A processor for registered method ``method`` (``dense``, ``gna``, ``psa``, ``vmoba``, ...).
 
     Settings, later ones winning: the method's defaults, the preset ``preset`` (else
     ``defaults``, e.g. the tiny model's), the YAML ``config_file``, ``overrides``.
@@ -103,12 +93,13 @@ def make_processor(method: str, *, preset: str | None = None, config_file: str |
     Raises:
         ValueError: unknown method, preset, option name or a bad value.
     """
-    cls = _processor_class(method)
+    from ..processors import build_processor
+
     settings: dict = {} if preset is not None else dict(defaults or {})
     if config_file is not None:
         settings.update(read_settings_file(config_file))
     settings.update(overrides or {})
-    return cls(preset=preset, stats=stats, backend=backend, **settings)
+    return build_processor(method, preset=preset, settings=settings, stats=stats, backend=backend)
 
 
 # --- sizes -------------------------------------------------------------------------------------
@@ -344,9 +335,9 @@ class SparseVideoPipeline:
 
     def make_processor(self, method: str, *, preset: str | None = None, config_file=None,
                        overrides: Mapping[str, Any] | None = None, stats: bool = True, backend: str = "auto"):
-        """:func:`make_processor` with this model's per-method defaults."""
-        return make_processor(method, preset=preset, config_file=config_file, overrides=overrides,
-                              defaults=self.method_defaults.get(method), stats=stats, backend=backend)
+        """:func:`generation_processor` with this model's per-method defaults."""
+        return generation_processor(method, preset=preset, config_file=config_file, overrides=overrides,
+                                    defaults=self.method_defaults.get(method), stats=stats, backend=backend)
 
     def set_attn_processor(self, processor) -> None:
         """Use ``processor`` for video self-attention in every transformer (cross-attention and
@@ -454,13 +445,12 @@ def save_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> Pa
 
 __all__ = [
     "GenerationResult",
-    "METHODS",
     "ModelNotAvailableError",
     "SizeRules",
     "SparseVideoPipeline",
     "fit_size",
     "load_diffusers_pipeline",
-    "make_processor",
+    "generation_processor",
     "read_settings_file",
     "save_video",
     "size_rules",

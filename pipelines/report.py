@@ -106,7 +106,7 @@ def summarize(result) -> dict:
     inner = result.stats["inner_dim"]
     n = max(len(calls), 1)
     tf_dense = _attention_tflops(calls, inner, None)
-    tf_sparse = _attention_tflops(calls, inner, "flop_density")
+    tf_sparse = _attention_tflops(calls, inner, "density")
     return {
         "method": result.stats["method"],
         "settings": result.stats["settings"],
@@ -115,13 +115,13 @@ def summarize(result) -> dict:
         "latency_s": result.latency_s,
         "attention_s": result.stats["attention_s"],
         "attention_share": result.stats["attention_s"] / result.latency_s,
+        "coverage": sum(c["coverage"] for c in calls) / n,
         "density": sum(c["density"] for c in calls) / n,
-        "flop_density": sum(c["flop_density"] for c in calls) / n,
         "attention_tflops_dense": tf_dense,
         "attention_tflops_sparse": tf_sparse,
         "attention_flops_saved": 1.0 - tf_sparse / tf_dense if tf_dense else 0.0,
+        "per_layer_coverage": _mean_by(calls, "layer", "coverage"),
         "per_layer_density": _mean_by(calls, "layer", "density"),
-        "per_layer_flop_density": _mean_by(calls, "layer", "flop_density"),
         "per_step_density": _mean_by(calls, "step", "density"),
         "attention_calls": len(calls),
         "dense_calls": sum(1 for c in calls if c["dense_reason"]),
@@ -138,12 +138,13 @@ def compare(sparse, dense=None) -> dict:
     * ``latency_dense_s``, ``latency_sparse_s``, ``speedup`` (= dense / sparse latency);
     * ``attention_dense_s``, ``attention_sparse_s``, ``attention_share_dense``,
       ``attention_share_sparse`` (share of the latency), ``attention_speedup``;
-    * ``density`` (pairs attended, pooled keys counted fully), ``flop_density`` (a key pooled
-      ``p`` times counts ``1/p``), ``attention_tflops_dense``, ``attention_tflops_sparse``,
+    * ``coverage`` (pairs attended, a pooled key counted as every key it averages), ``density``
+      (FLOP-equivalent: a key pooled ``p`` times counts ``1/p``), ``attention_tflops_dense``,
+      ``attention_tflops_sparse``,
       ``attention_flops_saved`` (share), for the whole generation of the one video (every call,
       both classifier-free guidance branches);
-    * ``per_layer_density``, ``per_layer_flop_density``, ``per_step_density``
-      (``{index: density}``), ``attention_calls``, ``dense_calls`` (calls the schedule sent
+    * ``per_layer_coverage``, ``per_layer_density``, ``per_step_density``
+      (``{index: value}``), ``attention_calls``, ``dense_calls`` (calls the schedule sent
       to dense);
     * ``psnr_db`` (``None`` when the videos are identical), ``ssim``, ``identical``;
     * ``method``, ``settings``, ``grid``, ``num_tokens``, ``processor``.
@@ -210,8 +211,8 @@ def report_table(report: dict) -> str:
          _fmt(r["attention_speedup"], ".2f") + "x" if r["attention_speedup"] is not None else ""),
         ("attention share of latency", _fmt(r["attention_share_dense"], ".0%"),
          f"{r['attention_share_sparse']:.0%}", ""),
-        ("density (pairs attended)", "1.000", f"{r['density']:.3f}", ""),
-        ("FLOP-equivalent density", "1.000", f"{r['flop_density']:.3f}",
+        ("coverage (pairs attended, pooled keys in full)", "1.000", f"{r['coverage']:.3f}", ""),
+        ("density (FLOP-equivalent)", "1.000", f"{r['density']:.3f}",
          f"{r['attention_flops_saved']:.0%} attention FLOPs saved"),
         ("attention FLOPs (whole generation)", _flops(r["attention_tflops_dense"]), _flops(r["attention_tflops_sparse"]),
          ""),
@@ -246,10 +247,10 @@ def report_markdown(report: dict, *, video: str | None = None, plot: str | None 
         "",
         "## Density per layer and per step",
         "",
-        "| layer | density | FLOP density |",
+        "| layer | coverage | density |",
         "|---|---|---|",
     ]
-    out += [f"| {i} | {d:.3f} | {r['per_layer_flop_density'][i]:.3f} |" for i, d in r["per_layer_density"].items()]
+    out += [f"| {i} | {c:.3f} | {r['per_layer_density'][i]:.3f} |" for i, c in r["per_layer_coverage"].items()]
     out += ["", "| step | density |", "|---|---|"]
     out += [f"| {i} | {d:.3f} |" for i, d in r["per_step_density"].items()]
     if plot:
@@ -273,9 +274,9 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
     r = report
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     layers = list(r["per_layer_density"])
-    ax1.bar([str(i) for i in layers], [r["per_layer_density"][i] for i in layers], label="density", color="tab:blue")
-    ax1.bar([str(i) for i in layers], [r["per_layer_flop_density"][i] for i in layers], width=0.4,
-            label="FLOP density", color="tab:orange")
+    ax1.bar([str(i) for i in layers], [r["per_layer_coverage"][i] for i in layers], label="coverage", color="tab:blue")
+    ax1.bar([str(i) for i in layers], [r["per_layer_density"][i] for i in layers], width=0.4,
+            label="density (FLOP-equivalent)", color="tab:orange")
     ax1.set(xlabel="layer", ylabel="share of dense", ylim=(0, 1.05), title=f"{r['method']}: density per layer")
     ax1.legend(fontsize=8)
     names = ["dense", r["method"]]

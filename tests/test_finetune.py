@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from vdiff_sparse.methods import method_names
 from vdiff_sparse.pipelines import data as ft_data
 from vdiff_sparse.pipelines import finetune as ft
 
@@ -259,13 +260,13 @@ def test_config_errors(tmp_path, extra, match):
         ft.load_config(TINY_CONFIG, base + extra)
 
 
-@pytest.mark.parametrize("method", ft.METHODS)
+@pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "finetune").glob("*.yaml")))
 def test_shipped_training_configs_load_with_every_method(name, method, tmp_path):
     # load_config builds the processor, so a method whose options the YAML gets wrong fails here.
     config = ft.load_config(name, [f"data.latents_dir={tmp_path}", f"sparse.method={method}"])
     assert config.train.max_steps >= 1
-    processor = ft.make_processor(config.sparse)
+    processor = ft.training_processor(config.sparse)
     assert processor.method == method and processor.schedule.dense_steps == 0
 
 
@@ -275,23 +276,23 @@ def test_a_method_preset_does_not_reach_the_other_methods_sections(method, tmp_p
     method preset applies to its own method only (a model preset has a section for each)."""
     config = ft.load_config("tiny_wan_vmoba", [f"data.latents_dir={tmp_path}", f"sparse.method={method}",
                                                f"sparse.preset={method}"])
-    assert ft.make_processor(config.sparse).method == method
+    assert ft.training_processor(config.sparse).method == method
     config = ft.load_config("tiny_wan_vmoba", [f"data.latents_dir={tmp_path}", "sparse.preset=wan2.1-1.3b"])
-    assert ft.make_processor(config.sparse).method == "vmoba"
+    assert ft.training_processor(config.sparse).method == "vmoba"
 
 
 def test_flat_options_in_python_name_the_per_method_sections():
-    with pytest.raises(ValueError, match=r"sparse.options must be a MethodOptions.*MethodOptions\(vmoba="):
+    with pytest.raises(ValueError, match=r"sparse.options must be a mapping with one section per method.*'vmoba': \{'tau'"):
         ft.SparseConfig(options={"block_1d": 2})
-    processor = ft.make_processor(ft.SparseConfig(options=ft.MethodOptions(vmoba={"block_1d": 2})))
+    processor = ft.training_processor(ft.SparseConfig(options={"vmoba": {"block_1d": 2}}))
     assert processor.config.block_1d == 2 and processor.config.mode == "threshold"
 
 
-@pytest.mark.parametrize("method", ft.METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_dense_layers_reach_the_processor_of_every_method(tmp_path, method):
     config = ft.load_config(TINY_CONFIG, [f"data.latents_dir={tmp_path}", f"sparse.method={method}",
                                           "sparse.dense_layers=[0]"])
-    schedule = ft.make_processor(config.sparse).schedule
+    schedule = ft.training_processor(config.sparse).schedule
     assert schedule.layer_is_dense(0, 2) and not schedule.layer_is_dense(1, 2)
 
 
@@ -346,7 +347,7 @@ def test_loss_decreases_on_a_fixed_batch(seed):
 
     config = ft.load_config(TINY_CONFIG, ["data.latents_dir=unused"])
     model = tiny_wan_transformer(seed=seed % 1000).train()
-    processor = ft.make_processor(config.sparse)
+    processor = ft.training_processor(config.sparse)
     enable(model, processor)
     g = torch.Generator().manual_seed(seed)
     latents, embeds = torch.randn(2, 16, 3, 6, 10, generator=g), torch.randn(2, 16, 32, generator=g)

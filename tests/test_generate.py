@@ -196,7 +196,7 @@ def test_generation_results_and_their_comparison(tiny):
     assert np.abs(own.frames.astype(int) - dense.frames.astype(int)).max() <= 2
     report = compare(sparse, dense)
     assert report["speedup"] == pytest.approx(dense.latency_s / sparse.latency_s)
-    assert 0 < report["flop_density"] <= report["density"] < 1
+    assert 0 < report["density"] <= report["coverage"] < 1
     assert set(report["per_layer_density"]) == {0, 1, 2}
     md = report_markdown(report)
     assert "| end-to-end latency |" in md and "warm-up generation" not in md and "report.png" not in md
@@ -342,7 +342,7 @@ def test_cli_generate_compare_dense(method, tmp_path, capsys):
     assert set(report["per_layer_density"]) == {"0", "1", "2"} and set(report["per_step_density"]) == {"0"}
     assert report["density"] == pytest.approx(np.mean(list(report["per_layer_density"].values())))
     assert report["per_step_density"]["0"] == pytest.approx(report["density"])
-    assert 0 < report["flop_density"] <= report["density"]
+    assert 0 < report["density"] <= report["coverage"]
     assert report["attention_tflops_dense"] == pytest.approx(4 * 288**2 * 64 * 6 / 1e12)  # 4 N^2 (heads x dim)
     assert report["attention_flops_saved"] == pytest.approx(
         1 - report["attention_tflops_sparse"] / report["attention_tflops_dense"])
@@ -351,7 +351,7 @@ def test_cli_generate_compare_dense(method, tmp_path, capsys):
     else:
         assert report["density"] < 1 and report["attention_flops_saved"] > 0
     md = (out / "report.md").read_text()
-    assert f"[{method}.mp4]({method}.mp4)" in md and "| layer | density |" in md and "| step | density |" in md
+    assert f"[{method}.mp4]({method}.mp4)" in md and "| layer | coverage | density |" in md and "| step | density |" in md
     assert "](report.png)" in md and (out / "report.png").stat().st_size > 1000
     assert "without warm-up" in md and "attention share of latency" in md and "attention FLOPs saved" in md
 
@@ -519,10 +519,10 @@ def test_cli_viz_bad_options(args, message, tmp_path, capsys):
 
 
 def test_plan_levels_of_psa_and_a_plan_that_ran_dense():
-    from vdiff_sparse.pipelines.generate import make_processor, tiny_defaults
+    from vdiff_sparse.pipelines.generate import generation_processor, tiny_defaults
     from vdiff_sparse.pipelines.viz import capture_plan, plan_matrix
 
-    proc = make_processor("psa", defaults=tiny_defaults()["methods"]["psa"], stats=False)
+    proc = generation_processor("psa", defaults=tiny_defaults()["methods"]["psa"], stats=False)
     plan, grid = capture_plan(proc, source="random", layer=1, grid=(3, 8, 16))
     assert grid == (3, 8, 16)
     levels, shares = plan_matrix(plan, head=1)
@@ -530,7 +530,7 @@ def test_plan_levels_of_psa_and_a_plan_that_ran_dense():
     assert set(np.unique(levels)) <= {0, 1, 2, 4, 8} and (levels > 0).any()
     assert set(np.unique(shares)) <= {0.0, 1.0} and ((levels > 0) == (shares > 0)).all()
     with pytest.raises(ValueError, match="ran dense"):
-        capture_plan(make_processor("psa", defaults={"dense_steps": 1}, stats=False), source="tiny", step=0,
+        capture_plan(generation_processor("psa", defaults={"dense_steps": 1}, stats=False), source="tiny", step=0,
                      size=dict(num_frames=1, height=16, width=16, num_inference_steps=1))
 
 
@@ -579,10 +579,10 @@ def test_help_explains_every_option_with_its_default():
 
 @pytest.mark.parametrize("layer", [0, 1, 2], ids=["1d", "2d", "3d"])
 def test_plan_matrix_shares_add_up_to_the_plan_density(layer, seed):
-    from vdiff_sparse.pipelines.generate import make_processor, tiny_defaults
+    from vdiff_sparse.pipelines.generate import generation_processor, tiny_defaults
     from vdiff_sparse.pipelines.viz import capture_plan, plan_matrix
 
-    proc = make_processor("vmoba", defaults=tiny_defaults()["methods"]["vmoba"], stats=False)
+    proc = generation_processor("vmoba", defaults=tiny_defaults()["methods"]["vmoba"], stats=False)
     plan, _ = capture_plan(proc, source="random", layer=layer, grid=(3, 10, 13), heads=2, seed=seed)
     q_sizes = plan.q_offsets.diff().double().numpy()
     k_sizes = plan.k_offsets.diff().double().numpy()

@@ -187,7 +187,7 @@ def test_whole_axis_window_is_dense(grid, seed):
     q, k, v = random_qkv(2, n, 2, 8, dtype=torch.float64, seed=seed)
     expected = dense_attention(q, k, v)
     for backend in ("auto", "reference", "torch"):
-        assert_close(gna_attention(q, k, v, grid, grid, backend=backend), expected, torch.float64, backend)
+        assert_close(gna_attention(q, k, v, grid, window=grid, backend=backend), expected, torch.float64, backend)
     causal = plan_gna(grid, grid, causal=(False, False, True))
     assert not causal.info["dense"] and causal.density() < 1.0
 
@@ -323,7 +323,7 @@ def test_torch_backend_matches_reference(grid, dtype, seed):
 def test_auto_backend_and_batch_heads_broadcast(seed):
     grid = (2, 6, 10)
     q, k, v = random_qkv(3, 120, 4, 16, seed=seed)
-    out, plan = gna_attention(q, k, v, grid, (2, 3, 5), return_plan=True)
+    out, plan = gna_attention(q, k, v, grid, window=(2, 3, 5), return_plan=True)
     assert plan.kv_index.shape[:2] == (1, 1)
     mask = brute_mask(grid, (2, 3, 5), (1, 1, 1), (1, 1, 1), (False,) * 3)
     assert_close(out, masked_sdpa(q, k, v, mask), torch.float32)
@@ -410,15 +410,15 @@ def test_plan_errors_name_the_argument(kwargs, pattern):
 def test_attention_errors():
     q, k, v = random_qkv(1, 105, 2, 8)
     with pytest.raises(ValueError, match=r"grid \(3, 5, 6\) has 90 tokens but q/k/v have N=105"):
-        gna_attention(q, k, v, (3, 5, 6), 3)
+        gna_attention(q, k, v, (3, 5, 6), window=3)
     with pytest.raises(ValueError, match=r"window\[0\]=4 must be in 2\.\.3"):
-        gna_attention(q, k, v, (3, 5, 7), (4, 3, 3))
+        gna_attention(q, k, v, (3, 5, 7), window=(4, 3, 3))
     with pytest.raises(ValueError, match="backend must be one of"):
-        gna_attention(q, k, v, (3, 5, 7), 3, backend="cuda")
+        gna_attention(q, k, v, (3, 5, 7), window=3, backend="cuda")
     # Non-finite inputs, also for a window covering the grid (run as dense SDPA).
     for name, window in (("q", 3), ("k", 3), ("v", 3), ("v", (3, 5, 7))):
         bad = {"q": q, "k": k, "v": v}
         bad[name] = bad[name].clone()
         bad[name][0, 4, 1, 3] = float("nan") if name != "k" else float("-inf")
         with pytest.raises(ValueError, match=rf"^{name} contains 1 NaN/Inf values"):
-            gna_attention(bad["q"], bad["k"], bad["v"], (3, 5, 7), window)
+            gna_attention(bad["q"], bad["k"], bad["v"], (3, 5, 7), window=window)

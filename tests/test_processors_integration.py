@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import vdiff_sparse.processors as P
+from vdiff_sparse.adapters import ModelAdapter
 from vdiff_sparse import integration
-from vdiff_sparse.processors.base import ScheduleConfig
+from vdiff_sparse.processors import ScheduleConfig
 from vdiff_sparse.tiny_models import (
     tiny_cogvideox_transformer,
     tiny_hunyuan_video_transformer,
@@ -132,7 +133,7 @@ def test_dense_layers_and_per_layer_overrides(wan):
     integration.enable(model, proc)
     _forward(model, inputs, 900)
     integration.disable(model)
-    dens = {r.layer: r.flop_density for r in proc.stats.records}
+    dens = {r.layer: r.density for r in proc.stats.records}
     assert dens[0] < 1.0 and dens[1] == pytest.approx(1.0)
     assert proc.config_for(1).topk == 100 and proc.config_for(0).topk == 1
 
@@ -165,8 +166,8 @@ def test_per_layer_method_choice(seed):
     integration.disable(model)
     assert [(r.layer, r.method, r.dense_reason) for r in proc.stats.records] == [
         (0, "dense", "layer"), (1, "vmoba", ""), (2, "gna", "")]
-    assert proc.stats.records[0].flop_density == 1.0
-    assert all(r.flop_density < 1.0 for r in proc.stats.records[1:])
+    assert proc.stats.records[0].density == 1.0
+    assert all(r.density < 1.0 for r in proc.stats.records[1:])
 
     per_module = {name: P.DenseProcessor() for name in model.attn_processors}
     per_module["blocks.1.attn1.processor"] = P.VMoBAProcessor(**SPARSE)
@@ -211,24 +212,24 @@ def test_stats_off_by_default_and_records_when_on(wan):
     recs = loud.stats.records
     assert [(r.layer, r.step) for r in recs] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     n = GRID[0] * GRID[1] * GRID[2]
-    assert all(r.num_tokens == n and 0 < r.flop_density < 1 and r.time_ms > 0 for r in recs)
+    assert all(r.num_tokens == n and 0 < r.density < 1 and r.time_ms > 0 for r in recs)
     # window 2 per axis with borders shifted inward: exactly 8 keys per query
-    assert recs[0].flop_density == pytest.approx(8 / n)
+    assert recs[0].density == pytest.approx(8 / n)
     summary = loud.stats.summary()
     assert summary["calls"] == 4 and set(summary["per_layer"]) == {0, 1}
     loud.stats.clear()
     assert loud.stats.records == []
 
 
-def test_psa_density_counts_pooled_keys_fully(wan):
+def test_psa_coverage_counts_pooled_keys_fully_and_density_by_flops(wan):
     model, inputs = wan
     proc = P.PSAProcessor(mode="quantile", fractions={2: 1.0}, block_q=8, block_k=8, dense_steps=0, stats=True)
     integration.enable(model, proc)
     _forward(model, inputs, 900)
     integration.disable(model)
     rec = proc.stats.records[0]
-    assert rec.density == pytest.approx(1.0)
-    assert rec.flop_density < 0.75
+    assert rec.coverage == pytest.approx(1.0)
+    assert rec.density == pytest.approx(0.5)
 
 
 # --- presets and configuration -----------------------------------------------------------------
@@ -271,9 +272,9 @@ def test_model_preset_of_another_family_refused(seed):
         integration.enable(hunyuan, P.GNAProcessor(preset=preset, window=2, stride=1))
         assert torch.isfinite(_forward(hunyuan, inputs, 900)).all()
     integration.disable(hunyuan)
-    from vdiff_sparse.processors.base import preset_family
+    from vdiff_sparse.presets import preset_family
 
-    families = {cls.name for cls in P.ModelAdapter.__subclasses__()}
+    families = {cls.name for cls in ModelAdapter.__subclasses__()}
     assert {preset_family(name) for name in P.available_presets()["models"]} <= families
 
 
@@ -365,7 +366,7 @@ def test_attention_modules_added_after_setup(seed):
     assert integration.binding_of(model.blocks[0].attn2).index is None
     assert torch.equal(after, before)
     assert [(r.layer, r.method) for r in proc.stats.records] == [(0, "gna"), (1, "gna")]
-    assert all(r.flop_density < 1 for r in proc.stats.records)
+    assert all(r.density < 1 for r in proc.stats.records)
     integration.disable(model)
     assert not isinstance(model.blocks[0].attn2.processor, P.SparseProcessor)
     assert torch.equal(_forward(model, inputs, 900), _forward(twin, inputs, 900))
@@ -433,7 +434,7 @@ def test_wan_pipeline_generates(pipes, make):
     else:
         steps = {r.step for r in proc.stats.records}
         assert steps == {0, 1, 2}, "steps counted per generation with CFG"
-        assert any(r.flop_density < 1 for r in proc.stats.records)
+        assert any(r.density < 1 for r in proc.stats.records)
     assert torch.equal(_generate(pipe), ref)
     assert "set_timesteps" not in vars(pipe.scheduler)
 
@@ -525,7 +526,7 @@ def test_torch_compile(wan):
     for a, b in zip(got, eager):
         assert (a - b).abs().max() <= 1e-5
     assert (eager[1] - _forward(model, inputs, 600)).abs().max() > 1e-4, "step 1 was not sparse"
-    recs = [(r.step, r.method, r.flop_density < 1) for r in proc.stats.records]
+    recs = [(r.step, r.method, r.density < 1) for r in proc.stats.records]
     assert recs == [(0, "dense", False)] * 2 + [(1, "gna", True)] * 2
 
 

@@ -53,7 +53,7 @@ def test_vmoba_plans_match_reference(mode, scope, value, partition, seed):
     emask = torch.tensor([[True, False, True, True, False], [True] * 5])
     extra_value = {"topk": value} if mode == "topk" else {"tau": value}
     config = VMoBAConfig(mode=mode, scope=scope, query_block=24, **SMALL, **extra_value)
-    plan = plan_vmoba(q, k, grid, LAYERS[partition], config)
+    plan = plan_vmoba(q, k, grid, layer_index=LAYERS[partition], config=config)
     assert routed_supported(plan)
     qp, kp, vp = (plan.permute(x) for x in (q, k, v))
     check_against_reference(qp, kp, vp, plan, ExtraKeys(ek, ev, emask))
@@ -177,7 +177,7 @@ def test_original_order_equals_plan_order(mode, scope, value, seed):
     ek, ev, _ = random_qkv(B, 5, H, 16, seed=seed + 1, requires_grad=True)
     extra = ExtraKeys(ek, ev, torch.tensor([[True, False, True, True, False], [True] * 5]))
     extra_value = {"topk": value} if mode == "topk" else {"tau": value}
-    plan = plan_vmoba(q, k, grid, LAYERS["3d"], VMoBAConfig(mode=mode, scope=scope, query_block=24,
+    plan = plan_vmoba(q, k, grid, layer_index=LAYERS["3d"], config=VMoBAConfig(mode=mode, scope=scope, query_block=24,
                                                             **SMALL, **extra_value))
     assert plan.perm is not None
     leaves = [q, k, v, ek, ev]

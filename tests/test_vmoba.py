@@ -168,7 +168,7 @@ def test_selection_matches_loop_reference(mode, scope, value, grid, partition, s
     N = math.prod(grid)
     q, k, _ = random_qkv(2, N, 2, 8, dtype=torch.float64, seed=seed)
     config = make_config(mode, scope, value, query_block=[16, 37][seed % 2])
-    plan = plan_vmoba(q, k, grid, LAYERS[partition], config)
+    plan = plan_vmoba(q, k, grid, layer_index=LAYERS[partition], config=config)
     expected = reference_mask(q, k, grid, partition, config)
     got = plan_mask(plan, 2, 2)
     assert torch.equal(got, expected), f"{int((got != expected).sum())} pairs differ"
@@ -182,7 +182,7 @@ def test_selection_matches_loop_reference(mode, scope, value, grid, partition, s
 def test_plan_lists_only_blocks_some_token_uses(mode, scope, value, partition, seed):
     grid = (5, 6, 10)
     q, k, _ = random_qkv(1, 300, 3, 16, seed=seed)
-    plan = plan_vmoba(q, k, grid, LAYERS[partition], make_config(mode, scope, value, query_block=24))
+    plan = plan_vmoba(q, k, grid, layer_index=LAYERS[partition], config=make_config(mode, scope, value, query_block=24))
     tile = plan.query_block_of_position()
     users = torch.zeros(plan.kv_index.shape, dtype=torch.int32)
     used = users.index_add_(2, tile, plan.token_keep.to(torch.int32)) > 0
@@ -199,7 +199,7 @@ def test_plan_lists_only_blocks_some_token_uses(mode, scope, value, partition, s
 def test_topk_keeps_exactly_k_blocks(scope, seed):
     grid, topk = (3, 5, 7), 3
     q, k, _ = random_qkv(2, 105, 2, 8, seed=seed)
-    plan = plan_vmoba(q, k, grid, 2, make_config("topk", scope, topk))
+    plan = plan_vmoba(q, k, grid, layer_index=2, config=make_config("topk", scope, topk))
     per_token = plan.token_keep.sum(-1)  # [B, H, N]
     if scope == "local":
         assert (per_token == topk).all()
@@ -210,10 +210,10 @@ def test_topk_keeps_exactly_k_blocks(scope, seed):
 def test_partition_recurs_by_layer():
     assert [partition_for_layer(l) for l in range(7)] == ["1d", "2d", "3d", "1d", "2d", "3d", "1d"]
     q, k, _ = random_qkv(1, 105, 1, 8, seed=1)
-    counts = [plan_vmoba(q, k, (3, 5, 7), l, make_config("topk", "local", 2)).info["num_blocks"] for l in range(6)]
+    counts = [plan_vmoba(q, k, (3, 5, 7), layer_index=l, config=make_config("topk", "local", 2)).info["num_blocks"] for l in range(6)]
     # 1D: 3 frames; 2D: ceil(5/2) * ceil(7/3) = 9; 3D: ceil(3/2) * ceil(5/4) * ceil(7/3) = 12.
     assert counts == [3, 9, 12, 3, 9, 12]
-    assert plan_vmoba(q, k, (3, 5, 7), 0, make_config("topk", "local", 1)).perm is None
+    assert plan_vmoba(q, k, (3, 5, 7), layer_index=0, config=make_config("topk", "local", 1)).perm is None
 
 
 @pytest.mark.parametrize("partition", list(LAYERS))
@@ -233,7 +233,7 @@ def test_partition_blocks_are_coordinate_blocks(grid, partition):
 @pytest.mark.parametrize("tau", [1e-9, 1.0], ids=["tiny", "one"])
 def test_threshold_extremes(tau, seed):
     q, k, _ = random_qkv(1, 300, 2, 8, dtype=torch.float64, seed=seed)
-    plan = plan_vmoba(q, k, (5, 6, 10), 1, make_config("threshold", "local", tau))
+    plan = plan_vmoba(q, k, (5, 6, 10), layer_index=1, config=make_config("threshold", "local", tau))
     kept = plan.token_keep.sum(-1)
     if tau < 1e-3:
         # Only the own block, unless it is the row's lowest (normalised score 0, share 0).
@@ -300,7 +300,7 @@ def test_plan_is_bit_identical_to_direct_derivation(
     q, k, _ = random_qkv(2, N, 3, 16, seed=seed)
     config = make_config(mode, scope, value, query_block=query_block)
     for queries, keys in ((q, k), (q.bfloat16(), k.bfloat16())):
-        plan = plan_vmoba(queries, keys, grid, LAYERS[partition], config)
+        plan = plan_vmoba(queries, keys, grid, layer_index=LAYERS[partition], config=config)
         kv_index, token_keep = rederived_plan(queries, keys, grid, LAYERS[partition], config)
         if plan.token_keep is None:  # topk >= blocks: the shared dense plan
             assert token_keep.all() and torch.equal(plan.kv_index[0, 0], kv_index[0, 0])
@@ -315,7 +315,7 @@ def test_finite_check_allows_sums_that_overflow(seed):
     q = q.abs() * 1e37  # the sum of 1.7K such entries overflows, a gate entry does not
     assert not torch.isfinite(q.sum())
     config = make_config("topk", "local", 3)
-    plan = plan_vmoba(q, k, (3, 5, 7), 2, config)
+    plan = plan_vmoba(q, k, (3, 5, 7), layer_index=2, config=config)
     kv_index, token_keep = rederived_plan(q, k, (3, 5, 7), 2, config)
     assert torch.equal(plan.kv_index, kv_index) and torch.equal(plan.token_keep, token_keep)
 
@@ -331,7 +331,7 @@ def test_attention_equals_masked_dense_with_text(mode, scope, partition, seed):
     config = make_config(mode, scope, 3 if mode == "topk" else 0.4)
     scale = 0.3
     out = vmoba_attention(
-        q, k, v, grid, LAYERS[partition], config,
+        q, k, v, grid, config, layer_index=LAYERS[partition],
         extra_k=ek, extra_v=ev, extra_mask=emask, scale=scale, backend="reference",
     )
     mask = reference_mask(q.detach(), k.detach(), grid, partition, config)
@@ -351,7 +351,7 @@ def test_dense_limit_equals_sdpa(partition, scope, backend, seed):
     grid = (5, 6, 10)
     q, k, v = random_qkv(1, 300, 2, 16, seed=seed)
     config = make_config("topk", scope, 10_000)
-    out, plan = vmoba_attention(q, k, v, grid, LAYERS[partition], config, backend=backend, return_plan=True)
+    out, plan = vmoba_attention(q, k, v, grid, config, layer_index=LAYERS[partition], backend=backend, return_plan=True)
     assert plan.density() == pytest.approx(1.0)
     assert_close(out, dense_attention(q, k, v), torch.float32, "dense limit")
 
@@ -369,7 +369,7 @@ def test_torch_backend_matches_reference(mode, scope, value, partition, dtype, s
     results = {}
     for backend in ("reference", "torch"):
         out = vmoba_attention(
-            q, k, v, grid, LAYERS[partition], config,
+            q, k, v, grid, config, layer_index=LAYERS[partition],
             extra_k=ek, extra_v=ev, extra_mask=emask, backend=backend,
         )
         results[backend] = (out, *torch.autograd.grad(out, (q, k, v, ek, ev), grad))
@@ -431,14 +431,14 @@ def test_argument_errors():
     bad = q.clone()
     bad[0, 7, 1, 2] = float("nan")
     with pytest.raises(ValueError, match="q contains"):
-        vmoba_attention(bad, k, v, (3, 5, 7), 2, **SMALL, topk=2, backend="reference")
+        vmoba_attention(bad, k, v, (3, 5, 7), layer_index=2, **SMALL, topk=2, backend="reference")
     bad_k = k.clone()
     bad_k[0, 3, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="k contains"):
-        plan_vmoba(q, bad_k, (3, 5, 7), 1, make_config("threshold", "global", 0.5))
+        plan_vmoba(q, bad_k, (3, 5, 7), layer_index=1, config=make_config("threshold", "global", 0.5))
     with pytest.raises(ValueError, match="q contains"):  # top-k >= blocks: a dense plan, still checked
-        vmoba_attention(bad, k, v, (3, 5, 7), 2, **SMALL, topk=1000, backend="reference")
+        vmoba_attention(bad, k, v, (3, 5, 7), layer_index=2, **SMALL, topk=1000, backend="reference")
     bad_v = v.clone()
     bad_v[0, 9, 0, 1] = float("nan")
     with pytest.raises(ValueError, match="v contains 1 NaN/Inf"):
-        vmoba_attention(q, k, bad_v, (3, 5, 7), 2, **SMALL, topk=2, backend="reference")
+        vmoba_attention(q, k, bad_v, (3, 5, 7), layer_index=2, **SMALL, topk=2, backend="reference")

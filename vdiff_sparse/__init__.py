@@ -7,6 +7,10 @@ Functional API (q, k, v are ``[B, N, heads, D]`` with ``N = T*H*W`` frame-major)
 
     from vdiff_sparse import gna_attention, psa_attention, vmoba_attention
     out = gna_attention(q, k, v, grid=(T, H, W), window=(3, 7, 7))
+    out = psa_attention(q, k, v, grid, PSAConfig(mode="quantile", fractions={1: 0.1, 2: 0.1}))
+
+Every method takes ``(q, k, v, grid, config=None, **overrides)``; the registry
+(:func:`method_names`, :func:`register_method`) lists them and adds new ones.
 
 In a diffusers pipeline (video self-attention goes sparse, everything else stays the model's)::
 
@@ -32,7 +36,11 @@ _EXPORTS = {
     "dense_plan": "plan",
     "run_plan": "attention",
     "dense_attention": "attention",
-    # methods
+    # methods (each declared once in the registry)
+    "Method": "methods.registry",
+    "register_method": "methods.registry",
+    "method_names": "methods.registry",
+    "DenseConfig": "methods.dense",
     "GNAConfig": "methods.gna",
     "plan_gna": "methods.gna",
     "gna_attention": "methods.gna",
@@ -47,6 +55,7 @@ _EXPORTS = {
     "GNAProcessor": "processors",
     "PSAProcessor": "processors",
     "VMoBAProcessor": "processors",
+    "processor_class": "processors",
     "ScheduleConfig": "processors",
     "available_presets": "processors",
     "enable": "integration",
@@ -73,7 +82,9 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import dense_attention, run_plan
     from .layout import BlockOrder, VideoLayout, hilbert_order, tile_order
+    from .methods.dense import DenseConfig
     from .methods.gna import GNAConfig, gna_attention, plan_gna
     from .methods.psa import PSAConfig, plan_psa, psa_attention
+    from .methods.registry import Method, method_names, register_method
     from .methods.vmoba import VMoBAConfig, plan_vmoba, vmoba_attention
     from .plan import AttentionPlan, TokenWindow, dense_plan

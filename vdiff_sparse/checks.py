@@ -1,8 +1,8 @@
 """Argument checks, in one place.
 
 Each ``check_<arg>`` returns the cleaned value (ints widened to per-axis tuples) or raises a
-``ValueError`` that names the argument, what was given and what is allowed. ``assert`` is kept
-for internal invariants only.
+``ValueError`` that names the argument, what was given and what is allowed. Nothing here uses
+``assert`` (``python -O`` removes it). :data:`Grid` is the one latent-grid type.
 """
 
 from __future__ import annotations
@@ -106,5 +106,28 @@ def check_finite(**tensors: torch.Tensor) -> None:
 
 
 def check_choice(name: str, value, allowed: Sequence) -> None:
+    """``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_positive_int(name: str, value, what: str = "") -> int:
+    """``value`` is an int ``>= 1`` (not a bool); ``what`` adds a note to the message."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{what}, got {value!r}")
+    return value
+
+
+def check_positive_ints(name: str, value, n: int) -> tuple[int, ...]:
+    """``value`` is a sequence of ``n`` positive ints (integral floats from YAML accepted)."""
+    try:
+        values = tuple(value)
+    except TypeError:
+        values = ()
+    if (
+        len(values) != n
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v for v in values)
+        or any(v < 1 for v in values)
+    ):
+        raise ValueError(f"{name} must be a tuple of {n} positive ints, got {value!r}")
+    return tuple(int(v) for v in values)

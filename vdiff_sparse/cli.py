@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .benchmarks.meta import median_time
-from .pipelines.generate import METHODS, ModelNotAvailableError
+from .methods.registry import method_names
+from .pipelines.generate import ModelNotAvailableError
 
 
 def demo_methods(grid):
@@ -159,10 +160,10 @@ def _method_processor(method: str, args, *, stats: bool = True):
     """The processor the options describe, built before any model is loaded (so bad presets,
     files and keys fail in a second, not after minutes of loading); without --preset the
     built-in model's settings (configs/generate/tiny.yaml) apply unless --model is given."""
-    from .pipelines.generate import make_processor, tiny_defaults
+    from .pipelines.generate import generation_processor, tiny_defaults
 
     on_tiny = getattr(args, "model", None) is None
-    return make_processor(method, preset=args.preset, config_file=args.config,
+    return generation_processor(method, preset=args.preset, config_file=args.config,
                           overrides=parse_overrides(args.overrides),
                           defaults=tiny_defaults()["methods"].get(method) if on_tiny else None,
                           stats=stats, backend=args.backend)
@@ -183,7 +184,7 @@ def _output_dir(path: str) -> Path:
 def run_generate(args) -> int:
     import json
 
-    from .pipelines.generate import make_processor, save_video
+    from .pipelines.generate import generation_processor, save_video
     from .pipelines.report import compare, plot_report, report_markdown, report_table
 
     sparse_proc = _method_processor(args.attn, args)
@@ -197,7 +198,7 @@ def run_generate(args) -> int:
     steps = call["num_inference_steps"]
     print(f"{pipe.model}: {call['num_frames']} frames x {call['height']} x {call['width']}, {steps} steps, "
           f"token grid {grid} = {grid[0] * grid[1] * grid[2]:,} video tokens, {pipe.device}", flush=True)
-    runs = [(make_processor("dense"), "dense")] if args.compare_dense else []
+    runs = [(generation_processor("dense"), "dense")] if args.compare_dense else []
     runs.append((sparse_proc, args.attn))
     if args.warmup:
         # First calls pay for allocator growth, oneDNN / Triton kernel builds and plan caches;
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "tiny random Wan model is used (no download; noise-like videos, meant for speed "
                     "and density numbers). Writes <attn>.mp4, report.json, report.md and report.png "
                     "(with matplotlib) to --out; with --compare-dense also dense.mp4 and the speedup.")
-    _add_method_options(gen, METHODS, "gna", with_model=True)
+    _add_method_options(gen, method_names(), "gna", with_model=True)
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the dense run uses the same)")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt; default: the pipeline's")
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw which key blocks each query block attends (and at which pool level) for one "
                     "layer and head, from a generation with the built-in tiny model (--source tiny) or "
                     "from synthetic moving-video attention (--source random).")
-    _add_method_options(viz, [m for m in METHODS if m != "dense"], "psa", with_model=False)
+    _add_method_options(viz, [m for m in method_names() if m != "dense"], "psa", with_model=False)
     viz.add_argument("--seed", type=int, default=0, help="seed of the tiny model and its noise, or of the random q/k/v")
     viz.add_argument("--source", choices=("tiny", "random"), default="tiny",
                      help="q/k from the tiny model's generation or synthetic moving-video q/k/v")

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-Grid = tuple[int, int, int]
+from .checks import Grid
 
 
 @dataclass(frozen=True)

@@ -110,18 +110,25 @@ class AttentionPlan:
 
     def __post_init__(self) -> None:
         n_q = self.q_offsets.numel() - 1
-        assert self.kv_index.dim() == 4 and self.kv_index.shape[2] == n_q, (
-            f"kv_index must be [B|1, H|1, {n_q}, max_kv], got {tuple(self.kv_index.shape)}"
-        )
-        assert int(self.q_offsets[-1]) == int(self.k_offsets[-1]), "q and k cover different N"
-        if self.kv_level is not None:
-            assert self.kv_level.shape == self.kv_index.shape
+        index_shape = tuple(self.kv_index.shape)
+        if self.kv_index.dim() != 4 or index_shape[2] != n_q:
+            raise ValueError(f"kv_index must be [B|1, H|1, n_q_blocks={n_q}, max_kv], got {index_shape}")
+        if int(self.q_offsets[-1]) != int(self.k_offsets[-1]):
+            raise ValueError(
+                f"q_offsets and k_offsets must cover the same N, got {int(self.q_offsets[-1])} and "
+                f"{int(self.k_offsets[-1])}"
+            )
+        if self.kv_level is not None and tuple(self.kv_level.shape) != index_shape:
+            raise ValueError(f"kv_level must have kv_index's shape {index_shape}, got {tuple(self.kv_level.shape)}")
         if self.token_keep is not None:
-            assert self.token_keep.shape[2] == self.num_tokens
-            assert self.token_keep.shape[3] == self.kv_index.shape[3]
-        assert self.window is None or self.kv_level is None or bool((self.kv_level == 1).all()), (
-            "a coordinate window only applies to full-resolution entries"
-        )
+            keep_shape = tuple(self.token_keep.shape)
+            if self.token_keep.dim() != 4 or keep_shape[2:] != (self.num_tokens, index_shape[3]):
+                raise ValueError(
+                    f"token_keep must be [B|1, H|1, N={self.num_tokens}, max_kv={index_shape[3]}], "
+                    f"got {keep_shape}"
+                )
+        if self.window is not None and self.kv_level is not None and not bool((self.kv_level == 1).all()):
+            raise ValueError("a coordinate window only applies to full-resolution entries (kv_level 1)")
 
     # --- shape facts -------------------------------------------------------------------------
     @property

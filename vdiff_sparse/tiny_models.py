@@ -1,9 +1,9 @@
 """Tiny random diffusers video models, built offline from configs in code.
 
 For tests, demos and the CLI's default model: every builder seeds torch, builds a model of a
-few thousand parameters on CPU in float32 and downloads nothing. Shapes follow DESIGN §6
-(Wan: patch (1, 2, 2), 2 heads x 32 dims, 2 layers). Latent inputs for each transformer come
-from :func:`tiny_inputs`.
+few thousand parameters on CPU in float32 and downloads nothing. Shapes are the smallest
+that keep each family's structure (Wan: patch (1, 2, 2), 2 heads x 32 dims, 2 layers). Latent
+inputs for each transformer come from :func:`tiny_inputs`.
 """
 
 from __future__ import annotations

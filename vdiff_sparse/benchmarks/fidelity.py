@@ -89,21 +89,21 @@ def curves(grid: Sequence[int], *, vmoba_cube: Sequence[int] = (2, 8, 8), psa_bl
 
     def gna(fraction):
         window = tuple(min(n, max(2, round(fraction * n))) if n > 1 else 1 for n in grid)
-        return lambda q, k, v: gna_attention(q, k, v, grid, window, backend=backend, return_plan=True)
+        return lambda q, k, v: gna_attention(q, k, v, grid, window=window, backend=backend, return_plan=True)
 
     tile = tuple(-(-n // 4) for n in grid)  # four tiles per axis
 
     def sta(tiles):
         window = tuple(min(n, max(2, m * t)) if n > 1 else 1 for n, m, t in zip(grid, tiles, tile))
         stride = tuple(min(t, w) for t, w in zip(tile, window))
-        return lambda q, k, v: gna_attention(q, k, v, grid, window, stride, backend=backend, return_plan=True)
+        return lambda q, k, v: gna_attention(q, k, v, grid, window=window, stride=stride, backend=backend, return_plan=True)
 
     def psa(**options):
         return lambda q, k, v: psa_attention(q, k, v, grid, block_q=psa_block, block_k=psa_block,
                                              backend=backend, return_plan=True, **options)
 
     def vmoba(layer, **options):
-        return lambda q, k, v: vmoba_attention(q, k, v, grid, layer, block_3d=cube, backend=backend,
+        return lambda q, k, v: vmoba_attention(q, k, v, grid, layer_index=layer, block_3d=cube, backend=backend,
                                                return_plan=True, **options)
 
     c1s = [0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..methods.registry import method_names
 from .meta import command_line, run_metadata, write_json
 
 WAN_1_3B = dict(
@@ -44,7 +45,6 @@ SMOKE_OVERRIDES = dict(num_attention_heads=2, attention_head_dim=32, text_dim=32
 LATENT_480P = (21, 60, 104)  # 81 frames, 480x832: VAE /4 in time (+1), /8 in space
 SMOKE_LATENT = (4, 16, 24)
 TEXT_TOKENS, SMOKE_TEXT_TOKENS = 512, 8
-METHODS = ("dense", "gna", "psa", "vmoba")
 GENERATION_STEPS = 50
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -77,16 +77,16 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def make_processor(method: str, preset: str, backend: str, *, stats: bool = False, smoke: bool = False):
+def benchmark_processor(method: str, preset: str, backend: str, *, stats: bool = False, smoke: bool = False):
     """The processor of ``method`` at ``preset``, every step sparse; ``None`` for the model's own
     dense attention."""
-    from ..processors import GNAProcessor, PSAProcessor, VMoBAProcessor
+    from ..processors import build_processor
 
-    classes = {"gna": GNAProcessor, "psa": PSAProcessor, "vmoba": VMoBAProcessor}
     if method == "dense":
         return None
-    overrides = SMOKE_METHOD_OVERRIDES[method] if smoke else {}
-    return classes[method](preset=preset, backend=backend, stats=stats, dense_steps=0, **overrides)
+    overrides = SMOKE_METHOD_OVERRIDES.get(method, {}) if smoke else {}
+    return build_processor(method, preset=preset, backend=backend, stats=stats,
+                           settings={"dense_steps": 0, **overrides})
 
 
 def preset_warmup_steps(method: str, preset: str, total: int = GENERATION_STEPS) -> int:
@@ -134,7 +134,7 @@ def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype,
     grid = tuple(n // s for n, s in zip(latent, p))
     rows = []
     for method in methods:
-        proc = make_processor(method, preset, backend, smoke=smoke)
+        proc = benchmark_processor(method, preset, backend, smoke=smoke)
         if proc is not None:
             enable(model, proc)
         if device.type == "cuda":
@@ -143,10 +143,10 @@ def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype,
             times = time_steps(model, inputs, warmup, steps, device)
             density = None
             if proc is not None:
-                counted = make_processor(method, preset, backend, stats=True, smoke=smoke)
+                counted = benchmark_processor(method, preset, backend, stats=True, smoke=smoke)
                 enable(model, counted)
                 model(**inputs, return_dict=False)
-                sparse = [r.flop_density for r in counted.stats.records if r.method == method]
+                sparse = [r.density for r in counted.stats.records if r.method == method]
                 density = sum(sparse) / len(sparse) if sparse else None
         if proc is not None:
             disable(model)
@@ -155,14 +155,14 @@ def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype,
             "processor": None if proc is None else repr(proc),
             "step_times_s": times,
             "median_step_s": statistics.median(times),
-            "flop_density": 1.0 if proc is None else density,
+            "density": 1.0 if proc is None else density,
             "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
             "preset_dense_warmup_steps": preset_warmup_steps(method, preset),
         }
         rows.append(row)
         if verbose:
             print(f"{method:>6}: median step {row['median_step_s'] * 1e3:9.1f} ms  density "
-                  f"{row['flop_density'] if row['flop_density'] is None else round(row['flop_density'], 3)}",
+                  f"{row['density'] if row['density'] is None else round(row['density'], 3)}",
                   flush=True)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for row in rows:
@@ -193,7 +193,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(
         prog="bench/wan_e2e_gpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="2-layer narrow model, small grid, CPU, float32")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()))
     parser.add_argument("--latent", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
                         help=f"latent size (default {LATENT_480P}, smoke {SMOKE_LATENT})")
     parser.add_argument("--steps", type=int, default=None, help="timed forwards (default 5, smoke 2)")

@@ -1,10 +1,16 @@
 """GNA: generalized neighborhood attention over the (t, h, w) latent grid.
 
-Each query attends a window of keys around itself, per axis (DESIGN.md §4.3): window ``k``,
-stride ``s`` (queries of one stride group share the window of their group's leader), dilation
-``d`` (queries and keys on the same ``x mod d`` lattice) and a causal flag. Windows are shifted
-inward at the borders, never truncated, so every non-causal query sees exactly ``k`` keys per
-axis. ``s = 1`` is neighborhood attention, ``s = k`` blocked attention, ``window = k * tile``
+Each query attends a window of keys around itself, per axis: window ``k``, stride ``s``
+(queries of one stride group share the window of their group's leader), dilation ``d`` (queries
+and keys on the same ``x mod d`` lattice) and a causal flag. Windows are shifted inward at the
+borders, never truncated, so every non-causal query sees exactly ``k`` keys per axis.
+
+Per axis of length ``n``, for query coordinate ``x``: group ``g = x mod d``, lattice coordinate
+``x' = x // d`` on a lattice of ``n_g = ceil((n - g) / d)`` points. Non-causal:
+``leader = min((x' // s) * s + s // 2, n_g - 1)``, ``start = clamp(leader - k // 2, 0, n_g - k)``,
+keys ``g + d * [start, start + k)``. Causal: ``leader = min((x' // s) * s + s - 1, n_g - 1)``,
+``start = max(leader - k + 1, 0)``, keys ``g + d * [start, x']``. A key is in a query's window
+iff it is on every axis (:func:`gna_mask` is this definition, written plainly). ``s = 1`` is neighborhood attention, ``s = k`` blocked attention, ``window = k * tile``
 with ``stride = tile`` Sliding Tile Attention (perfectly block-sparse); a window covering every
 axis without causality is dense attention.
 
@@ -29,11 +35,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..attention import dense_attention, run_plan
-from ..checks import check_finite, check_grid, check_per_axis, check_qkv
+from ..checks import Grid, check_finite, check_grid, check_per_axis, check_qkv
 from ..layout import tile_order, token_coords
 from ..plan import AttentionPlan, TokenWindow, pack_block_selection
+from .registry import Method, get_method, register_method
 
-Grid = tuple[int, int, int]
 PerAxisInt = Union[int, Sequence[int]]
 PerAxisBool = Union[bool, Sequence[bool]]
 
@@ -146,8 +152,8 @@ def auto_tile(grid: Grid, window: Grid, stride: Grid, dilation: Grid) -> Grid:
 
 
 def _axis_bounds(n: int, k: int, s: int, d: int, causal: bool):
-    """Inclusive key bounds ``lo, hi`` ``[n]`` of every query coordinate on one axis (DESIGN.md
-    §4.3), in grid coordinates; keys lie on the lattice ``lo, lo + d, ...``."""
+    """Inclusive key bounds ``lo, hi`` ``[n]`` of every query coordinate on one axis (the rule in
+    the module docstring), in grid coordinates; keys lie on the lattice ``lo, lo + d, ...``."""
     x = torch.arange(n)
     group, xg = x % d, x // d
     n_group = (n - group + d - 1) // d  # tokens on the query's lattice
@@ -279,39 +285,42 @@ def gna_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     grid: Sequence[int],
-    window: PerAxisInt,
-    stride: PerAxisInt = 1,
-    dilation: PerAxisInt = 1,
-    causal: PerAxisBool = False,
+    config: GNAConfig | None = None,
     *,
-    tile: PerAxisInt | None = None,
+    layer_index: int = 0,
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
     return_plan: bool = False,
+    **overrides,
 ):
     """Generalized neighborhood attention of video tokens (plus always-attended extra keys).
 
     Args:
         q, k, v: ``[B, N, heads, D]`` with ``N = T*H*W`` tokens frame-major, row-major.
         grid: latent grid ``(T, H, W)`` after patchify.
-        window, stride, dilation, causal: per-axis neighborhood (see :class:`GNAConfig`).
-        tile: plan tile shape, or ``None`` for :func:`auto_tile`.
+        config: :class:`GNAConfig`, a mapping of its fields, or ``None`` (then ``window`` must
+            be among ``overrides``).
+        layer_index: unused (the neighbourhood is the same on every layer).
         extra_k, extra_v: ``[B, Ne, heads, D]`` keys every query attends (text), or ``None``.
         extra_mask: ``[B, Ne]`` bool, False for padding among the extra keys.
         scale: logit scale; ``D ** -0.5`` if ``None``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``. With ``"auto"`` a
             dense config (whole-axis windows, no causality) runs as dense SDPA.
         return_plan: also return the plan.
+        **overrides: :class:`GNAConfig` fields (``window``, ``stride``, ``dilation``,
+            ``causal``, ``tile``) replacing those of ``config``, e.g.
+            ``gna_attention(q, k, v, grid, window=(3, 7, 7))``.
 
     Returns:
         ``[B, N, heads, D]`` output in the input order (and the plan if ``return_plan``).
     """
+    config = get_method("gna").make_config(config, **overrides)
     grid = check_qkv(q, k, v, grid)
     check_finite(q=q, k=k, v=v)
-    plan = plan_gna(grid, window, stride, dilation, causal, tile=tile, device=q.device)
+    plan = config.plan(grid, device=q.device)
     extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, scale=scale)
     if backend == "auto" and plan.info["dense"]:
         out = dense_attention(q, k, v, **extras)
@@ -320,4 +329,80 @@ def gna_attention(
     return (out, plan) if return_plan else out
 
 
-__all__ = ["AUTO_TILE_MIN_TOKENS", "GNAConfig", "auto_tile", "gna_attention", "plan_gna"]
+def _plan_for_qk(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], config: GNAConfig | None = None, *,
+                 layer_index: int = 0, scale: float | None = None) -> AttentionPlan:
+    """:func:`plan_gna` in the methods' planner convention (the plan depends on the grid only)."""
+    check_qkv(q, k, k, grid)
+    return get_method("gna").make_config(config).plan(grid, device=q.device)
+
+
+def fit_to_grid(config: GNAConfig, grid: Sequence[int]) -> GNAConfig:
+    """Shrink a GNA neighbourhood to a grid: window at most the axis length (at least 2),
+    stride at most the window, dilation at most ``n // window``, tile at most the axis. A preset
+    made for 720p then runs on any latent size; a window covering a whole axis is dense along
+    it."""
+    grid = check_grid(grid)
+    window = check_per_axis("window", config.window, minimum=1)
+    stride = check_per_axis("stride", config.stride, minimum=1)
+    dilation = check_per_axis("dilation", config.dilation, minimum=1)
+    w, s, d = [], [], []
+    for n, k, st, dl in zip(grid, window, stride, dilation):
+        k = max(2, min(k, n)) if n > 1 else 1
+        w.append(k)
+        s.append(min(st, k))
+        d.append(max(1, min(dl, n // k)))
+    tile = None
+    if config.tile is not None:
+        tile = tuple(min(t, n) for t, n in zip(check_per_axis("tile", config.tile, minimum=1), grid))
+    return GNAConfig(window=tuple(w), stride=tuple(s), dilation=tuple(d), causal=config.causal, tile=tile)
+
+
+# --- the definition --------------------------------------------------------------------------
+def _axis_window(n: int, k: int, s: int, d: int, causal: bool) -> list[list[bool]]:
+    """``allowed[x][y]``: key coordinate ``y`` is in the window of query ``x`` on one axis."""
+    allowed = [[False] * n for _ in range(n)]
+    for x in range(n):
+        g, xg = x % d, x // d
+        n_g = -(-(n - g) // d)
+        if causal:
+            leader = min((xg // s) * s + s - 1, n_g - 1)
+            keys = range(max(leader - k + 1, 0), xg + 1)
+        else:
+            leader = min((xg // s) * s + s // 2, n_g - 1)
+            start = min(max(leader - k // 2, 0), n_g - k)
+            keys = range(start, start + k)
+        for key in keys:
+            allowed[x][g + key * d] = True
+    return allowed
+
+
+def gna_mask(grid: Sequence[int], window: PerAxisInt, stride: PerAxisInt = 1, dilation: PerAxisInt = 1,
+             causal: PerAxisBool = False) -> torch.Tensor:
+    """GNA's definition, written as plainly as possible: which key token each query token
+    attends (the rule in the module docstring, axis by axis, then the AND over axes).
+
+    Arguments are checked and widened like :func:`plan_gna`'s. Slow (``O(N²)`` Python steps):
+    for tests on small grids; :func:`plan_gna` must agree with it exactly.
+
+    Returns:
+        ``[N, N]`` bool over frame-major tokens, ``mask[i, j]``: query ``i`` attends key ``j``.
+    """
+    grid, window, stride, dilation, causal, _ = _check_problem(grid, window, stride, dilation, causal, None)
+    axes = [_axis_window(*args) for args in zip(grid, window, stride, dilation, causal)]
+    T, H, W = grid
+    coords = [(t, h, w) for t in range(T) for h in range(H) for w in range(W)]
+    rows = [[all(axes[a][qc[a]][kc[a]] for a in range(3)) for kc in coords] for qc in coords]
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+register_method(Method(
+    name="gna",
+    config_cls=GNAConfig,
+    attention=gna_attention,
+    plan=_plan_for_qk,
+    summary="a window around itself in (t, h, w): window, stride, dilation, causal per axis",
+    fit=fit_to_grid,
+    processor_name="GNAProcessor",
+))
+
+__all__ = ["AUTO_TILE_MIN_TOKENS", "GNAConfig", "auto_tile", "fit_to_grid", "gna_attention", "gna_mask", "plan_gna"]

@@ -53,6 +53,7 @@ from ..attention import run_plan
 from ..checks import check_choice, check_finite, check_qkv
 from ..layout import BlockOrder, Grid, hilbert_order, sequence_order, tile_order, uniform_offsets
 from ..plan import LEVELS, AttentionPlan, pack_block_selection
+from .registry import Method, get_method, register_method
 
 MODES = ("threshold", "quantile")
 REORDERS = ("none", "tile", "hilbert")
@@ -461,6 +462,7 @@ def psa_attention(
     grid: Grid,
     config: PSAConfig | None = None,
     *,
+    layer_index: int = 0,
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
@@ -474,7 +476,8 @@ def psa_attention(
     Args:
         q, k, v: ``[B, N, heads, D]`` video tokens, ``N = T*H*W`` frame-major row-major.
         grid: latent grid ``(T, H, W)``.
-        config: :class:`PSAConfig`; ``None`` for the defaults.
+        config: :class:`PSAConfig`, a mapping of its fields, or ``None`` for the defaults.
+        layer_index: unused (PSA selects the same way on every layer).
         extra_k, extra_v: ``[B, Ne, heads, D]`` keys every query attends (text), or ``None``.
         extra_mask: ``[B, Ne]`` bool, False for padding among the extra keys.
         scale: logit scale, ``D ** -0.5`` if ``None`` (also used by the importance estimate).
@@ -486,9 +489,7 @@ def psa_attention(
     Returns:
         ``[B, N, heads, D]`` in the original token order, or ``(out, plan)``.
     """
-    config = PSAConfig() if config is None else config
-    if overrides:
-        config = config.replace(**overrides)
+    config = get_method("psa").make_config(config, **overrides)
     check_qkv(q, k, v, grid)
     check_finite(v=v)  # q and k: plan_psa
     plan = plan_psa(q, k, grid, config, scale=scale)
@@ -498,6 +499,21 @@ def psa_attention(
     )
     return (out, plan) if return_plan else out
 
+
+def _plan_for_layer(q: torch.Tensor, k: torch.Tensor, grid: Grid, config: PSAConfig | None = None, *,
+                    layer_index: int = 0, scale: float | None = None) -> AttentionPlan:
+    """:func:`plan_psa` in the methods' planner convention (PSA ignores the layer index)."""
+    return plan_psa(q, k, grid, get_method("psa").make_config(config), scale=scale)
+
+
+register_method(Method(
+    name="psa",
+    config_cls=PSAConfig,
+    attention=psa_attention,
+    plan=_plan_for_layer,
+    summary="every key block at a level: full, mean-pooled x2/x4/x8, or skipped",
+    processor_name="PSAProcessor",
+))
 
 __all__ = [
     "PSAConfig", "allocate_levels", "block_similarity", "importance_matmul_dtype", "plan_psa",

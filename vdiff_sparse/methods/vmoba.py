@@ -1,6 +1,7 @@
 """VMoBA: mixture-of-block attention with a layer-wise 1D/2D/3D block partition.
 
-Semantics (DESIGN §4.1), per batch and head, for the self-attention layer ``l``:
+Semantics (from the VMoBA paper, with ragged edge blocks allowed), per batch and head, for the
+self-attention layer ``l``:
 
 1. Partition: ``l mod 3`` = 0 -> 1D (``c_t`` whole frames per block), 1 -> 2D (a ``c_h x c_w``
    spatial tile across all frames), 2 -> 3D (a ``c_t x c_h x c_w`` cube). Edge blocks may be
@@ -30,18 +31,22 @@ selected (``kv_index``) and per token which of those it selected (``token_keep``
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ..attention import run_plan
-from ..checks import check_choice, check_finite, check_grid, check_qkv
-from ..layout import BlockOrder, Grid, tile_order, uniform_offsets
+from ..checks import (
+    Grid, check_choice, check_finite, check_grid, check_positive_int, check_positive_ints, check_qkv,
+)
+from ..layout import BlockOrder, tile_order, uniform_offsets
 from ..plan import AttentionPlan, pack_block_selection
+from .registry import Method, build_config, get_method, register_method
 
 MODES = ("topk", "threshold")
+#: The paper's fine-tuning selection: threshold over the head's whole score matrix, tau = 0.25.
+TRAINING_SETTINGS = {"mode": "threshold", "scope": "global", "tau": 0.25}
 SCOPES = ("local", "global")
 PARTITIONS = ("1d", "2d", "3d")
 
@@ -50,26 +55,6 @@ PARTITIONS = ("1d", "2d", "3d")
 # gate entries (or query values, if D > n_blocks) per chunk: one head at N = 16K with 64 blocks;
 # top-k's temporaries are then a few MiB, threshold's (float64 sort, cumulative sums) ~25 MiB.
 _CHUNK_ELEMENTS = 2**20
-
-
-def _positive_int(name: str, value, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{what}, got {value!r}")
-    return value
-
-
-def _positive_ints(name: str, value, n: int) -> tuple[int, ...]:
-    try:
-        values = tuple(value)
-    except TypeError:
-        values = ()
-    if (
-        len(values) != n
-        or any(isinstance(v, bool) or int(v) != v for v in values)
-        or any(v < 1 for v in values)
-    ):
-        raise ValueError(f"{name} must be a tuple of {n} positive ints, got {value!r}")
-    return tuple(int(v) for v in values)
 
 
 @dataclass
@@ -111,29 +96,26 @@ class VMoBAConfig:
     query_block: int = 128
 
     def __post_init__(self) -> None:
-        _positive_int("block_1d", self.block_1d)
-        self.block_2d = _positive_ints("block_2d", self.block_2d, 2)
-        self.block_3d = _positive_ints("block_3d", self.block_3d, 3)
+        check_positive_int("block_1d", self.block_1d)
+        self.block_2d = check_positive_ints("block_2d", self.block_2d, 2)
+        self.block_3d = check_positive_ints("block_3d", self.block_3d, 3)
         check_choice("mode", self.mode, MODES)
         check_choice("scope", self.scope, SCOPES)
-        _positive_int("topk", self.topk, " (own block included)")
+        check_positive_int("topk", self.topk, " (own block included)")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
             raise ValueError(f"tau must be a float in (0, 1], got {self.tau!r}")
         self.tau = float(self.tau)
-        _positive_int("query_block", self.query_block)
+        check_positive_int("query_block", self.query_block)
 
     @classmethod
     def training(cls, **overrides) -> "VMoBAConfig":
-        """The paper's fine-tuning setting: threshold, global, ``tau = 0.25``."""
-        return cls(**{"mode": "threshold", "scope": "global", "tau": 0.25, **overrides})
+        """The paper's fine-tuning setting (:data:`TRAINING_SETTINGS`: threshold, global,
+        ``tau = 0.25``)."""
+        return cls(**{**TRAINING_SETTINGS, **overrides})
 
     def replace(self, **overrides) -> "VMoBAConfig":
         """A copy with ``overrides`` applied (validated); unknown names raise ``ValueError``."""
-        fields = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown VMoBA option(s) {unknown}; valid options are {fields}")
-        return dataclasses.replace(self, **overrides)
+        return build_config(VMoBAConfig, self, overrides, "VMoBA")
 
 
 def partition_for_layer(layer_index: int) -> Literal["1d", "2d", "3d"]:
@@ -263,16 +245,21 @@ def plan_vmoba(
     q: torch.Tensor,
     k: torch.Tensor,
     grid: Grid,
-    layer_index: int = 0,
     config: VMoBAConfig | None = None,
+    *,
+    layer_index: int = 0,
+    scale: float | None = None,
 ) -> AttentionPlan:
     """Route every query token to key blocks of layer ``layer_index``'s partition.
 
     Args:
         q, k: ``[B, N, heads, D]`` video tokens, ``N = T*H*W`` frame-major row-major.
         grid: latent grid ``(T, H, W)``.
+        config: :class:`VMoBAConfig`, a mapping of its fields, or ``None`` (defaults:
+            training-free top-k, local).
         layer_index: index among the model's self-attention layers (selects 1D/2D/3D).
-        config: :class:`VMoBAConfig` (defaults: training-free top-k, local).
+        scale: unused (the gate is an unscaled dot product); accepted for the common planner
+            signature.
 
     Returns:
         An :class:`AttentionPlan` with ``perm`` the partition's reorder, ``k_offsets`` its
@@ -282,7 +269,7 @@ def plan_vmoba(
         every block (top-k with ``topk >= n_blocks``) the plan is dense and shared by all
         batches and heads (``kv_index`` ``[1, 1, n_tiles, n_blocks]``, no ``token_keep``).
     """
-    config = VMoBAConfig() if config is None else config
+    config = get_method("vmoba").make_config(config)
     grid = check_qkv(q, k, k, grid)
     partition = partition_for_layer(layer_index)
     order = partition_order(grid, layer_index, config, device=q.device)
@@ -361,9 +348,9 @@ def vmoba_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     grid: Grid,
-    layer_index: int = 0,
     config: VMoBAConfig | None = None,
     *,
+    layer_index: int = 0,
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
@@ -377,8 +364,8 @@ def vmoba_attention(
     Args:
         q, k, v: ``[B, N, heads, D]`` video tokens, ``N = T*H*W`` frame-major row-major.
         grid: latent grid ``(T, H, W)``.
+        config: :class:`VMoBAConfig`, a mapping of its fields, or ``None`` for the defaults.
         layer_index: index among the model's self-attention layers (1D/2D/3D partition).
-        config: :class:`VMoBAConfig`; ``None`` for the defaults.
         extra_k, extra_v: ``[B, Ne, heads, D]`` keys every query attends (text), or ``None``.
         extra_mask: ``[B, Ne]`` bool, False for padding among the extra keys.
         scale: logit scale, ``D ** -0.5`` if ``None``.
@@ -390,12 +377,10 @@ def vmoba_attention(
     Returns:
         ``[B, N, heads, D]`` in the original token order, or ``(out, plan)``.
     """
-    config = VMoBAConfig() if config is None else config
-    if overrides:
-        config = config.replace(**overrides)
+    config = get_method("vmoba").make_config(config, **overrides)
     check_qkv(q, k, v, grid)
     check_finite(v=v)  # q and k: plan_vmoba
-    plan = plan_vmoba(q, k, grid, layer_index, config)
+    plan = plan_vmoba(q, k, grid, config, layer_index=layer_index)
     out = run_plan(
         q, k, v, plan,
         extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, scale=scale, backend=backend,
@@ -403,11 +388,100 @@ def vmoba_attention(
     return (out, plan) if return_plan else out
 
 
+# --- the definition --------------------------------------------------------------------------
+def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid: Grid, config: VMoBAConfig | None = None, *,
+               layer_index: int = 0) -> torch.Tensor:
+    """VMoBA's definition, written as plainly as possible (loops over tokens and blocks, float64):
+    which key token each query token attends.
+
+    Every query token ``i`` of head ``h`` scores every block ``j`` of the layer's partition by
+    ``q_i . mean(k over block j)``, keeps its own block, then adds blocks by the selection rule
+    (top-k or the shortest prefix reaching ``tau`` of the min-max normalised total, per token or
+    over the head's whole matrix) and attends every key token of its chosen blocks. Slow
+    (``O(N * blocks * D)`` Python steps): for tests on small grids; :func:`plan_vmoba` must
+    agree with it exactly.
+
+    Args:
+        q, k: ``[B, N, heads, D]`` video tokens in the original (frame-major) order.
+        grid: latent grid ``(T, H, W)``.
+        config: :class:`VMoBAConfig`, a mapping or ``None``.
+        layer_index: selects the 1D/2D/3D partition.
+
+    Returns:
+        ``[B, heads, N, N]`` bool, ``mask[b, h, i, j]``: query ``i`` attends key ``j``.
+    """
+    config = get_method("vmoba").make_config(config)
+    grid = check_qkv(q, k, k, grid)
+    T, H, W = grid
+    partition = partition_for_layer(layer_index)
+    ct, ch, cw = {"1d": (config.block_1d, H, W), "2d": (T, *config.block_2d), "3d": config.block_3d}[partition]
+    blocks_h, blocks_w = -(-H // ch), -(-W // cw)
+    block_of = [((t // ct) * blocks_h + h // ch) * blocks_w + w // cw
+                for t in range(T) for h in range(H) for w in range(W)]
+    blocks = sorted(set(block_of))
+    B, N, heads, _ = q.shape
+    mask = torch.zeros(B, heads, N, N, dtype=torch.bool)
+    for b in range(B):
+        for h in range(heads):
+            qs = q[b, :, h].double()
+            kmean = {j: k[b, [n for n in range(N) if block_of[n] == j], h].double().mean(0) for j in blocks}
+            score = {(i, j): float(qs[i] @ kmean[j]) for i in range(N) for j in blocks}
+            own = [(i, block_of[i]) for i in range(N)]
+            chosen: set = set()
+            if config.scope == "local":
+                for i in range(N):
+                    others = [(i, j) for j in blocks if j != block_of[i]]
+                    if config.mode == "topk":
+                        chosen |= {own[i], *sorted(others, key=lambda p: -score[p])[: config.topk - 1]}
+                    else:
+                        row = {(i, j): score[(i, j)] for j in blocks}
+                        chosen |= _shortest_prefix([own[i]], others, row, config.tau)
+            else:
+                others = [p for p in score if p[1] != block_of[p[0]]]
+                if config.mode == "topk":
+                    chosen = set(own) | set(sorted(others, key=lambda p: -score[p])[: (config.topk - 1) * N])
+                else:
+                    chosen = _shortest_prefix(own, others, score, config.tau)
+            for i, j in chosen:
+                for n in range(N):
+                    if block_of[n] == j:
+                        mask[b, h, i, n] = True
+    return mask
+
+
+def _shortest_prefix(own: list, others: list, score: dict, tau: float) -> set:
+    """``own`` pairs, then ``others`` by descending score until their min-max normalised share
+    of the total over ``score`` reaches ``tau``. Ties keep the order of ``others``."""
+    lo, hi = min(score.values()), max(score.values())
+    norm = {p: (x - lo) / (hi - lo) if hi > lo else 1.0 for p, x in score.items()}
+    total = sum(norm.values())
+    chosen = set(own)
+    share = sum(norm[p] for p in own)
+    for p in sorted(others, key=lambda p: -score[p]):
+        if share >= tau * total:
+            break
+        chosen.add(p)
+        share += norm[p]
+    return chosen
+
+
+register_method(Method(
+    name="vmoba",
+    config_cls=VMoBAConfig,
+    attention=vmoba_attention,
+    plan=plan_vmoba,
+    summary="its own block plus the key blocks it routes to (1D/2D/3D blocks by layer)",
+    training=TRAINING_SETTINGS,
+    processor_name="VMoBAProcessor",
+))
+
 __all__ = [
+    "TRAINING_SETTINGS",
     "VMoBAConfig",
     "partition_for_layer",
     "partition_order",
     "partition_tile",
     "plan_vmoba",
     "vmoba_attention",
+    "vmoba_mask",
 ]

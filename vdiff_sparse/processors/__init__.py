@@ -1,5 +1,4 @@
-"""Attention processors for diffusers video transformers (Wan, HunyuanVideo, CogVideoX, LTX,
-Mochi).
+"""Attention processors for diffusers video transformers.
 
 Usage (any of)::
 
@@ -7,42 +6,31 @@ Usage (any of)::
     pipe.transformer.set_attn_processor(GNAProcessor())              # plain diffusers call
     vdiff_sparse.disable(pipe)                                       # the model's own processors
 
-See :mod:`vdiff_sparse.processors.base` (processors, schedules, stats, presets),
-:mod:`vdiff_sparse.integration` (context hooks) and one adapter file per model family.
+:mod:`.base` holds the machinery every method shares, :mod:`.methods` the built-in processors,
+:mod:`.schedule` dense warm-up and per-layer schedules, :mod:`.stats` per-call statistics. The
+model families are adapters (:mod:`vdiff_sparse.adapters`), the run context is
+:mod:`vdiff_sparse.context`, presets are :mod:`vdiff_sparse.presets`.
 """
 
-from . import cogvideox, hunyuan_video, ltx, mochi, wan  # noqa: F401  (register the adapters)
-from .adapters import ModelAdapter, adapter_for, register_adapter, supported_models
-from .base import (
-    CallStats,
-    DenseConfig,
-    DenseProcessor,
-    GNAProcessor,
-    PSAProcessor,
-    ScheduleConfig,
-    SparseProcessor,
-    StatsLog,
-    VMoBAProcessor,
-    available_presets,
-    fit_gna,
-    load_preset,
-)
+from ..methods.dense import DenseConfig
+from ..presets import available_presets, load_preset
+from .base import SparseProcessor, processor_class
+from .methods import DenseProcessor, GNAProcessor, PSAProcessor, VMoBAProcessor, build_processor
+from .schedule import ScheduleConfig
+from .stats import CallStats, StatsLog
 
 __all__ = [
     "CallStats",
     "DenseConfig",
     "DenseProcessor",
     "GNAProcessor",
-    "ModelAdapter",
     "PSAProcessor",
     "ScheduleConfig",
     "SparseProcessor",
     "StatsLog",
     "VMoBAProcessor",
-    "adapter_for",
     "available_presets",
-    "fit_gna",
+    "build_processor",
     "load_preset",
-    "register_adapter",
-    "supported_models",
+    "processor_class",
 ]

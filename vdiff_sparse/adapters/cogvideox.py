@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter, describe_mask, joint_attention, patched_grid, register_adapter
+from .base import ModelAdapter, describe_mask, joint_attention, patched_grid, register_adapter
 
 
 @register_adapter

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter, joint_attention, key_mask_from, patched_grid, register_adapter
+from .base import ModelAdapter, joint_attention, key_mask_from, patched_grid, register_adapter
 
 
 @register_adapter

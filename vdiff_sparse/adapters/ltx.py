@@ -12,7 +12,7 @@ RoPE before the head split.
 
 from __future__ import annotations
 
-from .adapters import ModelAdapter, describe_mask, register_adapter
+from .base import ModelAdapter, describe_mask, register_adapter
 
 
 @register_adapter

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter, describe_mask, patched_grid, register_adapter
+from .base import ModelAdapter, describe_mask, patched_grid, register_adapter
 
 
 def apply_interleaved_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:

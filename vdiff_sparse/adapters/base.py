@@ -7,13 +7,16 @@ q/k/v. Its :meth:`ModelAdapter.forward` repeats that computation exactly (projec
 RoPE, fused projections, text streams) and hands the video part to ``attend``, the processor's
 attention over video tokens; text queries and everything else stay on the dense path.
 
-Adding a model: subclass :class:`ModelAdapter` in a new file of this package, decorate it with
-:func:`register_adapter` and import the file in ``processors/__init__.py``.
+Adding a model: subclass :class:`ModelAdapter` in a new file of this package and decorate it
+with :func:`register_adapter`; every module of the package is imported (so registered) the
+first time the adapters are looked up.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from typing import Any, Protocol
 
 import torch
@@ -85,22 +88,38 @@ class ModelAdapter:
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
+_LOADED = False
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make ``cls`` the adapter of its ``transformer_classes``."""
     adapter = cls()
     for name in cls.transformer_classes:
         _ADAPTERS[name] = adapter
     return cls
 
 
+def _load_package_adapters() -> None:
+    """Import every module of ``vdiff_sparse.adapters`` once: each registers its adapter."""
+    global _LOADED
+    if _LOADED:
+        return
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{__package__}.{info.name}")
+    _LOADED = True
+
+
 def supported_models() -> list[str]:
     """Class names of the transformers that have an adapter."""
+    _load_package_adapters()
     return sorted(_ADAPTERS)
 
 
 def adapter_for(transformer: torch.nn.Module) -> ModelAdapter | None:
     """The adapter of ``transformer``'s class (or of a base class), or ``None``."""
+    _load_package_adapters()
     for cls in type(transformer).__mro__:
         if cls.__name__ in _ADAPTERS:
             return _ADAPTERS[cls.__name__]

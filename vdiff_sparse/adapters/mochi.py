@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter, joint_attention, patched_grid, register_adapter
+from .base import ModelAdapter, joint_attention, patched_grid, register_adapter
 
 
 def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
