@@ -1,5 +1,6 @@
-"""GNA: plans against a brute-force mask from DESIGN.md §4.3, attention against float64 dense
-attention with that mask, the torch backend against the reference, and NATTEN as an oracle."""
+"""GNA: plans against the method's plain definition (``gna_mask``), attention against float64
+dense attention under that mask, the torch backend against the reference, and NATTEN as an
+oracle."""
 
 from __future__ import annotations
 
@@ -7,53 +8,21 @@ import random
 import time
 import warnings
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import assert_close, random_qkv
 from vdiff_sparse import GNAConfig, dense_attention, gna_attention, plan_gna
+from vdiff_sparse.backends.reference import masked_attention
 from vdiff_sparse.layout import BlockOrder, token_coords
-from vdiff_sparse.methods.gna import AUTO_TILE_MIN_TOKENS, _plan_gna_cpu, auto_tile
+from vdiff_sparse.methods.gna import AUTO_TILE_MIN_TOKENS, _plan_gna_cpu, auto_tile, gna_axis_mask, gna_mask
+from vdiff_sparse.plan import ExtraKeys
 
 RAGGED_GRIDS = [(3, 5, 7), (4, 9, 11), (1, 13, 17), (2, 6, 10), (1, 1, 29), (5, 4, 6)]
 
 
-# --- brute force, straight from the spec ---------------------------------------------------
-
-
-def brute_axis(n, k, s, d, causal):
-    """``[n, n]`` bool: key ``j`` in the window of query ``i`` on one axis (DESIGN.md §4.3)."""
-    allowed = np.zeros((n, n), dtype=bool)
-    wl = k // 2
-    for i in range(n):
-        g, x = i % d, i // d
-        n_g = -(-(n - g) // d)
-        if causal:
-            leader = min((x // s) * s + s - 1, n_g - 1)
-            start = max(leader - k + 1, 0)
-            keys = range(start, x + 1)
-        else:
-            leader = min((x // s) * s + s // 2, n_g - 1)
-            start = min(max(leader - wl, 0), n_g - k)
-            keys = range(start, start + k)
-        for key in keys:
-            allowed[i, g + key * d] = True
-    return allowed
-
-
-def brute_mask(grid, window, stride, dilation, causal):
-    """``[N, N]`` bool over frame-major tokens: the AND of the per-axis tests."""
-    T, H, W = grid
-    axes = [brute_axis(n, k, s, d, c) for n, k, s, d, c in zip(grid, window, stride, dilation, causal)]
-    t, h, w = np.meshgrid(np.arange(T), np.arange(H), np.arange(W), indexing="ij")
-    t, h, w = t.ravel(), h.ravel(), w.ravel()
-    mask = axes[0][t[:, None], t[None, :]] & axes[1][h[:, None], h[None, :]] & axes[2][w[:, None], w[None, :]]
-    return torch.from_numpy(mask)
-
-
+# --- what a plan lets through ----------------------------------------------------------------
 def plan_mask(plan):
     """``[N, N]`` bool in original token order: the pairs a plan lets through (its kv tiles,
     then its window), built from the plan's fields without any backend."""
@@ -92,16 +61,8 @@ def random_config(rng, grid, tile=False):
 
 def masked_sdpa(q, k, v, mask, extra_k=None, extra_v=None, extra_mask=None):
     """Dense float64 attention of ``[B, N, heads, D]`` tensors under an ``[N, N]`` key mask."""
-    B, N = q.shape[:2]
-    mask = mask[None, None].expand(B, 1, N, N)
-    if extra_k is not None:
-        k, v = torch.cat([k, extra_k], 1), torch.cat([v, extra_v], 1)
-        text = torch.ones(B, extra_k.shape[1], dtype=torch.bool) if extra_mask is None else extra_mask
-        mask = torch.cat([mask, text[:, None, None, :].expand(B, 1, N, -1)], -1)
-    out = F.scaled_dot_product_attention(
-        q.double().transpose(1, 2), k.double().transpose(1, 2), v.double().transpose(1, 2), attn_mask=mask
-    )
-    return out.transpose(1, 2)
+    extra = None if extra_k is None else ExtraKeys(extra_k, extra_v, extra_mask)
+    return masked_attention(q, k, v, mask, extra)
 
 
 # --- the plan is exactly the spec ----------------------------------------------------------
@@ -114,7 +75,7 @@ def test_plan_mask_equals_brute_force(grid, tile, seed):
     for _ in range(12):
         cfg = random_config(rng, grid, tile)
         plan = plan_gna(grid, **cfg)
-        expected = brute_mask(grid, cfg["window"], cfg["stride"], cfg["dilation"], cfg["causal"])
+        expected = gna_mask(grid, cfg["window"], cfg["stride"], cfg["dilation"], cfg["causal"])
         assert torch.equal(plan_mask(plan), expected), f"{grid} {cfg}"
         # Density counts exactly the window keys of each query.
         assert plan.density() == pytest.approx(expected.double().mean().item(), rel=1e-12)
@@ -136,7 +97,7 @@ def test_plan_mask_equals_brute_force(grid, tile, seed):
 def test_named_configs_equal_brute_force(grid, cfg):
     plan = plan_gna(grid, **cfg)
     g = plan.info
-    expected = brute_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
+    expected = gna_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
     assert torch.equal(plan_mask(plan), expected)
     n = grid[0] * grid[1] * grid[2]
     assert plan.density() == pytest.approx(expected.sum().item() / n**2, rel=1e-12)
@@ -155,7 +116,7 @@ def test_block_aligned_config_drops_the_window(seed):
     grid, cfg = (8, 12, 20), dict(window=(6, 12, 12), stride=(2, 4, 4), tile=(2, 4, 4))
     plan = plan_gna(grid, **cfg)
     assert plan.window is None and plan.info["block_aligned"] and not plan.info["dense"]
-    expected = brute_mask(grid, (6, 12, 12), (2, 4, 4), (1, 1, 1), (False,) * 3)
+    expected = gna_mask(grid, (6, 12, 12), (2, 4, 4), (1, 1, 1), (False,) * 3)
     assert torch.equal(plan_mask(plan), expected)
     assert plan.density() == pytest.approx(expected.double().mean().item())
     assert plan.stats()["block_density"] == pytest.approx(plan.density())
@@ -231,7 +192,7 @@ def test_large_grid_plans_are_fast_and_consistent(grid, window, stride):
     assert elapsed < 2.0, f"planning {grid} took {elapsed:.2f}s"
     n = grid[0] * grid[1] * grid[2]
     # Spot-check rows of the token mask: the plan's keys of a few queries equal the spec's.
-    per_axis = [brute_axis(a, k, s, 1, False) for a, k, s in zip(grid, plan.info["window"], plan.info["stride"])]
+    per_axis = [gna_axis_mask(a, k, s, 1, False) for a, k, s in zip(grid, plan.info["window"], plan.info["stride"])]
     pos = torch.tensor([0, 1, n // 3, n // 2 + 17, n - 1])
     q_tile = plan.query_block_of_position()[pos]
     k_tile = BlockOrder(None, plan.k_offsets).block_of_position()
@@ -244,7 +205,7 @@ def test_large_grid_plans_are_fast_and_consistent(grid, window, stride):
         c = coords[p]
         want = torch.ones(n, dtype=torch.bool)
         for axis in range(3):
-            want &= torch.from_numpy(per_axis[axis][int(c[axis])])[coords[:, axis]]
+            want &= per_axis[axis][int(c[axis])][coords[:, axis]]
         assert torch.equal(listed[row], want), f"query at {tuple(c.tolist())}"
     vol = 1
     for k in plan.info["window"]:
@@ -276,7 +237,7 @@ def test_reference_attention_equals_brute_force(case, text, seed):
         extra = dict(extra_k=ek, extra_v=ev, extra_mask=pad)
     out, plan = gna_attention(q, k, v, grid, **cfg, backend="reference", return_plan=True, **extra)
     g = plan.info
-    mask = brute_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
+    mask = gna_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
     assert_close(out, masked_sdpa(q, k, v, mask, **extra), torch.float64, case)
 
 
@@ -289,7 +250,7 @@ def test_gradients_equal_brute_force(case, seed):
     grad_out = torch.randn(1, n, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     plan = plan_gna(grid, **cfg)
     g = plan.info
-    mask = brute_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
+    mask = gna_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
     inputs = (q, k, v, ek, ev)
     expected = torch.autograd.grad((masked_sdpa(q, k, v, mask, ek, ev) * grad_out).sum(), inputs)
     for backend in ("reference", "torch"):
@@ -313,7 +274,7 @@ def test_torch_backend_matches_reference(grid, dtype, seed):
         ref = gna_attention(q, k, v, grid, **cfg, backend="reference", **extra)
         out = gna_attention(q, k, v, grid, **cfg, backend="torch", **extra)
         g = plan_gna(grid, **cfg).info
-        mask = brute_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
+        mask = gna_mask(grid, g["window"], g["stride"], g["dilation"], g["causal"])
         expected = masked_sdpa(q, k, v, mask, **extra)
         assert out.dtype == dtype
         assert_close(out, expected, dtype, f"torch {cfg}")
@@ -325,7 +286,7 @@ def test_auto_backend_and_batch_heads_broadcast(seed):
     q, k, v = random_qkv(3, 120, 4, 16, seed=seed)
     out, plan = gna_attention(q, k, v, grid, window=(2, 3, 5), return_plan=True)
     assert plan.kv_index.shape[:2] == (1, 1)
-    mask = brute_mask(grid, (2, 3, 5), (1, 1, 1), (1, 1, 1), (False,) * 3)
+    mask = gna_mask(grid, (2, 3, 5), (1, 1, 1), (1, 1, 1), (False,) * 3)
     assert_close(out, masked_sdpa(q, k, v, mask), torch.float32)
 
 

@@ -1,4 +1,4 @@
-"""VMoBA: selection against a loop-by-loop reference of DESIGN §4.1, the chunked plan bit for bit
+"""VMoBA: selection against the method's plain definition (``vmoba_mask``), the chunked plan bit for bit
 against a direct vectorised derivation, attention against masked dense attention, backends
 against each other, config and argument checks."""
 
@@ -13,14 +13,17 @@ from omegaconf import OmegaConf
 from conftest import TOLERANCE, assert_close, random_qkv
 from vdiff_sparse.attention import dense_attention
 from vdiff_sparse.methods import vmoba
+from vdiff_sparse.backends.reference import masked_attention as reference_masked_attention
 from vdiff_sparse.methods.vmoba import (
     VMoBAConfig,
     partition_for_layer,
     partition_order,
     plan_vmoba,
     vmoba_attention,
+    vmoba_block_ids,
+    vmoba_mask,
 )
-from vdiff_sparse.plan import pack_block_selection
+from vdiff_sparse.plan import ExtraKeys, pack_block_selection
 
 GRIDS = {"3x5x7": (3, 5, 7), "5x6x10": (5, 6, 10)}
 # Small ragged blocks: none of the grids above divides evenly on every axis.
@@ -28,90 +31,7 @@ SMALL = dict(block_1d=1, block_2d=(2, 3), block_3d=(2, 4, 3))
 LAYERS = {"1d": 0, "2d": 1, "3d": 2}
 
 
-# --- brute-force reference, straight from DESIGN §4.1 -----------------------------------------
-def reference_blocks(grid, partition, config):
-    """Block id of every token (original order), from its coordinates only."""
-    T, H, W = grid
-    ct, ch, cw = {
-        "1d": (config.block_1d, H, W),
-        "2d": (T, *config.block_2d),
-        "3d": config.block_3d,
-    }[partition]
-    nbh, nbw = math.ceil(H / ch), math.ceil(W / cw)
-    ids = []
-    for t in range(T):
-        for h in range(H):
-            for w in range(W):
-                ids.append(((t // ct) * nbh + h // ch) * nbw + w // cw)
-    return ids
-
-
-def _shortest_prefix(own_pairs, others, values, tau):
-    """Own pairs, then ``others`` by descending value until the share of the total reaches tau."""
-    lo, hi = min(values.values()), max(values.values())
-    norm = {p: (x - lo) / (hi - lo) if hi > lo else 1.0 for p, x in values.items()}
-    total = sum(norm.values())
-    chosen = set(own_pairs)
-    acc = sum(norm[p] for p in own_pairs)
-    for p in sorted(others, key=lambda p: -values[p]):
-        if acc >= tau * total:
-            break
-        chosen.add(p)
-        acc += norm[p]
-    return chosen
-
-
-def reference_selection(q, k, grid, partition, config):
-    """``{(b, h): set of (token, block)}`` chosen pairs, with simple loops."""
-    block_of = reference_blocks(grid, partition, config)
-    B, N, Hh, D = q.shape
-    blocks = sorted(set(block_of))
-    members = {j: [n for n in range(N) if block_of[n] == j] for j in blocks}
-    out = {}
-    for b in range(B):
-        for h in range(Hh):
-            qs = q[b, :, h].double().tolist()
-            kmean = {}
-            for j in blocks:
-                rows = [k[b, n, h].double().tolist() for n in members[j]]
-                kmean[j] = [sum(col) / len(rows) for col in zip(*rows)]
-            s = {(i, j): sum(a * c for a, c in zip(qs[i], kmean[j])) for i in range(N) for j in blocks}
-            own = [(i, block_of[i]) for i in range(N)]
-            chosen = set()
-            if config.scope == "local":
-                for i in range(N):
-                    others = [(i, j) for j in blocks if j != block_of[i]]
-                    if config.mode == "topk":
-                        best = sorted(others, key=lambda p: -s[p])[: config.topk - 1]
-                        chosen |= {(i, block_of[i]), *best}
-                    else:
-                        row = {(i, j): s[(i, j)] for j in blocks}
-                        chosen |= _shortest_prefix([(i, block_of[i])], others, row, config.tau)
-            else:
-                others = [p for p in s if p[1] != block_of[p[0]]]
-                if config.mode == "topk":
-                    best = sorted(others, key=lambda p: -s[p])[: (config.topk - 1) * N]
-                    chosen = set(own) | set(best)
-                else:
-                    chosen = _shortest_prefix(own, others, s, config.tau)
-            out[(b, h)] = chosen
-    return out, block_of
-
-
-def reference_mask(q, k, grid, partition, config):
-    """``[B, heads, N, N]`` bool: query token may see key token (original order)."""
-    selection, block_of = reference_selection(q, k, grid, partition, config)
-    B, N, Hh, _ = q.shape
-    key_block = torch.tensor(block_of)
-    mask = torch.zeros(B, Hh, N, N, dtype=torch.bool)
-    for (b, h), pairs in selection.items():
-        token_block = torch.zeros(N, max(block_of) + 1, dtype=torch.bool)
-        for i, j in pairs:
-            token_block[i, j] = True
-        mask[b, h] = token_block[:, key_block]
-    return mask
-
-
+# --- what a plan lets through ----------------------------------------------------------------
 def plan_mask(plan, B, Hh):
     """``[B, heads, N, N]`` bool from the plan: per token, the key tokens of its kept entries."""
     N = plan.num_tokens
@@ -134,17 +54,8 @@ def plan_mask(plan, B, Hh):
 
 def masked_attention(q, k, v, mask, extra_k=None, extra_v=None, extra_mask=None, scale=None):
     """Float64 dense softmax over the keys allowed by ``mask`` [B, heads, N, N] plus extra keys."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf, kf, vf = (x.double().transpose(1, 2) for x in (q, k, v))
-    logits = (qf @ kf.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    if extra_k is not None:
-        ek, ev = extra_k.double().transpose(1, 2), extra_v.double().transpose(1, 2)
-        extra_logits = qf @ ek.transpose(-1, -2) * scale
-        if extra_mask is not None:
-            extra_logits = extra_logits.masked_fill(~extra_mask[:, None, None, :], float("-inf"))
-        logits = torch.cat([logits, extra_logits], -1)
-        vf = torch.cat([vf, ev], 2)
-    return (torch.softmax(logits, -1) @ vf).transpose(1, 2)
+    extra = None if extra_k is None else ExtraKeys(extra_k, extra_v, extra_mask)
+    return reference_masked_attention(q, k, v, mask, extra, scale)
 
 
 def make_config(mode, scope, value, query_block=16, **kw):
@@ -169,7 +80,7 @@ def test_selection_matches_loop_reference(mode, scope, value, grid, partition, s
     q, k, _ = random_qkv(2, N, 2, 8, dtype=torch.float64, seed=seed)
     config = make_config(mode, scope, value, query_block=[16, 37][seed % 2])
     plan = plan_vmoba(q, k, grid, layer_index=LAYERS[partition], config=config)
-    expected = reference_mask(q, k, grid, partition, config)
+    expected = vmoba_mask(q, k, grid, config, layer_index=LAYERS[partition])
     got = plan_mask(plan, 2, 2)
     assert torch.equal(got, expected), f"{int((got != expected).sum())} pairs differ"
     assert plan.method == "vmoba" and plan.info["partition"] == partition
@@ -221,7 +132,7 @@ def test_partition_recurs_by_layer():
 def test_partition_blocks_are_coordinate_blocks(grid, partition):
     config = VMoBAConfig(**SMALL)
     order = partition_order(grid, LAYERS[partition], config)
-    expected = torch.tensor(reference_blocks(grid, partition, config))
+    expected = torch.tensor(vmoba_block_ids(grid, config, layer_index=LAYERS[partition]))
     perm = torch.arange(math.prod(grid)) if order.perm is None else order.perm
     # Contiguous plan blocks hold exactly the tokens of one coordinate block each.
     got = order.block_of_position()
@@ -334,7 +245,7 @@ def test_attention_equals_masked_dense_with_text(mode, scope, partition, seed):
         q, k, v, grid, config, layer_index=LAYERS[partition],
         extra_k=ek, extra_v=ev, extra_mask=emask, scale=scale, backend="reference",
     )
-    mask = reference_mask(q.detach(), k.detach(), grid, partition, config)
+    mask = vmoba_mask(q.detach(), k.detach(), grid, config, layer_index=LAYERS[partition])
     expected = masked_attention(q, k, v, mask, ek, ev, emask, scale)
     assert_close(out, expected, torch.float64, "forward")
     grad = torch.randn_like(out)

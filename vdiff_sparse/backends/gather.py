@@ -69,9 +69,9 @@ class _PoolIndex:
 def _pool(x: torch.Tensor, index: _PoolIndex) -> torch.Tensor:
     """``[N, H, D]`` (one batch element) -> ``[n_blocks * width, H * D]``: the means of the
     groups of ``index`` (unused groups are 0)."""
-    # The j-th member of every group is gathered at once and added up, p gathers in all:
-    # 3-7x faster on the CPU than index_add_ of tokens into their groups (scratch run at 16K:
-    # 0.32-0.40 vs 1.15-2.42 ms a table), and no temporary larger than the table.
+    # The j-th member of every group is gathered at once and added up, p gathers in all: no
+    # scatter of tokens into their groups (index_add_ serialises on the CPU) and no temporary
+    # larger than the table.
     # Half-precision inputs are summed in float32. Rows of ``H * D`` keep the gathers on
     # index_select's fast path: a view when the heads are adjacent in memory (k, v contiguous
     # in their last two dims, as projections give them), else one copy of x.

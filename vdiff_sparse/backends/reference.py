@@ -101,6 +101,40 @@ def reference_attention(
     return out.transpose(1, 2)
 
 
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    extra: ExtraKeys | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense float64 attention under a token mask: what a method's plain definition (a
+    ``<method>_mask`` function of its module) means as attention.
+
+    Args:
+        q, k, v: ``[B, N, heads, D]`` in the mask's token order.
+        mask: ``[B|1, heads|1, N, N]`` or ``[N, N]`` bool, ``mask[..., i, j]``: query ``i``
+            attends key ``j``.
+        extra: always-attended keys (text), ``[B, Ne, heads, D]``, with their padding mask.
+        scale: logit scale, ``D ** -0.5`` if ``None``.
+
+    Returns:
+        ``[B, N, heads, D]`` float64; a query with no key at all gets 0.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = (x.double().transpose(1, 2) for x in (q, k, v))
+    logits = (qf @ kf.transpose(-1, -2) * scale).masked_fill(~mask.to(q.device), float("-inf"))
+    if extra is not None:
+        ek, ev = extra.k.double().transpose(1, 2), extra.v.double().transpose(1, 2)
+        extra_logits = qf @ ek.transpose(-1, -2) * scale
+        if extra.mask is not None:
+            extra_logits = extra_logits.masked_fill(~extra.mask[:, None, None, :], float("-inf"))
+        logits = torch.cat([logits, extra_logits], -1)
+        vf = torch.cat([vf, ev], 2)
+    return (torch.softmax(logits, -1).nan_to_num(0.0) @ vf).transpose(1, 2)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 

@@ -40,14 +40,11 @@ from .base import ExtraKeys
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 # Queries per task: the last task of a group is padded to it, so smaller pads less (a run's
-# tasks are one sequence to the kernel, so task size does not set its tile size). In one A/B
-# run on the 2-core CPU (N = 16K, 256-key blocks; scratch, not a result file) 16 and 32 took
-# ~270 ms against ~310 for 64 and 128; 32 keeps the tables small.
+# tasks are one sequence to the kernel, so task size does not set its tile size); 32 keeps the
+# padding and the task tables small.
 QUERIES_PER_TASK = 32
 # On CPU, aten's flash-attention op, which returns the LSE without materialising a chunk's
-# probabilities (in scratch runs at 8K/16K it was also a few percent faster than the matmul
-# path: 61 vs 64-66 ms forward); tests switch it off to check the matmul path that other
-# devices use.
+# probabilities; tests switch it off to check the matmul path that other devices use.
 FUSED_CPU = True
 
 
@@ -226,9 +223,8 @@ def _fused(device: torch.device, d: int, dv: int) -> bool:
 def _attend(q, k, v, scale):
     """Attention of ``[c, T, D]`` queries (one run's tasks) to the run's ``[W, D]`` keys:
     output ``[c, T, Dv]`` and log-sum-exp ``[c, T]``. The tasks share their keys, so they are
-    one query sequence of ``c * T``: the CPU flash kernel tiles long sequences with larger query
-    blocks (in a scratch microbenchmark on 2 cores, 256-key blocks: 1.47 against 1.56-1.69 ms
-    per million pairs for batches of 64-query tasks)."""
+    one query sequence of ``c * T``, which the CPU flash kernel tiles with larger query blocks
+    than it would a batch of short tasks."""
     c, T, D = q.shape
     if _fused(q.device, D, v.shape[-1]):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

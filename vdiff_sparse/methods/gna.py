@@ -358,9 +358,10 @@ def fit_to_grid(config: GNAConfig, grid: Sequence[int]) -> GNAConfig:
 
 
 # --- the definition --------------------------------------------------------------------------
-def _axis_window(n: int, k: int, s: int, d: int, causal: bool) -> list[list[bool]]:
-    """``allowed[x][y]``: key coordinate ``y`` is in the window of query ``x`` on one axis."""
-    allowed = [[False] * n for _ in range(n)]
+def gna_axis_mask(n: int, k: int, s: int, d: int, causal: bool) -> torch.Tensor:
+    """The definition on one axis of length ``n`` (window ``k``, stride ``s``, dilation ``d``):
+    ``[n, n]`` bool, ``[x, y]``: key coordinate ``y`` is in the window of query ``x``."""
+    allowed = torch.zeros(n, n, dtype=torch.bool)
     for x in range(n):
         g, xg = x % d, x // d
         n_g = -(-(n - g) // d)
@@ -372,7 +373,7 @@ def _axis_window(n: int, k: int, s: int, d: int, causal: bool) -> list[list[bool
             start = min(max(leader - k // 2, 0), n_g - k)
             keys = range(start, start + k)
         for key in keys:
-            allowed[x][g + key * d] = True
+            allowed[x, g + key * d] = True
     return allowed
 
 
@@ -388,11 +389,11 @@ def gna_mask(grid: Sequence[int], window: PerAxisInt, stride: PerAxisInt = 1, di
         ``[N, N]`` bool over frame-major tokens, ``mask[i, j]``: query ``i`` attends key ``j``.
     """
     grid, window, stride, dilation, causal, _ = _check_problem(grid, window, stride, dilation, causal, None)
-    axes = [_axis_window(*args) for args in zip(grid, window, stride, dilation, causal)]
-    T, H, W = grid
-    coords = [(t, h, w) for t in range(T) for h in range(H) for w in range(W)]
-    rows = [[all(axes[a][qc[a]][kc[a]] for a in range(3)) for kc in coords] for qc in coords]
-    return torch.tensor(rows, dtype=torch.bool)
+    axes = [gna_axis_mask(*args) for args in zip(grid, window, stride, dilation, causal)]
+    t, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    t, h, w = t.reshape(-1), h.reshape(-1), w.reshape(-1)
+    # Query i attends key j iff j's coordinate is in i's window on all three axes.
+    return axes[0][t[:, None], t[None, :]] & axes[1][h[:, None], h[None, :]] & axes[2][w[:, None], w[None, :]]
 
 
 register_method(Method(
@@ -405,4 +406,5 @@ register_method(Method(
     processor_name="GNAProcessor",
 ))
 
-__all__ = ["AUTO_TILE_MIN_TOKENS", "GNAConfig", "auto_tile", "fit_to_grid", "gna_attention", "gna_mask", "plan_gna"]
+__all__ = ["AUTO_TILE_MIN_TOKENS", "GNAConfig", "auto_tile", "fit_to_grid", "gna_attention", "gna_axis_mask", "gna_mask",
+           "plan_gna"]

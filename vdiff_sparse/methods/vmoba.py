@@ -412,12 +412,7 @@ def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid: Grid, config: VMoBAConfig
     """
     config = get_method("vmoba").make_config(config)
     grid = check_qkv(q, k, k, grid)
-    T, H, W = grid
-    partition = partition_for_layer(layer_index)
-    ct, ch, cw = {"1d": (config.block_1d, H, W), "2d": (T, *config.block_2d), "3d": config.block_3d}[partition]
-    blocks_h, blocks_w = -(-H // ch), -(-W // cw)
-    block_of = [((t // ct) * blocks_h + h // ch) * blocks_w + w // cw
-                for t in range(T) for h in range(H) for w in range(W)]
+    block_of = vmoba_block_ids(grid, config, layer_index=layer_index)
     blocks = sorted(set(block_of))
     B, N, heads, _ = q.shape
     mask = torch.zeros(B, heads, N, N, dtype=torch.bool)
@@ -447,6 +442,19 @@ def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid: Grid, config: VMoBAConfig
                     if block_of[n] == j:
                         mask[b, h, i, n] = True
     return mask
+
+
+def vmoba_block_ids(grid: Grid, config: VMoBAConfig | None = None, *, layer_index: int = 0) -> list[int]:
+    """The block of every token (frame-major order) under layer ``layer_index``'s partition,
+    from its coordinates only: 1D blocks of ``block_1d`` frames, 2D ``block_2d`` tiles through all
+    frames, 3D ``block_3d`` cubes, numbered frame-major by block coordinates; edge blocks are
+    smaller when the grid does not divide."""
+    config = get_method("vmoba").make_config(config)
+    T, H, W = check_grid(grid)
+    partition = partition_for_layer(layer_index)
+    ct, ch, cw = {"1d": (config.block_1d, H, W), "2d": (T, *config.block_2d), "3d": config.block_3d}[partition]
+    blocks_h, blocks_w = -(-H // ch), -(-W // cw)
+    return [((t // ct) * blocks_h + h // ch) * blocks_w + w // cw for t in range(T) for h in range(H) for w in range(W)]
 
 
 def _shortest_prefix(own: list, others: list, score: dict, tau: float) -> set:
@@ -483,5 +491,6 @@ __all__ = [
     "partition_tile",
     "plan_vmoba",
     "vmoba_attention",
+    "vmoba_block_ids",
     "vmoba_mask",
 ]
