@@ -66,12 +66,18 @@ def tiny_defaults() -> dict:
 def read_settings_file(path: str | os.PathLike) -> dict:
     """Method settings from a YAML file: ``config:`` and/or ``schedule:`` sections, or the
     fields of either at top level. Returns one flat ``{field: value}`` mapping."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ValueError(f"config file {str(path)!r} is not plain YAML ({str(err).splitlines()[0]}); "
+                         f"tags such as !!python/... are not read") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     if set(data) & {"config", "schedule"}:
@@ -93,12 +99,14 @@ def generation_processor(method: str, *, preset: str | None = None,
     Raises:
         ValueError: unknown method, preset, option name or a bad value.
     """
+    from ..methods import get_method
     from ..processors import build_processor
 
+    spec = get_method(method)
     settings: dict = {} if preset is not None else dict(defaults or {})
     if config_file is not None:
-        settings.update(read_settings_file(config_file))
-    settings.update(overrides or {})
+        settings = spec.merge(settings, read_settings_file(config_file))
+    settings = spec.merge(settings, overrides or {})
     return build_processor(method, preset=preset, settings=settings, stats=stats, backend=backend)
 
 
@@ -256,9 +264,25 @@ def _from_pretrained(model: str, dtype):
             ) from cached_error
     try:
         return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except Exception as error:  # network, authentication, unknown repo: one clear message
+    except _download_errors() as error:  # network, authentication, unknown repo: one clear message
         raise ModelNotAvailableError(f"could not download model {model!r} ({type(error).__name__}: "
                                      f"{str(error).splitlines()[0] if str(error) else ''}); {how}.") from error
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: OSError (HTTP, connection, missing file and offline errors
+    of huggingface_hub are OSErrors) and the hub's own not-found error; anything else (a bug,
+    a broken checkpoint) keeps its traceback."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    errors: tuple = (OSError, EntryNotFoundError)
+    try:
+        import httpx
+
+        errors += (httpx.HTTPError,)
+    except ImportError:
+        pass
+    return errors
 
 
 def _default_device() -> torch.device:

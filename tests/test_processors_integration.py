@@ -3,12 +3,16 @@ gradient checkpointing, torch.compile."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import vdiff_sparse.processors as P
 from vdiff_sparse.adapters import ModelAdapter
 from vdiff_sparse import integration
+from vdiff_sparse.methods import get_method
+from vdiff_sparse.methods.vmoba import vmoba_block_ids
 from vdiff_sparse.processors import ScheduleConfig
 from vdiff_sparse.tiny_models import (
     tiny_cogvideox_transformer,
@@ -143,7 +147,7 @@ def test_schedule_config_validation():
         ScheduleConfig(dense_steps=2.5)
     with pytest.raises(ValueError, match="dense_steps"):
         ScheduleConfig(dense_steps=-1)
-    with pytest.raises(ValueError, match="layers keys"):
+    with pytest.raises(ValueError, match="layers must map layer indices"):
         ScheduleConfig(layers={-1: {}})
     with pytest.raises(ValueError, match=r"layers\[1\]: unknown method 'sta'; choose one of \['dense', 'gna'"):
         ScheduleConfig(layers={1: {"method": "sta"}})
@@ -425,7 +429,7 @@ def test_wan_pipeline_generates(pipes, make):
     pipe = pipes[0]
     ref = _generate(pipe)
     proc = make()
-    integration.enable(pipe, proc)
+    context = integration.enable(pipe, proc)
     out = _generate(pipe)
     integration.disable(pipe)
     assert out.shape == ref.shape == (1, 9, 3, 32, 64) and torch.isfinite(out).all()
@@ -434,7 +438,21 @@ def test_wan_pipeline_generates(pipes, make):
     else:
         steps = {r.step for r in proc.stats.records}
         assert steps == {0, 1, 2}, "steps counted per generation with CFG"
-        assert any(r.density < 1 for r in proc.stats.records)
+        sparse = [r for r in proc.stats.records if not r.dense_reason]
+        assert sparse and (out - ref).abs().max() > 1e-4, "the sparse method must change the video"
+        # Each sparse call ran the method's own plan for the pipeline's grid: its density is
+        # the plan's (content-independent for GNA and quantile PSA; with VMoBA top-1 a token
+        # attends exactly its own block, so a layer's density is sum(block size^2) / N^2).
+        grid = context.grid
+        n = math.prod(grid)
+        q = torch.randn(1, n, 2, 16, generator=torch.Generator().manual_seed(0))
+        if proc.method == "vmoba":
+            for r in sparse:
+                sizes = torch.bincount(torch.tensor(vmoba_block_ids(grid, proc.config, layer_index=r.layer)))
+                assert r.density == pytest.approx(float((sizes.double() ** 2).sum()) / n**2), r
+        else:
+            expected = get_method(proc.method).plan(q, q, grid, proc.config).density()
+            assert all(r.density == pytest.approx(expected) for r in sparse), (expected, sparse)
     assert torch.equal(_generate(pipe), ref)
     assert "set_timesteps" not in vars(pipe.scheduler)
 

@@ -47,14 +47,14 @@ def _fused(model):
     return model
 
 
-def dense_configs():
-    """Density-1 configurations of every processor (each exercising its plan path)."""
+def dense_configs(grid):
+    """Density-1 configurations of every processor (each exercising its plan path) on ``grid``."""
     return {
         "dense_sdpa": P.DenseProcessor(),
         "dense_plan": P.DenseProcessor(backend="torch", block=16),
         "vmoba": P.VMoBAProcessor(topk=1000, block_1d=1, block_2d=(2, 3), block_3d=(2, 2, 3), query_block=16),
         "psa": P.PSAProcessor(mode="quantile", fractions={1: 1.0}, block_q=16, block_k=8, dense_steps=0),
-        "gna": P.GNAProcessor(window=64, stride=1, backend="torch"),
+        "gna": P.GNAProcessor(window=grid, stride=1, backend="torch"),
     }
 
 
@@ -86,7 +86,7 @@ def test_density_one_matches_default(model_case):
     forms = ["enable"] + (["set_attn_processor"] if hasattr(model, "set_attn_processor") else [])
     ref = _run(model, inputs)
     for form in forms:
-        for label, proc in dense_configs().items():
+        for label, proc in dense_configs(GRIDS[name]).items():
             if form == "enable":
                 integration.enable(model, proc)
             else:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import ExtraKeys, select_backend
-from .checks import check_qkv
+from .checks import check_finite, check_qkv, check_scale
 from .plan import AttentionPlan
 
 
@@ -48,6 +48,11 @@ def make_extra(
                 f"extra_mask must be bool [B, Ne] = {tuple(extra_k.shape[:2])}, "
                 f"got {extra_mask.dtype} {tuple(extra_mask.shape)}"
             )
+    if not (extra_k.device == extra_v.device == q.device):
+        raise ValueError(f"extra_k/extra_v must be on q's device {q.device}, got {extra_k.device}, {extra_v.device}")
+    if extra_mask is not None and extra_mask.device != q.device:
+        raise ValueError(f"extra_mask must be on q's device {q.device}, got {extra_mask.device}")
+    check_finite(extra_k=extra_k, extra_v=extra_v)
     return ExtraKeys(extra_k.to(q.dtype), extra_v.to(q.dtype), extra_mask)
 
 
@@ -77,6 +82,8 @@ def run_plan(
         ``[B, N, heads, D]`` in original order, dtype of q.
     """
     check_qkv(q, k, v)
+    check_finite(q=q, k=k, v=v)
+    scale = check_scale(scale)
     if q.shape[1] != plan.num_tokens:
         raise ValueError(f"the plan covers N={plan.num_tokens} tokens but q has N={q.shape[1]}")
     extra = make_extra(extra_k, extra_v, extra_mask, q, v)
@@ -98,6 +105,8 @@ def dense_attention(
 ) -> torch.Tensor:
     """Dense SDPA on ``[B, N, heads, D]`` tensors (with extra keys appended): the baseline."""
     check_qkv(q, k, v)
+    check_finite(q=q, k=k, v=v)
+    scale = check_scale(scale)
     extra = make_extra(extra_k, extra_v, extra_mask, q, v)
     mask = None
     if extra is not None:

@@ -7,6 +7,7 @@ Each ``check_<arg>`` returns the cleaned value (ints widened to per-axis tuples)
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -33,38 +34,55 @@ def check_per_axis(
     """Widen ``value`` (a scalar or a tuple of ``ndim`` or fewer entries) to ``ndim`` entries.
 
     A tuple shorter than ``ndim`` describes the trailing axes (a 2D window ``(7, 7)`` means
-    ``(1, 7, 7)`` for ints, ``(False, ...)`` for bools).
+    ``(1, 7, 7)`` for ints, ``(False, ...)`` for bools). Ints must be integral (``2.5`` is
+    refused, ``2.0`` from YAML is 2); bools must be ``True``/``False`` (or ``0``/``1``).
     """
-    if isinstance(value, str):
-        raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {ndim} of them, got {value!r}")
-    if isinstance(value, (int, bool)) or (kind is float and isinstance(value, float)):
-        values = (kind(value),) * ndim
-    else:
-        try:
-            values = tuple(kind(v) for v in value)
-        except TypeError:
-            raise ValueError(
-                f"{name} must be a {kind.__name__} or a tuple of {ndim} of them, got {value!r}"
-            ) from None
-        if not 1 <= len(values) <= ndim:
-            raise ValueError(f"{name} must have 1 to {ndim} entries (one per axis), got {value!r}")
-        fill = False if kind is bool else 1
-        values = (kind(fill),) * (ndim - len(values)) + values
+    what = f"{name} must be a {kind.__name__} or a tuple of 1 to {ndim} of them (one per axis), got {value!r}"
+    if isinstance(value, (str, bytes)):
+        raise ValueError(what)
+    raw = (value,) if isinstance(value, (int, float, bool)) else value
+    try:
+        raw = tuple(raw)
+    except TypeError:
+        raise ValueError(what) from None
+    if not 1 <= len(raw) <= ndim:
+        raise ValueError(what)
+    values = []
+    for v in raw:
+        if kind is bool:
+            if not (isinstance(v, bool) or (isinstance(v, int) and v in (0, 1))):
+                raise ValueError(f"{name} entries must be True or False, got {value!r}")
+            values.append(bool(v))
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"{name} entries must be ints, got {value!r}")
+        else:
+            values.append(int(v))
+    if len(values) == 1 and isinstance(value, (int, float, bool)):
+        values = values * ndim
+    fill = False if kind is bool else 1
+    values = [fill] * (ndim - len(values)) + values
     if minimum is not None and any(v < minimum for v in values):
         raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
-    return values
+    return tuple(values)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Sequence[int] | None = None):
-    """q, k, v are ``[B, N, heads, D]`` with the same shape; ``N`` matches the grid if given.
+    """q, k, v are floating ``[B, N, heads, D]`` tensors on one device, q and k of one shape,
+    v of the same ``[B, N, heads]``, none of the sizes 0; ``N`` matches the grid if given.
 
     Returns the checked grid (or ``None``).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor [B, N, heads, D], got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(
                 f"{name} must be [B, N, heads, D] (4 dims), got shape {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)} ([B, N, heads, D], all >= 1)")
     if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
         raise ValueError(
             f"q, k, v must share [B, N, heads] and q/k the head dim; got q {tuple(q.shape)}, "
@@ -72,6 +90,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Sequence[
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if grid is None:
         return None
     grid = check_grid(grid)
@@ -82,6 +102,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Sequence[
             f"pass the latent grid after patchify, with T*H*W == N"
         )
     return grid
+
+
+def check_scale(scale) -> float | None:
+    """A logit scale: ``None`` (the default ``D ** -0.5``) or a finite number > 0."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0 (or None for head_dim ** -0.5), got {scale!r}")
+    return float(scale)
 
 
 def check_finite(**tensors: torch.Tensor) -> None:

@@ -15,6 +15,9 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import linecache
+import math
 import sys
 from pathlib import Path
 
@@ -109,6 +112,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    """argparse type of real-valued settings: a finite number (``nan``/``inf`` refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _tiny_head_dim(text: str) -> int:
+    """``--tiny-head-dim``: Wan's rotary embedding splits the head dim into even (t, h, w)
+    parts, so an even number >= 6."""
+    value = _positive_int(text)
+    if value % 2 or value < 6:
+        raise argparse.ArgumentTypeError(
+            f"the Wan rotary embedding needs an even head dimension >= 6 (it splits it into even t, h, w "
+            f"parts), got {value}")
+    return value
+
+
 def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
@@ -181,6 +206,21 @@ def _output_dir(path: str) -> Path:
     return out
 
 
+def _output_file(path: str) -> Path:
+    """``path`` as a file that can be written (its folder made if missing), or a
+    :class:`CLIError` saying why not; checked before any work is done."""
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"--out {path!r} is a directory; give a file name such as plan.png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):
+            pass
+    except OSError as err:
+        raise CLIError(f"--out {path!r} cannot be written ({err.strerror})") from None
+    return out
+
+
 def run_generate(args) -> int:
     import json
 
@@ -231,6 +271,7 @@ def run_generate(args) -> int:
 def run_viz(args) -> int:
     from .pipelines.viz import capture_plan, plot_plan
 
+    out = _output_file(args.out)
     heads = args.heads if args.source == "random" else _tiny_model_defaults()["num_attention_heads"]
     if not 0 <= args.head < heads:
         raise CLIError(f"--head must be in [0, {heads - 1}] for {heads} heads, got {args.head}")
@@ -239,7 +280,7 @@ def run_viz(args) -> int:
                               grid=tuple(args.grid), heads=args.heads, head_dim=args.head_dim, seed=args.seed)
     method = proc.method_for(args.layer)  # a layer may run another method (schedule ``layers``)
     title = f"{method} ({args.source}), layer {args.layer}, grid {tuple(grid)}"
-    path = plot_plan(plan, args.out, head=args.head, title=title)
+    path = plot_plan(plan, out, head=args.head, title=title)
     print(f"{title}: density {plan.density():.3f}, {plan.num_q_blocks} query x {plan.num_k_blocks} key "
           f"blocks; wrote {path}")
     return 0
@@ -317,7 +358,8 @@ def _add_tiny_model_options(p: argparse.ArgumentParser) -> None:
     for option, setting in TINY_OPTIONS:
         what = {"num_layers": "transformer blocks", "num_attention_heads": "attention heads",
                 "attention_head_dim": "head dimension"}[setting]
-        p.add_argument(f"--{option.replace('_', '-')}", type=_positive_int, default=None,
+        p.add_argument(f"--{option.replace('_', '-')}", type=_tiny_head_dim if option == "tiny_head_dim" else _positive_int,
+                       default=None,
                        help=f"built-in tiny model: {what}; default: {defaults[setting]}")
     p.add_argument("--model-seed", type=int, default=0, help="built-in tiny model: seed of its random weights")
 
@@ -350,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt; default: the pipeline's")
     _add_size_options(gen, with_model=True)
-    gen.add_argument("--guidance-scale", type=float, default=None,
+    gen.add_argument("--guidance-scale", type=_finite_float, default=None,
                      help="classifier-free guidance; default: the pipeline's")
     gen.add_argument("--out", default="vdiff_sparse_output", help="output directory")
     gen.add_argument("--model", default=None, metavar="ID_OR_PATH",
@@ -397,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="VMoBA, PSA and GNA against dense SDPA on one synthetic video-attention "
                                       "problem (float32, CPU): density, relative error, cosine similarity and "
                                       "median time.")
-    demo.add_argument("--grid", type=int, nargs=3, default=(8, 32, 32), metavar=("T", "H", "W"),
+    demo.add_argument("--grid", type=_positive_int, nargs=3, default=(8, 32, 32), metavar=("T", "H", "W"),
                       help="latent token grid")
     demo.add_argument("--heads", type=_positive_int, default=4, help="attention heads")
     demo.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension")
@@ -431,11 +473,45 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"vdiff-sparse {command}: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, NotImplementedError, ModelNotAvailableError) as err:
-        # Bad settings (unknown preset or option, bad value, bad size) and missing models are
-        # user errors: one line, no traceback.
+    except ModelNotAvailableError as err:
         print(f"vdiff-sparse {command}: error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, NotImplementedError) as err:
+        # Bad settings (unknown preset or option, bad value, bad size) are user errors: one
+        # line, no traceback. The same exception types raised anywhere else (a bug, a failure
+        # inside torch or diffusers) keep their traceback.
+        if not raised_by_a_check(err):
+            raise
+        print(f"vdiff-sparse {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def raised_by_a_check(err: BaseException) -> bool:
+    """Whether ``err`` was raised on purpose by vdiff_sparse's own code: by a ``raise``
+    statement in a file of this package (argument checks, config validation), not by Python
+    or a library underneath (``int("x")``, a torch error)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    ours = any(path.is_relative_to(root) for root in _PACKAGE_ROOTS)
+    line = linecache.getline(str(path), tb.tb_lineno).strip()
+    return ours and line.startswith("raise ")
+
+
+def _package_roots() -> tuple[Path, ...]:
+    """Folders of this package's code (the kernels and pipelines folders are installed as
+    subpackages but sit beside the package in a source checkout)."""
+    roots = []
+    for name in ("vdiff_sparse", "vdiff_sparse.kernels", "vdiff_sparse.pipelines"):
+        spec = importlib.util.find_spec(name)
+        roots += [Path(p).resolve() for p in spec.submodule_search_locations or ()]
+    return tuple(roots)
+
+
+_PACKAGE_ROOTS = _package_roots()
 
 
 if __name__ == "__main__":  # pragma: no cover

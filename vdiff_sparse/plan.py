@@ -80,6 +80,10 @@ class TokenWindow:
         return TokenWindow(self.coords.to(device), self.lo.to(device), self.hi.to(device), self.dilation,
                            self.grid)
 
+    def clone(self) -> "TokenWindow":
+        """A copy whose tensors share no memory with this one's."""
+        return TokenWindow(self.coords.clone(), self.lo.clone(), self.hi.clone(), self.dilation, self.grid)
+
 
 @dataclass(frozen=True, eq=False)
 class AttentionPlan:
@@ -181,6 +185,24 @@ class AttentionPlan:
             window=None if self.window is None else self.window.to(device),
             method=self.method,
             info=self.info,
+        )
+
+    def clone(self) -> "AttentionPlan":
+        """A copy whose tensors (and ``info`` dict) share nothing with this one's, for plans
+        handed to users from a cache: editing the copy cannot change later calls."""
+        def cp(x):
+            return None if x is None else x.clone()
+
+        return AttentionPlan(
+            perm=cp(self.perm),
+            q_offsets=self.q_offsets.clone(),
+            k_offsets=self.k_offsets.clone(),
+            kv_index=self.kv_index.clone(),
+            kv_level=cp(self.kv_level),
+            token_keep=cp(self.token_keep),
+            window=None if self.window is None else self.window.clone(),
+            method=self.method,
+            info=dict(self.info),
         )
 
     # --- statistics --------------------------------------------------------------------------

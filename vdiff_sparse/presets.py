@@ -45,7 +45,8 @@ def load_preset(method: str, name: str | None = None) -> dict:
         ValueError: an unknown method or preset, a model preset without a section for
             ``method``, or a section with keys other than ``config`` and ``schedule``.
     """
-    base = read_yaml(get_method(method).defaults_file())
+    spec = get_method(method)
+    base = read_yaml(spec.defaults_file())
     settings = {"config": dict(base.get("config") or {}), "schedule": dict(base.get("schedule") or {})}
     if name is None or name == method:
         return settings
@@ -64,7 +65,7 @@ def load_preset(method: str, name: str | None = None) -> dict:
     unknown = sorted(set(section) - {"config", "schedule"})
     if unknown:
         raise ValueError(f"preset {name!r}, section {method!r}: unknown keys {unknown}; allowed: config, schedule")
-    settings["config"].update(section.get("config") or {})
+    settings["config"] = spec.merge(settings["config"], section.get("config") or {})
     settings["schedule"].update(section.get("schedule") or {})
     return settings
 

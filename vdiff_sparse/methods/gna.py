@@ -267,7 +267,7 @@ def plan_gna(
         device: where the plan's tensors live.
 
     Returns:
-        An :class:`AttentionPlan` with ``method="gna"``: tiles in ``tile_order``, each query
+        A new :class:`AttentionPlan` (a copy of a cached one) with ``method="gna"``: tiles in ``tile_order``, each query
         tile listing the key tiles its windows touch, a per-query ``window`` unless the config
         is block-aligned, and the checked config in ``plan.info`` (``grid, window, stride,
         dilation, causal, tile, block_aligned, dense``).
@@ -276,6 +276,11 @@ def plan_gna(
         ValueError: a window outside ``2..n`` on an axis of length ``n >= 2``, a stride outside
             ``1..window``, ``window * dilation > n``, or a bad grid/tile.
     """
+    return _shared_plan(grid, window, stride, dilation, causal, tile, device).clone()
+
+
+def _shared_plan(grid, window, stride, dilation, causal, tile, device) -> AttentionPlan:
+    """The cached plan itself (never handed to users: they get :meth:`AttentionPlan.clone`)."""
     plan = _plan_gna_cpu(*_check_problem(grid, window, stride, dilation, causal, tile))
     return plan if torch.device(device) == plan.kv_index.device else plan.to(device)
 
@@ -320,13 +325,13 @@ def gna_attention(
     config = get_method("gna").make_config(config, **overrides)
     grid = check_qkv(q, k, v, grid)
     check_finite(q=q, k=k, v=v)
-    plan = config.plan(grid, device=q.device)
+    plan = _shared_plan(grid, config.window, config.stride, config.dilation, config.causal, config.tile, q.device)
     extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, scale=scale)
     if backend == "auto" and plan.info["dense"]:
         out = dense_attention(q, k, v, **extras)
     else:
         out = run_plan(q, k, v, plan, backend=backend, **extras)
-    return (out, plan) if return_plan else out
+    return (out, plan.clone()) if return_plan else out
 
 
 def _plan_for_qk(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], config: GNAConfig | None = None, *,
@@ -340,17 +345,33 @@ def fit_to_grid(config: GNAConfig, grid: Sequence[int]) -> GNAConfig:
     """Shrink a GNA neighbourhood to a grid: window at most the axis length (at least 2),
     stride at most the window, dilation at most ``n // window``, tile at most the axis. A preset
     made for 720p then runs on any latent size; a window covering a whole axis is dense along
-    it."""
+    it.
+
+    Raises:
+        ValueError: the shrunk window covers the whole grid (without causality) although the
+            given one did not say so: GNA would run as dense attention, which a processor never
+            does silently. A window equal to the grid is taken as meant.
+    """
     grid = check_grid(grid)
     window = check_per_axis("window", config.window, minimum=1)
     stride = check_per_axis("stride", config.stride, minimum=1)
     dilation = check_per_axis("dilation", config.dilation, minimum=1)
+    causal = check_per_axis("causal", config.causal, kind=bool)
     w, s, d = [], [], []
     for n, k, st, dl in zip(grid, window, stride, dilation):
         k = max(2, min(k, n)) if n > 1 else 1
         w.append(k)
         s.append(min(st, k))
         d.append(max(1, min(dl, n // k)))
+    covers = all(k == n and not c for k, n, c in zip(w, grid, causal))
+    clipped = any(k > n for k, n in zip(window, grid) if n > 1)
+    if covers and clipped:
+        raise ValueError(
+            f"GNA window {tuple(window)} covers the whole latent grid {tuple(grid)}: every query would "
+            f"attend every key (dense attention). Give a window smaller than the grid on at least one "
+            f"axis, e.g. window={tuple(max(2, n // 2) if n > 1 else 1 for n in grid)}, or use "
+            f"DenseProcessor"
+        )
     tile = None
     if config.tile is not None:
         tile = tuple(min(t, n) for t, n in zip(check_per_axis("tile", config.tile, minimum=1), grid))
@@ -403,6 +424,7 @@ register_method(Method(
     plan=_plan_for_qk,
     summary="a window around itself in (t, h, w): window, stride, dilation, causal per axis",
     fit=fit_to_grid,
+    resets={"window": {"stride": 1}},
     processor_name="GNAProcessor",
 ))
 

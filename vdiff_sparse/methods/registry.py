@@ -50,6 +50,11 @@ class Method:
             for ``configs/methods/<name>.yaml`` of the installed package.
         fit: ``fit(config, grid) -> config``: adapts settings made for another resolution to
             this latent grid before a processor runs them (GNA clips windows), or ``None``.
+        resets: ``{field: {companion: value}}``: when settings laid over others (a preset over
+            the defaults, overrides over a preset, a layer's overrides over the processor's)
+            give ``field`` without ``companion``, the companion takes ``value`` instead of the
+            one underneath (GNA: a window given alone means stride 1, neighbourhood attention,
+            not the preset's stride made for another window). See :meth:`merge`.
         processor_name: class name of the method's diffusers processor (built by
             :func:`vdiff_sparse.processors.processor_class` when no class is registered).
     """
@@ -62,6 +67,7 @@ class Method:
     training: Mapping[str, Any] = field(default_factory=dict)
     defaults: Path | None = None
     fit: Callable[[Any, tuple[int, int, int]], Any] | None = None
+    resets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     processor_name: str = ""
 
     def __post_init__(self) -> None:
@@ -82,6 +88,18 @@ class Method:
         if self.defaults is not None:
             return Path(self.defaults)
         return importlib.resources.files("vdiff_sparse.configs") / "methods" / f"{self.name}.yaml"
+
+    def merge(self, base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
+        """``base`` settings updated with ``top``, applying :attr:`resets` (a field given in
+        ``top`` without its companions resets them). Keys other than config fields (schedule
+        settings) pass through."""
+        merged = {**base, **top}
+        for key, companions in self.resets.items():
+            if key in top:
+                for companion, value in companions.items():
+                    if companion not in top:
+                        merged[companion] = value
+        return merged
 
     def make_config(self, config=None, **overrides):
         """The config object of ``config`` (an instance, a mapping of fields or ``None`` for the

@@ -30,6 +30,7 @@ import torch
 
 from ..adapters.base import check_grid_matches
 from ..attention import dense_attention
+from ..backends import BACKENDS
 from ..context import BoundProcessor, binding_of, discover
 from ..methods.registry import build_config, get_method
 from ..presets import is_model_preset, load_preset, model_presets_for, preset_family
@@ -99,20 +100,26 @@ class SparseProcessor(BoundProcessor):
             settings["schedule"] = (
                 dataclasses.asdict(schedule) if dataclasses.is_dataclass(schedule) else dict(schedule)
             )
+        spec = get_method(self.method)
         schedule_names = {f.name for f in dataclasses.fields(ScheduleConfig)}
         config_names = {f.name for f in dataclasses.fields(self.config_cls)}
+        config_overrides = {}
         for key, value in overrides.items():
             if key in schedule_names:
                 settings["schedule"][key] = value
             elif key in config_names:
-                settings["config"][key] = value
+                config_overrides[key] = value
             else:
                 raise ValueError(
                     f"unknown {type(self).__name__} option {key!r}; method options: "
                     f"{sorted(config_names)}, schedule options: {sorted(schedule_names)}"
                 )
+        settings["config"] = spec.merge(settings["config"], config_overrides)
         self.config = build_config(self.config_cls, settings["config"], {}, self.method)
         self.schedule = build_config(ScheduleConfig, settings["schedule"], {}, "schedule")
+        backends = ("auto", *BACKENDS)
+        if backend not in backends:
+            raise ValueError(f"backend must be one of {list(backends)}, got {backend!r}")
         self.backend = backend
         self.preset = preset
         self.preset_family = preset_family(preset)
@@ -125,10 +132,12 @@ class SparseProcessor(BoundProcessor):
             method = overrides.get("method", self.method)
             fields = {k: v for k, v in overrides.items() if k != "method"}
             if method == self.method:
-                self._layer_configs[i] = build_config(self.config_cls, self.config, fields, self.method)
+                layer_settings = spec.merge(dataclasses.asdict(self.config), fields)
+                self._layer_configs[i] = build_config(self.config_cls, layer_settings, {}, self.method)
             else:
                 base = load_preset(method, model_preset)["config"]
-                self._layer_processors[i] = processor_class(method)({**base, **fields}, backend=backend)
+                layer_settings = get_method(method).merge(base, fields)
+                self._layer_processors[i] = processor_class(method)(layer_settings, backend=backend)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(config={self.config}, schedule={self.schedule}, backend={self.backend!r})"
@@ -220,6 +229,7 @@ class SparseProcessor(BoundProcessor):
     def _dense_reason(self, binding) -> str:
         ctx = binding.context
         try:
+            self.schedule.check_layers(binding.num_layers)
             return self.schedule.dense_reason(ctx.step, ctx.num_steps(), binding.index, binding.num_layers)
         except ValueError as e:
             raise ValueError(f"{type(self).__name__} in {binding.name!r}: {e}") from None

@@ -37,7 +37,9 @@ class PSAProcessor(SparseProcessor):
 @register_processor_class
 class GNAProcessor(SparseProcessor):
     """GNA, generalized neighborhood attention. Windows larger than the latent grid are clipped
-    to it (:func:`vdiff_sparse.methods.gna.fit_to_grid`)."""
+    to it (:func:`vdiff_sparse.methods.gna.fit_to_grid`; clipped to the whole grid is an error,
+    not dense attention). A ``window`` given without a ``stride`` means stride 1
+    (neighbourhood attention), not the preset's stride."""
 
     method = "gna"
 

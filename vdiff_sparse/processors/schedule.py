@@ -39,18 +39,26 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         d = self.dense_steps
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0 or (d >= 1 and int(d) != d):
+        if (
+            isinstance(d, bool)
+            or not isinstance(d, (int, float))
+            or not math.isfinite(d)
+            or d < 0
+            or (d >= 1 and int(d) != d)
+        ):
             raise ValueError(
                 f"dense_steps must be 0, an int >= 1 (steps) or a fraction in (0, 1), got {d!r}"
             )
-        try:
-            if isinstance(self.dense_layers, (str, int)):
-                raise TypeError("a single value, not a list")
-            self.dense_layers = [int(i) for i in self.dense_layers]
-        except (TypeError, ValueError):
-            raise ValueError(f"dense_layers must be a list of ints, got {self.dense_layers!r}") from None
-        if any(int(i) < 0 for i in self.layers):
-            raise ValueError(f"layers keys must be layer indices >= 0, got {sorted(self.layers)}")
+        if isinstance(self.dense_layers, (str, int)) or not all(_is_int(i) for i in _items(self.dense_layers)):
+            raise ValueError(f"dense_layers must be a list of ints, got {self.dense_layers!r}")
+        self.dense_layers = [int(i) for i in self.dense_layers]
+        if not isinstance(self.layers, dict) or not all(_is_int(i) and int(i) >= 0 for i in self.layers):
+            raise ValueError(
+                f"layers must map layer indices (ints >= 0) to overrides, got keys "
+                f"{list(self.layers) if isinstance(self.layers, dict) else self.layers!r}"
+            )
+        if not all(isinstance(o, dict) for o in self.layers.values()):
+            raise ValueError(f"layers values must be mappings of fields to values, got {self.layers!r}")
         self.layers = {int(i): dict(o) for i, o in self.layers.items()}
         methods = list(method_names())
         for i, overrides in self.layers.items():
@@ -58,6 +66,26 @@ class ScheduleConfig:
                 raise ValueError(
                     f"layers[{i}]: unknown method {overrides['method']!r}; choose one of {methods}"
                 )
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse layer indices the model does not have (they would be ignored silently).
+
+        Raises:
+            ValueError: a ``dense_layers`` entry outside ``-num_layers .. num_layers - 1`` or a
+                ``layers`` key outside ``0 .. num_layers - 1``.
+        """
+        bad = [i for i in self.dense_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"dense_layers {bad}: the model has {num_layers} video self-attention layers "
+                f"(indices 0..{num_layers - 1}, or -{num_layers}..-1 from the last)"
+            )
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValueError(
+                f"layers keys {bad}: the model has {num_layers} video self-attention layers "
+                f"(indices 0..{num_layers - 1})"
+            )
 
     def layer_method(self, layer: int) -> str | None:
         """The method named for ``layer`` in :attr:`layers`, or ``None``."""
@@ -91,6 +119,20 @@ class ScheduleConfig:
         if self.layer_is_dense(layer, num_layers):
             return "layer"
         return ""
+
+
+def _items(value) -> list:
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _is_int(value) -> bool:
+    """An int (not a bool), or an integral float as YAML may give it."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 __all__ = ["ScheduleConfig"]
