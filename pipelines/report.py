@@ -223,10 +223,18 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _layout(parallel: dict | None) -> str:
+    if not parallel or parallel.get("context_parallel", 1) == 1:
+        return ""
+    return (f"; context parallel ({parallel['mode']}) over {parallel['context_parallel']} processes, "
+            f"times and calls of the first")
+
+
 def report_markdown(report: dict, *, video: str | None = None, plot: str | None = None) -> str:
     """``report.md``: settings, the headline table, per-layer and per-step density, links to
     the video and the plot (paths relative to the report). An optional ``warmup`` key (bool)
-    says whether the timed runs followed a warm-up generation."""
+    says whether the timed runs followed a warm-up generation, an optional ``parallel`` key
+    (``{"context_parallel": N, "mode": ...}``) the parallel layout."""
     r, s = report, report["settings"]
     grid = " x ".join(str(g) for g in r["grid"])
     warmup = {True: " after an untimed warm-up generation", False: " without warm-up (first-call costs included)",
@@ -237,7 +245,8 @@ def report_markdown(report: dict, *, video: str | None = None, plot: str | None 
         f"Prompt \"{s['prompt']}\", {s['num_frames']} frames x {s['height']} x {s['width']}, "
         f"{s['num_inference_steps']} steps, seed {s['seed']}, {s['device']} {s['dtype']}; "
         f"video token grid {grid} = {r['num_tokens']:,} tokens; "
-        f"{r['attention_calls']} video self-attention calls ({r['dense_calls']} dense by the schedule).",
+        f"{r['attention_calls']} video self-attention calls ({r['dense_calls']} dense by the schedule)"
+        + _layout(r.get("parallel")) + ".",
         "",
         report_table(r),
         "",

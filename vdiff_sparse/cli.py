@@ -221,23 +221,47 @@ def _output_file(path: str) -> Path:
     return out
 
 
+def _start_context_parallel(args) -> int:
+    """Join the torchrun processes for ``--context-parallel N``; returns this process's rank."""
+    if args.context_parallel == 1:
+        return 0
+    from .parallel import init_distributed
+
+    rank, world = init_distributed()
+    if world != args.context_parallel:
+        raise CLIError(
+            f"--context-parallel {args.context_parallel} needs {args.context_parallel} processes: run "
+            f"torchrun --nproc_per_node {args.context_parallel} -m vdiff_sparse generate ... (this run has {world})"
+        )
+    return rank
+
+
 def run_generate(args) -> int:
     import json
 
     from .pipelines.generate import generation_processor, save_video
     from .pipelines.report import compare, plot_report, report_markdown, report_table
 
+    rank = _start_context_parallel(args)
     sparse_proc = _method_processor(args.attn, args)
     out = _output_dir(args.out)  # before the model loads and the videos are made
     pipe = _load_pipeline(args)
+    if args.context_parallel > 1:
+        from .context import transformers_of
+        from .parallel import enable_context_parallel
+
+        for transformer in transformers_of(pipe.pipe):
+            enable_context_parallel(transformer, args.context_parallel)
     # Round the sizes once (one warning), so every run below uses the same valid sizes.
     call = dict(pipe.resolve_size(**_sizes(args)), seed=args.seed, negative_prompt=args.negative_prompt)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     grid = pipe.latent_grid(call["num_frames"], call["height"], call["width"])
     steps = call["num_inference_steps"]
-    print(f"{pipe.model}: {call['num_frames']} frames x {call['height']} x {call['width']}, {steps} steps, "
-          f"token grid {grid} = {grid[0] * grid[1] * grid[2]:,} video tokens, {pipe.device}", flush=True)
+    layout = "" if args.context_parallel == 1 else f", context parallel (Ulysses) over {args.context_parallel} processes"
+    if rank == 0:
+        print(f"{pipe.model}: {call['num_frames']} frames x {call['height']} x {call['width']}, {steps} steps, "
+              f"token grid {grid} = {grid[0] * grid[1] * grid[2]:,} video tokens, {pipe.device}{layout}", flush=True)
     runs = [(generation_processor("dense"), "dense")] if args.compare_dense else []
     runs.append((sparse_proc, args.attn))
     if args.warmup:
@@ -253,11 +277,15 @@ def run_generate(args) -> int:
         pipe.pipe.set_progress_bar_config(desc=name, leave=False)
         results.append(pipe(args.prompt, **call))
     dense, sparse = results if args.compare_dense else (None, results[0])
+    if rank != 0:  # every process generated the same video; the first one writes it
+        return 0
     video = save_video(sparse.frames, out / f"{args.attn}.mp4", fps=args.fps)
     if dense is not None:
         save_video(dense.frames, out / "dense.mp4", fps=args.fps)
     report = compare(sparse, dense)
-    report.update(video=video.name, warmup=args.warmup)
+    report.update(video=video.name, warmup=args.warmup,
+                  parallel={"context_parallel": args.context_parallel, "mode": "ulysses" if args.context_parallel > 1
+                            else "none", "processes": args.context_parallel})
     plot = plot_report(report, out / "report.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report, video=video.name, plot=plot and plot.name))
@@ -408,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (the VAE stays float32); auto: bfloat16 on GPU, float32 on CPU, "
                           "float32 for the tiny model")
     gen.add_argument("--fps", type=_positive_int, default=16, help="frame rate of the mp4")
+    gen.add_argument("--context-parallel", type=_positive_int, default=1, metavar="N",
+                     help="split the video tokens over N processes (Ulysses context parallelism; run under "
+                          "torchrun --nproc_per_node N); the first process writes the video and report")
     gen.add_argument("--no-warmup", dest="warmup", action="store_false",
                      help="skip the short untimed warm-up generation of each method (timings then "
                           "include first-call costs)")

@@ -20,17 +20,19 @@ import pkgutil
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import Grid
 
 
 class AttendFn(Protocol):
-    """The processor's attention over video tokens of one layer.
+    """The processor's attention for one video self-attention layer.
 
-    ``q, k, v``: ``[B, N, heads, D]`` video tokens (frame-major, ``N = T*H*W``);
-    ``extra_k, extra_v``: ``[B, Ne, heads, D]`` keys every video query attends (text), with
-    ``extra_mask`` ``[B, Ne]`` bool (False = padding). Returns ``[B, N, heads, D]``.
+    Called, it runs the layer's method on video tokens: ``q, k, v`` ``[B, N, heads, D]``
+    (frame-major, ``N = T*H*W``); ``extra_k, extra_v`` ``[B, Ne, heads, D]`` keys every video
+    query attends (text), with ``extra_mask`` ``[B, Ne]`` bool (False = padding). Returns
+    ``[B, N, heads, D]``. :meth:`dense` is dense attention through diffusers' attention
+    dispatcher on the backend set on the model (for text queries): ``q`` ``[B, Sq, heads, D]``,
+    ``k, v`` ``[B, Sk, heads, D]``, ``key_mask`` ``[B, Sk]`` bool.
     """
 
     def __call__(
@@ -41,6 +43,10 @@ class AttendFn(Protocol):
         extra_k: torch.Tensor | None = None,
         extra_v: torch.Tensor | None = None,
         extra_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def dense(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor: ...
 
 
@@ -164,16 +170,13 @@ def joint_attention(
     """Attention over one joint sequence of video and text tokens, ``[B, S, heads, D]``.
 
     Video queries go through ``attend`` with the text keys as extra keys; text queries attend
-    every key densely (SDPA). ``key_mask`` ``[B, S]`` bool marks the real keys (text padding
+    every key densely (``attend.dense``: diffusers' dispatcher on the model's backend). ``key_mask`` ``[B, S]`` bool marks the real keys (text padding
     False). Returns ``[B, S, heads, D]`` in the input's token order.
     """
     qt, kt, vt = q[:, text], k[:, text], v[:, text]
     text_mask = None if key_mask is None else key_mask[:, text]
     out_video = attend(q[:, video], k[:, video], v[:, video], kt, vt, text_mask)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out_text = F.scaled_dot_product_attention(
-        qt.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-    ).transpose(1, 2)
+    out_text = attend.dense(qt, k, v, key_mask)
     parts = sorted([(video.start or 0, out_video), (text.start or 0, out_text)], key=lambda p: p[0])
     return torch.cat([p[1] for p in parts], dim=1)
 

@@ -29,10 +29,11 @@ import time
 import torch
 
 from ..adapters.base import check_grid_matches
-from ..attention import dense_attention
+from ..attention import make_extra
 from ..backends import BACKENDS
 from ..context import BoundProcessor, binding_of, discover
 from ..methods.registry import build_config, get_method
+from ..parallel import check_ulysses, context_parallel_config, heads_to_sequence, local_heads, sequence_to_heads
 from ..presets import is_model_preset, load_preset, model_presets_for, preset_family
 from .schedule import ScheduleConfig
 from .stats import CallStats, StatsLog, plan_coverage, sync
@@ -83,6 +84,12 @@ class SparseProcessor(BoundProcessor):
     """
 
     method: str = ""
+    # Set by diffusers on every installed processor: ``model.set_attention_backend(name)`` (and
+    # ``enable_xformers_memory_efficient_attention``) and ``model.enable_parallelism(...)``.
+    # The dense parts run on that backend; context parallelism exchanges q/k/v (see
+    # :mod:`vdiff_sparse.parallel`).
+    _attention_backend = None
+    _parallel_config = None
 
     @property
     def config_cls(self) -> type:
@@ -214,12 +221,16 @@ class SparseProcessor(BoundProcessor):
                 f"vdiff_sparse.set_context(transformer, grid=(T, H, W))"
             )
         reason = self._dense_reason(binding)
-        attend = functools.partial(self._attend, binding=binding, grid=ctx.grid, reason=reason)
+        attend = Attend(self, binding, ctx.grid, reason)
         return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-    @staticmethod
-    def _model_processor(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, kwargs):
-        """The model's own processor for this module (the dense path)."""
+    def _model_processor(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                         kwargs):
+        """The model's own processor for this module (the dense path), with the attention backend
+        and parallel layout diffusers set on this processor."""
+        for name in ("_attention_backend", "_parallel_config"):
+            if getattr(self, name) is not None and hasattr(binding.dense_processor, name):
+                setattr(binding.dense_processor, name, getattr(self, name))
         if binding.dense_rotary_arg is not None:
             kwargs[binding.dense_rotary_arg] = rotary_emb
         return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -235,33 +246,78 @@ class SparseProcessor(BoundProcessor):
             raise ValueError(f"{type(self).__name__} in {binding.name!r}: {e}") from None
 
     def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
+        """Video self-attention of layer ``binding.index``: ``[B, N, heads, D]`` (this rank's
+        ``N / P`` tokens under context parallelism) -> the same shape."""
+        cp = self._context_parallel(binding)
+        if cp is not None:
+            check_ulysses(cp, q.shape[2], f"{type(self).__name__} in {binding.name!r}")
+            q, k, v = (sequence_to_heads(x, cp) for x in (q, k, v))
+            extra_k, extra_v = local_heads(extra_k, cp), local_heads(extra_v, cp)
         check_grid_matches(grid, q.shape[1], f"layer {binding.name}")
         extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask)
         layer = binding.index
         runner = self.layer_runner(layer)
-        if not self.stats.enabled or torch._C._current_graph_task_id() != -1:
-            if reason:
-                return dense_attention(q, k, v, **extras)
-            return runner.attention(q, k, v, grid, layer, return_plan=False, **extras)
-        sync(q)
-        start = time.perf_counter()
+        dense = functools.partial(self._dense_with_extras, binding=binding)
+        timed = self.stats.enabled and torch._C._current_graph_task_id() == -1
+        if timed:
+            sync(q)
+            start = time.perf_counter()
+        plan = None
         if reason:
-            out, plan = dense_attention(q, k, v, **extras), None
+            out = dense(q, k, v, **extras)
+        elif timed:
+            out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, dense=dense, **extras)
         else:
-            out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, **extras)
-        sync(out)
-        elapsed = (time.perf_counter() - start) * 1e3
-        coverage, density = plan_coverage(plan)
-        self.stats.records.append(CallStats(
-            layer, binding.context.step, "dense" if reason else self.method_for(layer),
-            q.shape[1], coverage, density, elapsed, reason, q.shape[0],
-        ))
-        return out
+            out = runner.attention(q, k, v, grid, layer, return_plan=False, dense=dense, **extras)
+        if timed:
+            sync(out)
+            elapsed = (time.perf_counter() - start) * 1e3
+            coverage, density = plan_coverage(plan)
+            self.stats.records.append(CallStats(
+                layer, binding.context.step, "dense" if reason else self.method_for(layer),
+                q.shape[1], coverage, density, elapsed, reason, q.shape[0],
+            ))
+        return out if cp is None else heads_to_sequence(out, cp)
 
-    def attention(self, q, k, v, grid, layer, *, return_plan, extra_k=None, extra_v=None, extra_mask=None):
+    def _context_parallel(self, binding):
+        """The Ulysses config of this call, or ``None``: the one diffusers set on this processor,
+        else on the model's own processor (``enable_parallelism`` before ``enable``)."""
+        config = self._parallel_config or getattr(binding.dense_processor, "_parallel_config", None)
+        return context_parallel_config(config)
+
+    def _backend(self, binding):
+        return self._attention_backend or getattr(binding.dense_processor, "_attention_backend", None)
+
+    def dense(self, q, k, v, key_mask=None, *, binding):
+        """Dense attention through diffusers' ``dispatch_attention_fn`` on the backend set on the
+        model (``set_attention_backend``), for whole sequences: ``q`` ``[B, Sq, heads, D]``,
+        ``k``/``v`` ``[B, Sk, heads, D]``, ``key_mask`` ``[B, Sk]`` bool (False = padding)."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._backend(binding))
+
+    def _dense_with_extras(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding):
+        """:meth:`dense` of video queries over video keys and the always-attended extra keys."""
+        extra = make_extra(extra_k, extra_v, extra_mask, q, v)
+        key_mask = None
+        if extra is not None:
+            k, v = torch.cat([k, extra.k], 1), torch.cat([v, extra.v], 1)
+            if extra.mask is not None:
+                real = torch.ones(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+                key_mask = torch.cat([real, extra.mask], 1)
+        return self.dense(q, k, v, key_mask, binding=binding)
+
+    def attention(self, q, k, v, grid, layer, *, return_plan, extra_k=None, extra_v=None, extra_mask=None,
+                  dense=None):
         """The method on ``[B, N, heads, D]`` video tokens of layer ``layer``; returns the output
-        (and the plan, ``None`` for dense SDPA, if ``return_plan``). Settings made for another
-        resolution are first fitted to ``grid`` where the method says how (GNA windows)."""
+        (and the plan, ``None`` for dense attention, if ``return_plan``). Settings made for
+        another resolution are first fitted to ``grid`` where the method says how (GNA windows).
+        ``dense(q, k, v, extra_k=, extra_v=, extra_mask=)``, if given, is the dense attention of
+        the model's backend, which the dense method with ``backend="auto"`` runs."""
+        if self.method == "dense" and self.backend == "auto" and dense is not None:
+            out = dense(q, k, v, extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask)
+            return (out, None) if return_plan else out
         method = get_method(self.method)
         config = self.config_for(layer)
         if method.fit is not None:
@@ -270,4 +326,21 @@ class SparseProcessor(BoundProcessor):
                                 extra_mask=extra_mask, backend=self.backend, return_plan=return_plan)
 
 
-__all__ = ["SparseProcessor", "processor_class", "register_processor_class"]
+class Attend:
+    """What a model adapter calls for one video self-attention layer (see
+    :class:`~vdiff_sparse.adapters.base.AttendFn`): ``attend(q, k, v, extra_k, extra_v,
+    extra_mask)`` runs the layer's method on video queries, ``attend.dense(q, k, v, key_mask)``
+    dense attention through diffusers' dispatcher (text queries)."""
+
+    def __init__(self, processor: SparseProcessor, binding, grid, reason: str):
+        self.processor, self.binding, self.grid, self.reason = processor, binding, grid, reason
+
+    def __call__(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None):
+        return self.processor._attend(q, k, v, extra_k, extra_v, extra_mask, binding=self.binding, grid=self.grid,
+                                      reason=self.reason)
+
+    def dense(self, q, k, v, key_mask=None):
+        return self.processor.dense(q, k, v, key_mask, binding=self.binding)
+
+
+__all__ = ["Attend", "SparseProcessor", "processor_class", "register_processor_class"]
