@@ -3,6 +3,15 @@ CogVideoX, LTX-Video, Mochi), each declaring where the family keeps its video se
 how its own processor computes q/k/v. See :mod:`.base` for the interface and how to add a model.
 """
 
-from .base import AttendFn, ModelAdapter, adapter_for, register_adapter, supported_models
+from .base import (
+    AttendFn,
+    ModelAdapter,
+    adapter_for,
+    refusal_reason,
+    refuse_model,
+    register_adapter,
+    supported_models,
+)
 
-__all__ = ["AttendFn", "ModelAdapter", "adapter_for", "register_adapter", "supported_models"]
+__all__ = ["AttendFn", "ModelAdapter", "adapter_for", "refusal_reason", "refuse_model", "register_adapter",
+           "supported_models"]

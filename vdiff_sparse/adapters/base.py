@@ -31,7 +31,11 @@ class AttendFn(Protocol):
     ``q, k, v``: ``[B, N, heads, D]`` video tokens (frame-major, ``N = T*H*W``);
     ``extra_k, extra_v``: ``[B, Ne, heads, D]`` keys every video query attends (text), with
     ``extra_mask`` ``[B, Ne]`` bool (False = padding). Returns ``[B, N, heads, D]``.
+    ``grid``: the latent grid ``(T, H, W)`` of this call, for models whose attention runs over
+    more tokens than the grid's (FramePack's history).
     """
+
+    grid: Grid
 
     def __call__(
         self,
@@ -56,6 +60,10 @@ class ModelAdapter:
     #: whether the timestep grows as denoising proceeds (Mochi: ``1000 * (1 - sigma)``); the
     #: step counter needs the direction
     timestep_increases: bool = False
+    #: keyword arguments of the model's attention call (other than the mask and the rotary
+    #: embedding) that :meth:`forward` takes; a video self-attention call with any other (not
+    #: None) keyword is one the adapter does not handle
+    call_kwargs: tuple[str, ...] = ()
 
     def grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> Grid | None:
         """The latent grid ``(T, H, W)`` after patchify from the forward inputs (by name),
@@ -82,12 +90,15 @@ class ModelAdapter:
         layer is scheduled dense)."""
         return None
 
-    def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
-        """The default processor's computation with video attention done by ``attend``."""
+    def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                **kwargs):
+        """The default processor's computation with video attention done by ``attend``; ``kwargs``
+        are those of :attr:`call_kwargs` the call gave."""
         raise NotImplementedError
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
+_REFUSED: dict[str, str] = {}
 _LOADED = False
 
 
@@ -97,6 +108,17 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     for name in cls.transformer_classes:
         _ADAPTERS[name] = adapter
     return cls
+
+
+def refuse_model(class_name: str, reason: str) -> None:
+    """Record why transformer class ``class_name`` has no adapter; the refusal says it."""
+    _REFUSED[class_name] = reason
+
+
+def refusal_reason(transformer: torch.nn.Module) -> str | None:
+    """Why ``transformer``'s class is refused, if :func:`refuse_model` said; ``None`` otherwise."""
+    _load_package_adapters()
+    return _REFUSED.get(type(transformer).__name__)
 
 
 def _load_package_adapters() -> None:

@@ -168,7 +168,15 @@ class SparseProcessor(BoundProcessor):
         return self.schedule.layer_method(layer) or self.method
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, **kwargs):
+                 image_rotary_emb=None, *args, perturbation_mask=None, all_perturbed=None, **kwargs):
+        # What attention modules pass beyond these: more positional arguments (LTX-2's
+        # key_rotary_emb, Helios' original_context_length), the rotary embedding as ``rotary_emb=``
+        # (Kandinsky 5), and LTX-2.x's guidance keywords, which it passes only to processors that
+        # name them. Keywords given as None are the model processors' defaults and are dropped.
+        kwargs.update(perturbation_mask=perturbation_mask, all_perturbed=all_perturbed)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if image_rotary_emb is None:
+            image_rotary_emb = kwargs.pop("rotary_emb", None)
         binding = binding_of(attn) or discover(attn)
         if binding is None:
             raise RuntimeError(
@@ -182,15 +190,17 @@ class SparseProcessor(BoundProcessor):
         self.check_model_family(adapter.name)
         if binding.index is None:  # cross-attention, text refiner, unknown module: dense
             return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
-                                         attention_mask, image_rotary_emb, kwargs)
+                                         attention_mask, image_rotary_emb, args, kwargs)
         problem = adapter.unsupported(attn, hidden_states, encoder_hidden_states, attention_mask)
-        if problem is None and kwargs:
-            problem = f"keyword arguments {sorted(kwargs)}"
+        if problem is None and set(kwargs) - set(adapter.call_kwargs):
+            problem = f"keyword arguments {sorted(set(kwargs) - set(adapter.call_kwargs))}"
+        if problem is None and any(a is not None for a in args):
+            problem = f"{len(args)} more positional arguments"
         if problem is not None:
             layer_dense = self.schedule.layer_is_dense(binding.index, binding.num_layers)
             if layer_dense or self.method_for(binding.index) == "dense":
                 return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
-                                             attention_mask, image_rotary_emb, kwargs)
+                                             attention_mask, image_rotary_emb, args, kwargs)
             raise NotImplementedError(
                 f"{type(self).__name__}: video self-attention {binding.name!r} of the {adapter.name} "
                 f"transformer was called with {problem}, which the "
@@ -206,11 +216,18 @@ class SparseProcessor(BoundProcessor):
             )
         reason = self._dense_reason(binding)
         attend = functools.partial(self._attend, binding=binding, grid=ctx.grid, reason=reason)
-        return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        attend.grid = ctx.grid
+        return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                               **kwargs)
 
     @staticmethod
-    def _model_processor(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, kwargs):
-        """The model's own processor for this module (the dense path)."""
+    def _model_processor(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, args,
+                         kwargs):
+        """The model's own processor for this module (the dense path), given the arguments as the
+        module gave them: by position when it passed more than five."""
+        if args:
+            return binding.dense_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                                           *args, **kwargs)
         if binding.dense_rotary_arg is not None:
             kwargs[binding.dense_rotary_arg] = rotary_emb
         return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
