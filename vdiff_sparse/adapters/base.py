@@ -83,11 +83,12 @@ class ModelAdapter:
 
         return AttnProcessor2_0()
 
-    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> str | None:
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs) -> str | None:
         """Why :meth:`forward` cannot handle this call of a video self-attention module (e.g.
-        ``"an attention_mask of shape (1, 1, 60, 60)"``), or ``None`` when it can. The
-        processor then raises ``NotImplementedError`` (or runs the model's processor when the
-        layer is scheduled dense)."""
+        ``"an attention_mask of shape (1, 1, 60, 60)"``), or ``None`` when it can; ``kwargs``
+        are those of :attr:`call_kwargs` the call gave. The processor then raises
+        ``NotImplementedError`` (or runs the model's processor when the layer is scheduled
+        dense)."""
         return None
 
     def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
@@ -180,24 +181,53 @@ def joint_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     video: slice,
-    text: slice,
     key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Attention over one joint sequence of video and text tokens, ``[B, S, heads, D]``.
+    """Attention over one joint sequence of video tokens (a contiguous ``video`` slice) and other
+    tokens (text, FramePack's history) before and after it, ``[B, S, heads, D]``.
 
-    Video queries go through ``attend`` with the text keys as extra keys; text queries attend
-    every key densely (SDPA). ``key_mask`` ``[B, S]`` bool marks the real keys (text padding
-    False). Returns ``[B, S, heads, D]`` in the input's token order.
+    Video queries go through ``attend`` with every other token as an always-attended extra key;
+    the other queries attend every key densely (SDPA). ``key_mask`` ``[B, S]`` bool marks the
+    real keys (text padding False). Returns ``[B, S, heads, D]`` in the input's token order.
     """
-    qt, kt, vt = q[:, text], k[:, text], v[:, text]
-    text_mask = None if key_mask is None else key_mask[:, text]
-    out_video = attend(q[:, video], k[:, video], v[:, video], kt, vt, text_mask)
+    start, stop, _ = video.indices(q.shape[1])
+    before, after = slice(0, start), slice(stop, None)
+
+    def others(x):
+        return torch.cat([x[:, before], x[:, after]], dim=1)
+
+    extra_mask = None if key_mask is None else others(key_mask)
+    out_video = attend(q[:, video], k[:, video], v[:, video], others(k), others(v), extra_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out_text = F.scaled_dot_product_attention(
-        qt.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    out_others = F.scaled_dot_product_attention(
+        others(q).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
     ).transpose(1, 2)
-    parts = sorted([(video.start or 0, out_video), (text.start or 0, out_text)], key=lambda p: p[0])
-    return torch.cat([p[1] for p in parts], dim=1)
+    return torch.cat([out_others[:, :start], out_video, out_others[:, start:]], dim=1)
+
+
+def qkv_heads(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, N, heads, D]`` of tokens ``x`` through the module's ``to_q``/``to_k``/``to_v``
+    and its per-head ``norm_q``/``norm_k`` where it has them."""
+    query, key, value = (p(x).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def text_qkv(attn, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, L, heads, D]`` of the text tokens through a joint-attention module's added
+    projections (``add_q_proj``, ...) and its added per-head norms where it has them."""
+    eq, ek, ev = (
+        p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    )
+    if attn.norm_added_q is not None:
+        eq = attn.norm_added_q(eq)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    return eq, ek, ev
 
 
 def check_grid_matches(grid: Grid, num_tokens: int, where: str) -> None:

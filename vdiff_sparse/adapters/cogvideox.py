@@ -57,7 +57,7 @@ class CogVideoXAdapter(ModelAdapter):
             if not attn.is_cross_attention:
                 key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = joint_attention(attend, q, k, v, slice(text_len, None), slice(0, text_len), None)
+        out = joint_attention(attend, q, k, v, slice(text_len, None), None)
         out = attn.to_out[1](attn.to_out[0](out.reshape(batch, -1, attn.heads * head_dim)))
         return out[:, text_len:], out[:, :text_len]
 

@@ -191,9 +191,10 @@ class SparseProcessor(BoundProcessor):
         if binding.index is None:  # cross-attention, text refiner, unknown module: dense
             return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
                                          attention_mask, image_rotary_emb, args, kwargs)
-        problem = adapter.unsupported(attn, hidden_states, encoder_hidden_states, attention_mask)
-        if problem is None and set(kwargs) - set(adapter.call_kwargs):
-            problem = f"keyword arguments {sorted(set(kwargs) - set(adapter.call_kwargs))}"
+        handled = {k: v for k, v in kwargs.items() if k in adapter.call_kwargs}
+        problem = adapter.unsupported(attn, hidden_states, encoder_hidden_states, attention_mask, **handled)
+        if problem is None and set(kwargs) - set(handled):
+            problem = f"keyword arguments {sorted(set(kwargs) - set(handled))}"
         if problem is None and any(a is not None for a in args):
             problem = f"{len(args)} more positional arguments"
         if problem is not None:
@@ -218,7 +219,7 @@ class SparseProcessor(BoundProcessor):
         attend = functools.partial(self._attend, binding=binding, grid=ctx.grid, reason=reason)
         attend.grid = ctx.grid
         return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                               **kwargs)
+                               **handled)
 
     @staticmethod
     def _model_processor(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, args,
@@ -230,8 +231,9 @@ class SparseProcessor(BoundProcessor):
                                            *args, **kwargs)
         if binding.dense_rotary_arg is not None:
             kwargs[binding.dense_rotary_arg] = rotary_emb
-        return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                       attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None:  # some processors take none (Kandinsky 5's)
+            kwargs["attention_mask"] = attention_mask
+        return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
 
     @torch.compiler.disable
     def _dense_reason(self, binding) -> str:
