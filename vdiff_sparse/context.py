@@ -331,7 +331,7 @@ def _bind_modules(transformer: torch.nn.Module, attachment: _Attachment) -> None
     index_of = {id(m): i for i, (_, m) in enumerate(video)}
     for name, module in unbound:
         original = None if _is_ours(module.processor) else module.processor
-        dense = original if original is not None else adapter.default_processor(name, module)
+        dense = original if original is not None else adapter.default_processor(transformer, name, module)
         binding = LayerBinding(
             adapter, attachment.context, index_of.get(id(module)), len(video), dense, name, _rotary_arg(dense)
         )

@@ -74,8 +74,9 @@ class ModelAdapter:
         """``(name, module)`` of every video self-attention module, in layer order."""
         raise NotImplementedError
 
-    def default_processor(self, name: str, module: torch.nn.Module):
-        """A new instance of the processor the model gives ``module`` by default."""
+    def default_processor(self, transformer: torch.nn.Module, name: str, module: torch.nn.Module):
+        """A new instance of the processor ``transformer`` gives its attention ``module`` (named
+        ``name``) by default."""
         cls = getattr(module, "_default_processor_cls", None)
         if cls is not None:
             return cls()

@@ -27,7 +27,7 @@ class CogVideoXAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
         return CogVideoXAttnProcessor2_0()

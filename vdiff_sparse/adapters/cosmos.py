@@ -24,7 +24,7 @@ class CosmosAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.transformers.transformer_cosmos import (
             CosmosAttention,
             CosmosAttnProcessor2_0,

@@ -40,12 +40,12 @@ class HunyuanVideoAdapter(ModelAdapter):
         ]
         return dual + single
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
         if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
             return HunyuanVideoAttnProcessor2_0()
-        return super().default_processor(name, module)
+        return super().default_processor(transformer, name, module)
 
     def key_mask(self, attention_mask, n_video: int, n_text: int) -> torch.Tensor | None:
         """The ``[B, n_video + n_text]`` bool mask of real keys from the call's ``attention_mask``

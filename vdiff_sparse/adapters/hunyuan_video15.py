@@ -24,12 +24,12 @@ class HunyuanVideo15Adapter(HunyuanVideoAdapter):
     transformer_classes = ("HunyuanVideo15Transformer3DModel",)
     zero_padded_text_queries = True
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
         if name.startswith("transformer_blocks."):
             return HunyuanVideo15AttnProcessor2_0()
-        return super().default_processor(name, module)
+        return super().default_processor(transformer, name, module)
 
     def key_mask(self, attention_mask, n_video, n_text):
         if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] != n_text:

@@ -44,7 +44,15 @@ class LTX2Adapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+    def default_processor(self, transformer, name, module):
+        from diffusers.models.transformers.transformer_ltx2 import (
+            LTX2AudioVideoAttnProcessor,
+            LTX2PerturbedAttnProcessor,
+        )
+
+        return LTX2PerturbedAttnProcessor() if transformer.config.perturbed_attn else LTX2AudioVideoAttnProcessor()
+
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask, **guidance):
         if encoder_hidden_states is not None:
             return "encoder_hidden_states (LTX-2's video self-attention has no context tokens)"
         return describe_mask(attention_mask)

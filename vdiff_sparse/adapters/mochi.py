@@ -35,7 +35,7 @@ class MochiAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
         return MochiAttnProcessor2_0()
