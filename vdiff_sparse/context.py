@@ -157,7 +157,6 @@ class LayerBinding:
         num_layers: number of video self-attention layers of the model.
         dense_processor: the model's own processor for this module.
         name: module name inside the transformer.
-        dense_rotary_arg: the name under which ``dense_processor`` takes the rotary embedding.
     """
 
     adapter: ModelAdapter
@@ -166,7 +165,6 @@ class LayerBinding:
     num_layers: int
     dense_processor: Any
     name: str
-    dense_rotary_arg: str | None = None
 
 
 @dataclass(eq=False)
@@ -284,11 +282,6 @@ def _observe(module, attachment: _Attachment, inputs: dict) -> None:
     ctx.observe_timestep(value, increases=attachment.adapter.timestep_increases)
 
 
-def _rotary_arg(processor) -> str | None:
-    params = inspect.signature(processor.__call__).parameters
-    return next((n for n in ("image_rotary_emb", "rotary_emb") if n in params), None)
-
-
 def attach(transformer: torch.nn.Module, context: RunContext | None = None) -> RunContext:
     """Install the context hook on ``transformer`` and bind its attention modules.
 
@@ -333,7 +326,7 @@ def _bind_modules(transformer: torch.nn.Module, attachment: _Attachment) -> None
         original = None if _is_ours(module.processor) else module.processor
         dense = original if original is not None else adapter.default_processor(transformer, name, module)
         binding = LayerBinding(
-            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name, _rotary_arg(dense)
+            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name
         )
         setattr(module, _BINDING, binding)
         attachment.modules.append((module, original))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +47,34 @@ class AttendFn(Protocol):
         extra_v: torch.Tensor | None = None,
         extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The arguments an attention module gave its processor, read in the usual order
+    ``(hidden_states, encoder_hidden_states, attention_mask, rotary_emb)`` by position or by
+    name (the rotary embedding also as ``image_rotary_emb``). ``more_args``: positional
+    arguments after those four (LTX-2's ``key_rotary_emb``); ``more_kwargs``: every other keyword
+    given as something other than None (None is a processor's default)."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    rotary_emb: Any
+    more_args: tuple
+    more_kwargs: dict
+
+
+def read_call(args: tuple, kwargs: dict) -> AttentionCall:
+    """Read a processor call ``processor(attn, *args, **kwargs)`` (see :class:`AttentionCall`)."""
+    values = list(args[:4]) + [None] * (4 - min(len(args), 4))
+    rest = dict(kwargs)
+    for i, names in enumerate((("hidden_states",), ("encoder_hidden_states",), ("attention_mask",),
+                               ("rotary_emb", "image_rotary_emb"))):
+        for name in names:
+            if name in rest:
+                values[i] = rest.pop(name)
+    return AttentionCall(*values, tuple(args[4:]), {k: v for k, v in rest.items() if v is not None})
 
 
 class ModelAdapter:

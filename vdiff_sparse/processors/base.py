@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ..adapters.base import check_grid_matches
+from ..adapters.base import check_grid_matches, read_call
 from ..attention import dense_attention
 from ..context import BoundProcessor, binding_of, discover
 from ..methods.registry import build_config, get_method
@@ -167,16 +167,14 @@ class SparseProcessor(BoundProcessor):
         """The method video self-attention layer ``layer`` runs after any warm-up."""
         return self.schedule.layer_method(layer) or self.method
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, *args, perturbation_mask=None, all_perturbed=None, **kwargs):
-        # What attention modules pass beyond these: more positional arguments (LTX-2's
-        # key_rotary_emb, Helios' original_context_length), the rotary embedding as ``rotary_emb=``
-        # (Kandinsky 5), and LTX-2.x's guidance keywords, which it passes only to processors that
-        # name them. Keywords given as None are the model processors' defaults and are dropped.
-        kwargs.update(perturbation_mask=perturbation_mask, all_perturbed=all_perturbed)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        if image_rotary_emb is None:
-            image_rotary_emb = kwargs.pop("rotary_emb", None)
+    def __call__(self, attn, *args, image_rotary_emb=None, perturbation_mask=None, all_perturbed=None, **kwargs):
+        # Attention modules call processors in several conventions (more positional arguments:
+        # LTX-2, Helios; the rotary embedding fourth: JoyImage Edit Plus; ``rotary_emb=``:
+        # Kandinsky 5), and some pass only the keywords a processor names (the legacy Attention's
+        # image_rotary_emb, LTX-2.x's guidance keywords). The model is found, or refused, before
+        # the arguments are read; the model's own processor gets them as they were given.
+        named = dict(image_rotary_emb=image_rotary_emb, perturbation_mask=perturbation_mask, all_perturbed=all_perturbed)
+        kwargs.update({k: v for k, v in named.items() if v is not None})
         binding = binding_of(attn) or discover(attn)
         if binding is None:
             raise RuntimeError(
@@ -189,19 +187,19 @@ class SparseProcessor(BoundProcessor):
         adapter = binding.adapter
         self.check_model_family(adapter.name)
         if binding.index is None:  # cross-attention, text refiner, unknown module: dense
-            return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
-                                         attention_mask, image_rotary_emb, args, kwargs)
-        handled = {k: v for k, v in kwargs.items() if k in adapter.call_kwargs}
-        problem = adapter.unsupported(attn, hidden_states, encoder_hidden_states, attention_mask, **handled)
-        if problem is None and set(kwargs) - set(handled):
-            problem = f"keyword arguments {sorted(set(kwargs) - set(handled))}"
-        if problem is None and any(a is not None for a in args):
-            problem = f"{len(args)} more positional arguments"
+            return binding.dense_processor(attn, *args, **kwargs)
+        call = read_call(args, kwargs)
+        handled = {k: v for k, v in call.more_kwargs.items() if k in adapter.call_kwargs}
+        problem = adapter.unsupported(attn, call.hidden_states, call.encoder_hidden_states, call.attention_mask,
+                                      **handled)
+        if problem is None and set(call.more_kwargs) - set(handled):
+            problem = f"keyword arguments {sorted(set(call.more_kwargs) - set(handled))}"
+        if problem is None and any(a is not None for a in call.more_args):
+            problem = f"{len(call.more_args)} more positional arguments"
         if problem is not None:
             layer_dense = self.schedule.layer_is_dense(binding.index, binding.num_layers)
             if layer_dense or self.method_for(binding.index) == "dense":
-                return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
-                                             attention_mask, image_rotary_emb, args, kwargs)
+                return binding.dense_processor(attn, *args, **kwargs)
             raise NotImplementedError(
                 f"{type(self).__name__}: video self-attention {binding.name!r} of the {adapter.name} "
                 f"transformer was called with {problem}, which the "
@@ -218,22 +216,8 @@ class SparseProcessor(BoundProcessor):
         reason = self._dense_reason(binding)
         attend = functools.partial(self._attend, binding=binding, grid=ctx.grid, reason=reason)
         attend.grid = ctx.grid
-        return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                               **handled)
-
-    @staticmethod
-    def _model_processor(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, args,
-                         kwargs):
-        """The model's own processor for this module (the dense path), given the arguments as the
-        module gave them: by position when it passed more than five."""
-        if args:
-            return binding.dense_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
-                                           *args, **kwargs)
-        if binding.dense_rotary_arg is not None:
-            kwargs[binding.dense_rotary_arg] = rotary_emb
-        if attention_mask is not None:  # some processors take none (Kandinsky 5's)
-            kwargs["attention_mask"] = attention_mask
-        return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        return adapter.forward(attn, attend, call.hidden_states, call.encoder_hidden_states, call.attention_mask,
+                               call.rotary_emb, **handled)
 
     @torch.compiler.disable
     def _dense_reason(self, binding) -> str:
