@@ -334,6 +334,11 @@ def tiny_cosmos_transformer(*, seed: int = 0, **overrides):
     return CosmosTransformer3DModel(**config).eval()
 
 
+#: the ``kind`` s of :func:`tiny_video_inputs`, one per builder above
+TINY_VIDEO_KINDS = ("skyreels_v2", "wan_vace", "chronoedit", "wan_animate", "hunyuan_video15",
+                    "hunyuan_video_framepack", "ltx2", "kandinsky5", "cosmos")
+
+
 def tiny_video_inputs(kind: str, grid: tuple[int, int, int], *, batch: int = 1, seed: int = 0,
                       timestep: float = 500.0, text_len: int = TEXT_LEN, model=None) -> dict:
     """Random forward kwargs of the tiny transformer of ``kind`` (a builder's name without
@@ -399,10 +404,21 @@ def tiny_video_inputs(kind: str, grid: tuple[int, int, int], *, batch: int = 1, 
     if kind == "cosmos":
         return dict(hidden_states=randn(B, 4, T, 2 * H, 2 * W), timestep=t, encoder_hidden_states=randn(B, text_len, 16),
                     attention_mask=text_mask.float(), fps=24)
-    raise ValueError(f"kind must be one of {sorted(TINY_VIDEO_KINDS)}; got {kind!r}")
+    raise ValueError(f"kind must be one of {list(TINY_VIDEO_KINDS)}; got {kind!r}")
 
 
 __all__ = [
+    "TINY_VIDEO_KINDS",
+    "tiny_chronoedit_transformer",
+    "tiny_cosmos_transformer",
+    "tiny_hunyuan_video15_transformer",
+    "tiny_hunyuan_video_framepack_transformer",
+    "tiny_kandinsky5_transformer",
+    "tiny_ltx2_transformer",
+    "tiny_skyreels_v2_transformer",
+    "tiny_video_inputs",
+    "tiny_wan_animate_transformer",
+    "tiny_wan_vace_transformer",
     "tiny_cogvideox_transformer",
     "tiny_hunyuan_video_transformer",
     "tiny_inputs",
