@@ -233,3 +233,21 @@ def test_step_counting(name, seed):
         _run(model, {**inputs, "timestep": torch.full_like(inputs["timestep"], t)})
     integration.disable(model)
     assert steps == [0, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("preset, kind", [
+    ("hunyuanvideo-1.5", "hunyuan_video15"), ("hunyuanvideo-framepack", "hunyuan_video_framepack"), ("ltx-2", "ltx2"),
+    ("kandinsky-5-video", "kandinsky5"), ("cosmos-predict2", "cosmos"), ("skyreels-v2-540p", "skyreels_v2"),
+])
+def test_model_presets_of_the_new_families(preset, kind, seed):
+    """Each new preset runs in its family's model (every method; windows fitted to the tiny
+    grid) and is refused in another family's."""
+    model = getattr(tm, f"tiny_{kind}_transformer")(seed=seed % 1000)
+    inputs = tm.tiny_video_inputs(kind, (3, 4, 5), seed=seed, model=model)
+    for cls in (P.PSAProcessor, P.GNAProcessor, P.VMoBAProcessor):
+        integration.enable(model, cls(preset=preset, dense_steps=0))
+        assert torch.isfinite(_run(model, inputs)).all(), f"{preset} {cls.__name__}"
+    integration.disable(model)
+    other = tm.tiny_cosmos_transformer(seed=0) if kind != "cosmos" else tm.tiny_ltx2_transformer(seed=0)
+    with pytest.raises(ValueError, match=f"preset='{preset}'\\): that preset is for"):
+        integration.enable(other, P.GNAProcessor(preset=preset))

@@ -170,6 +170,12 @@ def supported_models() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def model_families() -> list[str]:
+    """The family names of the registered adapters (what a model preset's ``family:`` names)."""
+    _load_package_adapters()
+    return sorted({adapter.name for adapter in _ADAPTERS.values()})
+
+
 def adapter_for(transformer: torch.nn.Module) -> ModelAdapter | None:
     """The adapter of ``transformer``'s class (or of a base class), or ``None``."""
     _load_package_adapters()
