@@ -90,21 +90,27 @@ def tiny_mochi_transformer(*, seed: int = 0, **overrides):
     return MochiTransformer3DModel(**config).eval()
 
 
+def _random_source(batch: int, seed: int, timestep: float, text_len: int):
+    """What the tiny inputs draw from: a seeded ``randn(*shape)``, the timestep ``[batch]`` and a
+    text mask ``[batch, text_len]`` that pads the last half of every sample but the first."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    text_mask = torch.ones(batch, text_len, dtype=torch.bool)
+    text_mask[1:, text_len // 2:] = False
+    return randn, torch.full((batch,), float(timestep)), text_mask
+
+
 def tiny_inputs(family: str, grid: tuple[int, int, int], *, batch: int = 1, seed: int = 0,
                 timestep: float = 500.0, text_len: int = TEXT_LEN, model=None) -> dict:
     """Random forward kwargs of a tiny transformer of ``family`` whose token grid after patchify
     is ``grid`` (``"wan"``, ``"wan_i2v"``, ``"hunyuan_video"``, ``"cogvideox"``, ``"ltx"``,
     ``"mochi"``). Text masks pad the last text tokens of every sample but the first."""
-    g = torch.Generator().manual_seed(seed)
+    randn, t, text_mask = _random_source(batch, seed, timestep, text_len)
     T, H, W = grid
     B = batch
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    t = torch.full((B,), float(timestep))
-    text_mask = torch.ones(B, text_len, dtype=torch.bool)
-    text_mask[1:, text_len // 2:] = False
     if family == "wan":
         return dict(hidden_states=randn(B, 16, T, 2 * H, 2 * W), timestep=t,
                     encoder_hidden_states=randn(B, text_len, 32))
@@ -340,31 +346,20 @@ TINY_VIDEO_KINDS = ("skyreels_v2", "wan_vace", "chronoedit", "wan_animate", "hun
 
 
 def tiny_video_inputs(kind: str, grid: tuple[int, int, int], *, batch: int = 1, seed: int = 0,
-                      timestep: float = 500.0, text_len: int = TEXT_LEN, model=None) -> dict:
+                      timestep: float = 500.0, text_len: int = TEXT_LEN) -> dict:
     """Random forward kwargs of the tiny transformer of ``kind`` (a builder's name without
     ``tiny_`` and ``_transformer``: ``"skyreels_v2"``, ``"wan_vace"``, ...) whose token grid after
     patchify is ``grid``. Text masks pad the last text tokens of every sample but the first."""
-    g = torch.Generator().manual_seed(seed)
     T, H, W = grid
     B = batch
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    t = torch.full((B,), float(timestep))
-    text_mask = torch.ones(B, text_len, dtype=torch.bool)
-    text_mask[1:, text_len // 2:] = False
-    if kind == "skyreels_v2":
-        return dict(hidden_states=randn(B, 16, T, 2 * H, 2 * W), timestep=t,
-                    encoder_hidden_states=randn(B, text_len, 32))
-    if kind == "wan_vace":
-        return dict(hidden_states=randn(B, 16, T, 2 * H, 2 * W), timestep=t,
-                    encoder_hidden_states=randn(B, text_len, 32),
-                    control_hidden_states=randn(B, 48, T, 2 * H, 2 * W))
-    if kind == "chronoedit":
-        # As Wan I2V: the model splits the context into image tokens and the last 512 text tokens.
-        return dict(hidden_states=randn(B, 36, T, 2 * H, 2 * W), timestep=t,
-                    encoder_hidden_states=randn(B, 512, 32), encoder_hidden_states_image=randn(B, 4, 16))
+    if kind in ("skyreels_v2", "wan_vace", "chronoedit"):  # Wan's inputs (T2V; ChronoEdit as I2V)
+        inputs = tiny_inputs("wan_i2v" if kind == "chronoedit" else "wan", grid, batch=batch, seed=seed,
+                             timestep=timestep, text_len=text_len)
+        if kind == "wan_vace":  # and the control video's latents
+            inputs["control_hidden_states"] = _random_source(batch, seed + 1, timestep, text_len)[0](
+                B, 48, T, 2 * H, 2 * W)
+        return inputs
+    randn, t, text_mask = _random_source(batch, seed, timestep, text_len)
     if kind == "wan_animate":
         # The face encoder halves the face frames twice (causally) and prepends one: 4 * (T - 2) + 1
         # face frames give T motion frames, one per latent frame (T >= 2; the first latent frame
