@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .adapters import ModelAdapter, adapter_for, supported_models
+from .adapters import ModelAdapter, adapter_for, refusal_reason, supported_models
 from .checks import Grid, check_grid
 from .stack import calling_modules, running_pipeline
 
@@ -157,7 +157,6 @@ class LayerBinding:
         num_layers: number of video self-attention layers of the model.
         dense_processor: the model's own processor for this module.
         name: module name inside the transformer.
-        dense_rotary_arg: the name under which ``dense_processor`` takes the rotary embedding.
     """
 
     adapter: ModelAdapter
@@ -166,7 +165,6 @@ class LayerBinding:
     num_layers: int
     dense_processor: Any
     name: str
-    dense_rotary_arg: str | None = None
 
 
 @dataclass(eq=False)
@@ -234,11 +232,20 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def require_adapter(transformer: torch.nn.Module) -> ModelAdapter:
+    """The adapter of ``transformer``'s class.
+
+    Raises:
+        NotImplementedError: the class has none; the message names it, says why when the
+            reason is known (e.g. no softmax attention) and lists the supported classes.
+    """
     adapter = adapter_for(transformer)
     if adapter is None:
+        reason = refusal_reason(transformer) or "vdiff_sparse has no adapter for it"
         raise NotImplementedError(
-            f"unsupported model {type(transformer).__name__}: vdiff_sparse has adapters for "
-            f"{supported_models()}"
+            f"unsupported model {type(transformer).__name__}: {reason}. Supported models: "
+            f"{supported_models()}. Run this model with its own attention processors; a new model "
+            f"needs a vdiff_sparse.adapters.ModelAdapter subclass decorated with "
+            f"vdiff_sparse.adapters.register_adapter"
         )
     return adapter
 
@@ -273,11 +280,6 @@ def _observe(module, attachment: _Attachment, inputs: dict) -> None:
     # Batched CFG passes one timestep per sample (all equal); max() reads it.
     value = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
     ctx.observe_timestep(value, increases=attachment.adapter.timestep_increases)
-
-
-def _rotary_arg(processor) -> str | None:
-    params = inspect.signature(processor.__call__).parameters
-    return next((n for n in ("image_rotary_emb", "rotary_emb") if n in params), None)
 
 
 def attach(transformer: torch.nn.Module, context: RunContext | None = None) -> RunContext:
@@ -322,9 +324,9 @@ def _bind_modules(transformer: torch.nn.Module, attachment: _Attachment) -> None
     index_of = {id(m): i for i, (_, m) in enumerate(video)}
     for name, module in unbound:
         original = None if _is_ours(module.processor) else module.processor
-        dense = original if original is not None else adapter.default_processor(name, module)
+        dense = original if original is not None else adapter.default_processor(transformer, name, module)
         binding = LayerBinding(
-            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name, _rotary_arg(dense)
+            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name
         )
         setattr(module, _BINDING, binding)
         attachment.modules.append((module, original))
@@ -365,18 +367,28 @@ def discover(attn: torch.nn.Module) -> LayerBinding | None:
     transformers are attached with one shared context that follows the pipeline (its scheduler
     gives the number of steps; Wan 2.2's ``transformer_2`` continues the step count of
     ``transformer``). Returns ``None`` when no transformer on the stack owns ``attn``.
+
+    Raises:
+        NotImplementedError: the diffusers model calling ``attn`` has no adapter (the message
+            names it, see :func:`require_adapter`).
     """
+    unsupported = None
     for call in calling_modules(attn, sys._getframe(1)):
-        if adapter_for(call.module) is not None or _looks_like_transformer(call.module):
+        if adapter_for(call.module) is not None:
             attach(call.module)
             _on_forward(call.module, _named_inputs(call.module, call.args, call.kwargs), call.caller)
             return binding_of(attn)
+        if _is_diffusers_model(call.module):
+            unsupported = call.module
+    if unsupported is not None:  # the outermost diffusers model calling attn has no adapter
+        require_adapter(unsupported)
     return None
 
 
-def _looks_like_transformer(module: torch.nn.Module) -> bool:
-    # The outermost diffusers model on the stack: reaching it means the model is unsupported.
-    return hasattr(module, "set_attn_processor")
+def _is_diffusers_model(module: torch.nn.Module) -> bool:
+    # A model with set_attn_processor, or diffusers' ModelMixin (told by name, so that this module
+    # does not import diffusers): models without set_attn_processor (Cosmos, Allegro, ...) too.
+    return hasattr(module, "set_attn_processor") or any(c.__name__ == "ModelMixin" for c in type(module).__mro__)
 
 
 def transformers_of(obj) -> list[torch.nn.Module]:

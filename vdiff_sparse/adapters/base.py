@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -32,8 +33,12 @@ class AttendFn(Protocol):
     query attends (text), with ``extra_mask`` ``[B, Ne]`` bool (False = padding). Returns
     ``[B, N, heads, D]``. :meth:`dense` is dense attention through diffusers' attention
     dispatcher on the backend set on the model (for text queries): ``q`` ``[B, Sq, heads, D]``,
-    ``k, v`` ``[B, Sk, heads, D]``, ``key_mask`` ``[B, Sk]`` bool.
+    ``k, v`` ``[B, Sk, heads, D]``, ``key_mask`` ``[B, Sk]`` bool. ``grid``: the latent grid
+    ``(T, H, W)`` of this call, for models whose attention runs over more tokens than the
+    grid's (FramePack's history).
     """
+
+    grid: Grid
 
     def __call__(
         self,
@@ -50,6 +55,34 @@ class AttendFn(Protocol):
     ) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """The arguments an attention module gave its processor, read in the usual order
+    ``(hidden_states, encoder_hidden_states, attention_mask, rotary_emb)`` by position or by
+    name (the rotary embedding also as ``image_rotary_emb``). ``more_args``: positional
+    arguments after those four (LTX-2's ``key_rotary_emb``); ``more_kwargs``: every other keyword
+    given as something other than None (None is a processor's default)."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    rotary_emb: Any
+    more_args: tuple
+    more_kwargs: dict
+
+
+def read_call(args: tuple, kwargs: dict) -> AttentionCall:
+    """Read a processor call ``processor(attn, *args, **kwargs)`` (see :class:`AttentionCall`)."""
+    values = list(args[:4]) + [None] * (4 - min(len(args), 4))
+    rest = dict(kwargs)
+    for i, names in enumerate((("hidden_states",), ("encoder_hidden_states",), ("attention_mask",),
+                               ("rotary_emb", "image_rotary_emb"))):
+        for name in names:
+            if name in rest:
+                values[i] = rest.pop(name)
+    return AttentionCall(*values, tuple(args[4:]), {k: v for k, v in rest.items() if v is not None})
+
+
 class ModelAdapter:
     """One model family. Subclasses set the class attributes and implement the methods."""
 
@@ -62,6 +95,10 @@ class ModelAdapter:
     #: whether the timestep grows as denoising proceeds (Mochi: ``1000 * (1 - sigma)``); the
     #: step counter needs the direction
     timestep_increases: bool = False
+    #: keyword arguments of the model's attention call (other than the mask and the rotary
+    #: embedding) that :meth:`forward` takes; a video self-attention call with any other (not
+    #: None) keyword is one the adapter does not handle
+    call_kwargs: tuple[str, ...] = ()
 
     def grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> Grid | None:
         """The latent grid ``(T, H, W)`` after patchify from the forward inputs (by name),
@@ -72,8 +109,9 @@ class ModelAdapter:
         """``(name, module)`` of every video self-attention module, in layer order."""
         raise NotImplementedError
 
-    def default_processor(self, name: str, module: torch.nn.Module):
-        """A new instance of the processor the model gives ``module`` by default."""
+    def default_processor(self, transformer: torch.nn.Module, name: str, module: torch.nn.Module):
+        """A new instance of the processor ``transformer`` gives its attention ``module`` (named
+        ``name``) by default."""
         cls = getattr(module, "_default_processor_cls", None)
         if cls is not None:
             return cls()
@@ -81,19 +119,23 @@ class ModelAdapter:
 
         return AttnProcessor2_0()
 
-    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> str | None:
+    def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs) -> str | None:
         """Why :meth:`forward` cannot handle this call of a video self-attention module (e.g.
-        ``"an attention_mask of shape (1, 1, 60, 60)"``), or ``None`` when it can. The
-        processor then raises ``NotImplementedError`` (or runs the model's processor when the
-        layer is scheduled dense)."""
+        ``"an attention_mask of shape (1, 1, 60, 60)"``), or ``None`` when it can; ``kwargs``
+        are those of :attr:`call_kwargs` the call gave. The processor then raises
+        ``NotImplementedError`` (or runs the model's processor when the layer is scheduled
+        dense)."""
         return None
 
-    def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
-        """The default processor's computation with video attention done by ``attend``."""
+    def forward(self, attn, attend: AttendFn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                **kwargs):
+        """The default processor's computation with video attention done by ``attend``; ``kwargs``
+        are those of :attr:`call_kwargs` the call gave."""
         raise NotImplementedError
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
+_REFUSED: dict[str, str] = {}
 _LOADED = False
 
 
@@ -103,6 +145,17 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     for name in cls.transformer_classes:
         _ADAPTERS[name] = adapter
     return cls
+
+
+def refuse_model(class_name: str, reason: str) -> None:
+    """Record why transformer class ``class_name`` has no adapter; the refusal says it."""
+    _REFUSED[class_name] = reason
+
+
+def refusal_reason(transformer: torch.nn.Module) -> str | None:
+    """Why ``transformer``'s class is refused, if :func:`refuse_model` said; ``None`` otherwise."""
+    _load_package_adapters()
+    return _REFUSED.get(type(transformer).__name__)
 
 
 def _load_package_adapters() -> None:
@@ -121,6 +174,12 @@ def supported_models() -> list[str]:
     """Class names of the transformers that have an adapter."""
     _load_package_adapters()
     return sorted(_ADAPTERS)
+
+
+def model_families() -> list[str]:
+    """The family names of the registered adapters (what a model preset's ``family:`` names)."""
+    _load_package_adapters()
+    return sorted({adapter.name for adapter in _ADAPTERS.values()})
 
 
 def adapter_for(transformer: torch.nn.Module) -> ModelAdapter | None:
@@ -164,21 +223,51 @@ def joint_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     video: slice,
-    text: slice,
     key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Attention over one joint sequence of video and text tokens, ``[B, S, heads, D]``.
+    """Attention over one joint sequence of video tokens (a contiguous ``video`` slice) and other
+    tokens (text, FramePack's history) before and after it, ``[B, S, heads, D]``.
 
-    Video queries go through ``attend`` with the text keys as extra keys; text queries attend
-    every key densely (``attend.dense``: diffusers' dispatcher on the model's backend). ``key_mask`` ``[B, S]`` bool marks the real keys (text padding
-    False). Returns ``[B, S, heads, D]`` in the input's token order.
+    Video queries go through ``attend`` with every other token as an always-attended extra key;
+    the other queries attend every key densely (``attend.dense``: diffusers' dispatcher on the
+    model's backend). ``key_mask`` ``[B, S]`` bool marks the
+    real keys (text padding False). Returns ``[B, S, heads, D]`` in the input's token order.
     """
-    qt, kt, vt = q[:, text], k[:, text], v[:, text]
-    text_mask = None if key_mask is None else key_mask[:, text]
-    out_video = attend(q[:, video], k[:, video], v[:, video], kt, vt, text_mask)
-    out_text = attend.dense(qt, k, v, key_mask)
-    parts = sorted([(video.start or 0, out_video), (text.start or 0, out_text)], key=lambda p: p[0])
-    return torch.cat([p[1] for p in parts], dim=1)
+    start, stop, _ = video.indices(q.shape[1])
+    before, after = slice(0, start), slice(stop, None)
+
+    def others(x):
+        return torch.cat([x[:, before], x[:, after]], dim=1)
+
+    extra_mask = None if key_mask is None else others(key_mask)
+    out_video = attend(q[:, video], k[:, video], v[:, video], others(k), others(v), extra_mask)
+    out_others = attend.dense(others(q), k, v, key_mask)
+    return torch.cat([out_others[:, :start], out_video, out_others[:, start:]], dim=1)
+
+
+def qkv_heads(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, N, heads, D]`` of tokens ``x`` through the module's ``to_q``/``to_k``/``to_v``
+    and its per-head ``norm_q``/``norm_k`` where it has them."""
+    query, key, value = (p(x).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def text_qkv(attn, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, L, heads, D]`` of the text tokens through a joint-attention module's added
+    projections (``add_q_proj``, ...) and its added per-head norms where it has them."""
+    eq, ek, ev = (
+        p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    )
+    if attn.norm_added_q is not None:
+        eq = attn.norm_added_q(eq)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    return eq, ek, ev
 
 
 def check_grid_matches(grid: Grid, num_tokens: int, where: str) -> None:

@@ -27,7 +27,7 @@ class CogVideoXAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
         return CogVideoXAttnProcessor2_0()
@@ -57,7 +57,7 @@ class CogVideoXAdapter(ModelAdapter):
             if not attn.is_cross_attention:
                 key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = joint_attention(attend, q, k, v, slice(text_len, None), slice(0, text_len), None)
+        out = joint_attention(attend, q, k, v, slice(text_len, None), None)
         out = attn.to_out[1](attn.to_out[0](out.reshape(batch, -1, attn.heads * head_dim)))
         return out[:, text_len:], out[:, :text_len]
 

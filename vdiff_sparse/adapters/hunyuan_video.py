@@ -7,19 +7,25 @@ after the video) are video self-attention layers, numbered dual first. q/k/v as
 text padding mask ``[B, 1, 1, S]`` masks text keys for every query. Video queries use the
 processor's attention with the (masked) text keys as extra keys; text queries attend densely.
 The text refiner (``context_embedder``) keeps its own processor.
+
+:class:`HunyuanVideoAdapter` is also the base of the adapters of the models built on these
+blocks (HunyuanVideo 1.5, HunyuanVideo-FramePack), which differ in the text mask and in which
+image-stream tokens form the grid.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, joint_attention, key_mask_from, patched_grid, register_adapter
+from .base import ModelAdapter, joint_attention, key_mask_from, patched_grid, qkv_heads, register_adapter, text_qkv
 
 
 @register_adapter
 class HunyuanVideoAdapter(ModelAdapter):
     name = "hunyuan_video"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    #: padded text queries give 0 (their mask row is all False) instead of attending the real keys
+    zero_padded_text_queries = False
 
     def grid(self, transformer, inputs):
         frames, height, width = inputs["hidden_states"].shape[2:]
@@ -30,22 +36,31 @@ class HunyuanVideoAdapter(ModelAdapter):
         dual = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.transformer_blocks)]
         single = [
             (f"single_transformer_blocks.{i}.attn", b.attn)
-            for i, b in enumerate(transformer.single_transformer_blocks)
+            for i, b in enumerate(getattr(transformer, "single_transformer_blocks", ()))
         ]
         return dual + single
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
         if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
             return HunyuanVideoAttnProcessor2_0()
-        return super().default_processor(name, module)
+        return super().default_processor(transformer, name, module)
+
+    def key_mask(self, attention_mask, n_video: int, n_text: int) -> torch.Tensor | None:
+        """The ``[B, n_video + n_text]`` bool mask of real keys from the call's ``attention_mask``
+        (``NotImplementedError`` for masks of other forms)."""
+        return key_mask_from(attention_mask, n_video + n_text)
+
+    def video_slice(self, num_tokens: int, attend) -> slice:
+        """Which of the ``num_tokens`` image-stream tokens of a call form the grid: all of them."""
+        return slice(0, num_tokens)
 
     def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
         if encoder_hidden_states is None:
-            return "no encoder_hidden_states (HunyuanVideo's joint attention needs the text tokens)"
+            return f"no encoder_hidden_states (the {self.name} joint attention needs the text tokens)"
         try:
-            key_mask_from(attention_mask, hidden_states.shape[1] + encoder_hidden_states.shape[1])
+            self.key_mask(attention_mask, hidden_states.shape[1], encoder_hidden_states.shape[1])
         except NotImplementedError as e:
             return str(e)
         return None
@@ -56,13 +71,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         n_video, n_text = hidden_states.shape[1], encoder_hidden_states.shape[1]
         single = attn.add_q_proj is None
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
-        query = attn.to_q(x).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(x).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = qkv_heads(attn, x)
         if rotary_emb is not None:
             if single:
                 query = torch.cat([apply_rotary_emb(query[:, :-n_text], rotary_emb, sequence_dim=1), query[:, -n_text:]], 1)
@@ -71,16 +80,12 @@ class HunyuanVideoAdapter(ModelAdapter):
                 query = apply_rotary_emb(query, rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
         if not single:
-            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = text_qkv(attn, encoder_hidden_states)
             query, key, value = torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1)
-        mask = key_mask_from(attention_mask, n_video + n_text)
-        out = joint_attention(attend, query, key, value, slice(0, n_video), slice(n_video, None), mask)
+        mask = self.key_mask(attention_mask, n_video, n_text)
+        out = joint_attention(attend, query, key, value, self.video_slice(n_video, attend), mask)
+        if self.zero_padded_text_queries and mask is not None:
+            out = out * mask[:, :, None, None].to(out.dtype)
         out = out.flatten(2, 3).to(query.dtype)
         video, text = out[:, :n_video], out[:, n_video:]
         if getattr(attn, "to_out", None) is not None:

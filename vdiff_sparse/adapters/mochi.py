@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, joint_attention, patched_grid, register_adapter
+from .base import ModelAdapter, joint_attention, patched_grid, qkv_heads, register_adapter, text_qkv
 
 
 def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ class MochiAdapter(ModelAdapter):
     def video_attention(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
-    def default_processor(self, name, module):
+    def default_processor(self, transformer, name, module):
         from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
         return MochiAttnProcessor2_0()
@@ -50,25 +50,14 @@ class MochiAdapter(ModelAdapter):
 
     def forward(self, attn, attend, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         n_video = hidden_states.shape[1]
-        query, key, value = (p(hidden_states).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        eq, ek, ev = (
-            p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
-        if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
+        query, key, value = qkv_heads(attn, hidden_states)
+        eq, ek, ev = text_qkv(attn, encoder_hidden_states)
         if rotary_emb is not None:
             query, key = _rope(query, *rotary_emb), _rope(key, *rotary_emb)
         text_mask = attention_mask.bool()
         mask = torch.cat([text_mask.new_ones(text_mask.shape[0], n_video), text_mask], dim=1)
         q, k, v = torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1)
-        out = joint_attention(attend, q, k, v, slice(0, n_video), slice(n_video, None), mask)
+        out = joint_attention(attend, q, k, v, slice(0, n_video), mask)
         out = out * mask[:, :, None, None].to(out.dtype)  # padded text queries give 0
         out = out.flatten(2, 3)
         video, text = out[:, :n_video], out[:, n_video:]

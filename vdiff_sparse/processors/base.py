@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ..adapters.base import check_grid_matches
+from ..adapters.base import check_grid_matches, read_call
 from ..attention import make_extra
 from ..backends import BACKENDS
 from ..context import BoundProcessor, binding_of, discover
@@ -183,8 +183,14 @@ class SparseProcessor(BoundProcessor):
         """The method video self-attention layer ``layer`` runs after any warm-up."""
         return self.schedule.layer_method(layer) or self.method
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, **kwargs):
+    def __call__(self, attn, *args, image_rotary_emb=None, perturbation_mask=None, all_perturbed=None, **kwargs):
+        # Attention modules call processors in several conventions (more positional arguments:
+        # LTX-2, Helios; the rotary embedding fourth: JoyImage Edit Plus; ``rotary_emb=``:
+        # Kandinsky 5), and some pass only the keywords a processor names (the legacy Attention's
+        # image_rotary_emb, LTX-2.x's guidance keywords). The model is found, or refused, before
+        # the arguments are read; the model's own processor gets them as they were given.
+        named = dict(image_rotary_emb=image_rotary_emb, perturbation_mask=perturbation_mask, all_perturbed=all_perturbed)
+        kwargs.update({k: v for k, v in named.items() if v is not None})
         binding = binding_of(attn) or discover(attn)
         if binding is None:
             raise RuntimeError(
@@ -197,16 +203,19 @@ class SparseProcessor(BoundProcessor):
         adapter = binding.adapter
         self.check_model_family(adapter.name)
         if binding.index is None:  # cross-attention, text refiner, unknown module: dense
-            return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
-                                         attention_mask, image_rotary_emb, kwargs)
-        problem = adapter.unsupported(attn, hidden_states, encoder_hidden_states, attention_mask)
-        if problem is None and kwargs:
-            problem = f"keyword arguments {sorted(kwargs)}"
+            return self._model_processor(binding, attn, args, kwargs)
+        call = read_call(args, kwargs)
+        handled = {k: v for k, v in call.more_kwargs.items() if k in adapter.call_kwargs}
+        problem = adapter.unsupported(attn, call.hidden_states, call.encoder_hidden_states, call.attention_mask,
+                                      **handled)
+        if problem is None and set(call.more_kwargs) - set(handled):
+            problem = f"keyword arguments {sorted(set(call.more_kwargs) - set(handled))}"
+        if problem is None and any(a is not None for a in call.more_args):
+            problem = f"{len(call.more_args)} more positional arguments"
         if problem is not None:
             layer_dense = self.schedule.layer_is_dense(binding.index, binding.num_layers)
             if layer_dense or self.method_for(binding.index) == "dense":
-                return self._model_processor(binding, attn, hidden_states, encoder_hidden_states,
-                                             attention_mask, image_rotary_emb, kwargs)
+                return self._model_processor(binding, attn, args, kwargs)
             raise NotImplementedError(
                 f"{type(self).__name__}: video self-attention {binding.name!r} of the {adapter.name} "
                 f"transformer was called with {problem}, which the "
@@ -222,19 +231,17 @@ class SparseProcessor(BoundProcessor):
             )
         reason = self._dense_reason(binding)
         attend = Attend(self, binding, ctx.grid, reason)
-        return adapter.forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return adapter.forward(attn, attend, call.hidden_states, call.encoder_hidden_states, call.attention_mask,
+                               call.rotary_emb, **handled)
 
-    def _model_processor(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
-                         kwargs):
-        """The model's own processor for this module (the dense path), with the attention backend
-        and parallel layout diffusers set on this processor."""
+    def _model_processor(self, binding, attn, args, kwargs):
+        """The model's own processor for this module (the dense path), called with the arguments
+        as the module gave them, on the attention backend and parallel layout diffusers set on
+        this processor."""
         for name in ("_attention_backend", "_parallel_config"):
             if getattr(self, name) is not None and hasattr(binding.dense_processor, name):
                 setattr(binding.dense_processor, name, getattr(self, name))
-        if binding.dense_rotary_arg is not None:
-            kwargs[binding.dense_rotary_arg] = rotary_emb
-        return binding.dense_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                       attention_mask=attention_mask, **kwargs)
+        return binding.dense_processor(attn, *args, **kwargs)
 
     @torch.compiler.disable
     def _dense_reason(self, binding) -> str:
