@@ -89,6 +89,84 @@ def test_ulysses_degree_2_equals_one_process(family, tmp_path):
     assert not found, "\n".join(found)
 
 
+TP_FAMILIES = {
+    # (builder, grid, {module glob: sharding}); per-head q/k norms, so heads can be split
+    "cogvideox": ("tiny_cogvideox_transformer", (2, 4, 6), "transformer_blocks",
+                  {"attn1.to_q": "col", "attn1.to_k": "col", "attn1.to_v": "col", "attn1.to_out.0": "row"}),
+    # the double-stream blocks sharded, the single-stream ones left whole: both run the processor
+    "hunyuan_video": ("tiny_hunyuan_video_transformer", (2, 4, 6), "transformer_blocks",
+                      {"attn.to_q": "col", "attn.to_k": "col", "attn.to_v": "col", "attn.add_q_proj": "col",
+                       "attn.add_k_proj": "col", "attn.add_v_proj": "col", "attn.to_out.0": "row",
+                       "attn.to_add_out": "row"}),
+}
+
+
+def _shard(model, blocks: str, plan: dict, mesh) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {name: ColwiseParallel() if how == "col" else RowwiseParallel() for name, how in plan.items()}
+    for block in getattr(model, blocks):
+        parallelize_module(block, mesh, styles)
+
+
+def _tp_worker(rank: int, world: int, init: str, family: str, errors) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        import vdiff_sparse.tiny_models as tm
+
+        mesh = dist.device_mesh.init_device_mesh("cpu", (world,))
+        if family == "wan":
+            model = tm.tiny_wan_transformer(seed=0)
+            inputs = tiny_inputs("wan", (2, 4, 6), seed=1, model=model)
+            _shard(model, "blocks", {"attn1.to_q": "col", "attn1.to_k": "col", "attn1.to_v": "col",
+                                     "attn1.to_out.0": "row"}, mesh)
+            integration.enable(model, P.GNAProcessor(window=(2, 3, 3), stride=1))
+            try:
+                with torch.no_grad():
+                    model(**inputs, return_dict=False)
+            except NotImplementedError as err:
+                assert "RMSNorm spans all heads" in str(err) and "context parallelism" in str(err), str(err)
+            else:
+                raise AssertionError("tensor-parallel Wan was not refused")
+            return
+        builder, grid, blocks, plan = TP_FAMILIES[family]
+        for name, make in processors().items():
+            model = getattr(tm, builder)(seed=0)
+            inputs = tiny_inputs(family, grid, seed=1, model=model)
+            proc = make()
+            integration.enable(model, proc)
+            with torch.no_grad():
+                single = model(**inputs).sample
+            _shard(model, blocks, plan, mesh)
+            with torch.no_grad():
+                parallel = model(**inputs).sample
+            integration.disable(model)
+            err = ((parallel - single).abs().max() / single.abs().max()).item()
+            assert err <= 1e-5, f"rank {rank} {family} {name}: relative error {err:.3g}"
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [*sorted(TP_FAMILIES), "wan"])
+def test_tensor_parallel_degree_2_equals_one_process(family, tmp_path):
+    """Each rank holds half the heads (q/k/v column-sharded, the output projection row-sharded by
+    torch's ``parallelize_module``): the processors work on whatever heads they are given.
+    Wan, whose q/k RMSNorm spans all heads, is refused."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_tp_worker, args=(2, f"file://{tmp_path / 'rdzv'}", family, errors), nprocs=2,
+                       start_method="spawn")
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not found, "\n".join(found)
+
+
 def _refusal_worker(rank: int, world: int, init: str, errors) -> None:
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

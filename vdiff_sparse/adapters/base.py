@@ -245,10 +245,36 @@ def joint_attention(
     return torch.cat([out_others[:, :start], out_video, out_others[:, start:]], dim=1)
 
 
+def head_dim(attn) -> int:
+    """The head dimension of an attention module, from its configuration (not from a projection's
+    output, which holds only this rank's heads under tensor parallelism)."""
+    value = getattr(attn, "head_dim", None)
+    if isinstance(value, int):
+        return value
+    return attn.inner_dim // attn.heads
+
+
+def split_heads(x: torch.Tensor, attn) -> torch.Tensor:
+    """``[B, N, heads * D]`` -> ``[B, N, heads, D]`` for however many heads ``x`` holds: all of
+    them, or this rank's share under tensor parallelism (column-sharded projections)."""
+    return x.unflatten(-1, (-1, head_dim(attn)))
+
+
+def is_tensor_parallel(attn) -> bool:
+    """Whether the module's q projection is sharded across ranks (``DTensor`` weights, as
+    ``torch.distributed.tensor.parallel.parallelize_module`` leaves them)."""
+    weight = getattr(getattr(attn, "to_q", None), "weight", None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(weight, DTensor)
+
+
 def qkv_heads(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[B, N, heads, D]`` of tokens ``x`` through the module's ``to_q``/``to_k``/``to_v``
-    and its per-head ``norm_q``/``norm_k`` where it has them."""
-    query, key, value = (p(x).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+    and its per-head ``norm_q``/``norm_k`` where it has them (any number of local heads)."""
+    query, key, value = (split_heads(p(x), attn) for p in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -259,10 +285,7 @@ def qkv_heads(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 def text_qkv(attn, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[B, L, heads, D]`` of the text tokens through a joint-attention module's added
     projections (``add_q_proj``, ...) and its added per-head norms where it has them."""
-    eq, ek, ev = (
-        p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-    )
+    eq, ek, ev = (split_heads(p(encoder_hidden_states), attn) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
     if attn.norm_added_q is not None:
         eq = attn.norm_added_q(eq)
     if attn.norm_added_k is not None:

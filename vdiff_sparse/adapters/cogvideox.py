@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, describe_mask, joint_attention, patched_grid, register_adapter
+from .base import ModelAdapter, describe_mask, joint_attention, patched_grid, register_adapter, split_heads
 
 
 @register_adapter
@@ -42,12 +42,8 @@ class CogVideoXAdapter(ModelAdapter):
 
         text_len = encoder_hidden_states.size(1)
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch = x.shape[0]
-        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        # Any number of heads: all, or this rank's under tensor parallelism (per-head norms).
+        query, key, value = (split_heads(p(x), attn).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -58,6 +54,6 @@ class CogVideoXAdapter(ModelAdapter):
                 key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = joint_attention(attend, q, k, v, slice(text_len, None), None)
-        out = attn.to_out[1](attn.to_out[0](out.reshape(batch, -1, attn.heads * head_dim)))
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3)))
         return out[:, text_len:], out[:, :text_len]
 

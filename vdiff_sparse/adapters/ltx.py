@@ -12,7 +12,7 @@ RoPE before the head split.
 
 from __future__ import annotations
 
-from .base import ModelAdapter, describe_mask, register_adapter
+from .base import ModelAdapter, describe_mask, is_tensor_parallel, register_adapter
 
 
 @register_adapter
@@ -30,6 +30,10 @@ class LTXAdapter(ModelAdapter):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
     def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if is_tensor_parallel(attn):
+            return ("tensor-parallel q/k/v projections: LTX's q/k RMSNorm spans all heads, so the heads cannot "
+                    "be split across ranks (diffusers has no tensor-parallel plan for LTX either); use "
+                    "context parallelism")
         if encoder_hidden_states is not None:
             return "encoder_hidden_states (LTX's self-attention has no context tokens)"
         return describe_mask(attention_mask)

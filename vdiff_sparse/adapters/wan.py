@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, describe_mask, patched_grid, register_adapter
+from .base import ModelAdapter, describe_mask, is_tensor_parallel, patched_grid, register_adapter
 
 
 def apply_interleaved_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,10 @@ class WanAdapter(ModelAdapter):
         return main + control
 
     def unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        if is_tensor_parallel(attn):
+            return ("tensor-parallel q/k/v projections: Wan's q/k RMSNorm spans all heads, so the heads cannot "
+                    "be split across ranks (diffusers has no tensor-parallel plan for Wan either); use "
+                    "context parallelism")
         if encoder_hidden_states is not None:
             return "encoder_hidden_states (Wan's self-attention has no context tokens)"
         if attention_mask is not None:
