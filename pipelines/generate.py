@@ -319,6 +319,7 @@ class SparseVideoPipeline:
         self.method_defaults = {k: dict(v) for k, v in (method_defaults or {}).items()}
         self.rules = size_rules(pipe)
         self.processor = None
+        self.compiled: str | None = None
 
     # constructors
     @classmethod
@@ -377,6 +378,25 @@ class SparseVideoPipeline:
             processor = self.make_processor(processor)
         enable(self.pipe, processor)
         self.processor = processor
+
+    def compile(self) -> str:
+        """``torch.compile`` every transformer of the pipeline, whole graphs (``fullgraph=True``):
+        regionally (``compile_repeated_blocks``, one graph for all blocks) where the model
+        declares repeated blocks, else the whole model. The first calls compile (the CLI's
+        warm-up generation pays for it); processors may be set before or after. Returns how
+        (``"regional"`` or ``"whole model"``)."""
+        from ..context import transformers_of
+
+        how = []
+        for transformer in transformers_of(self.pipe):
+            if getattr(transformer, "_repeated_blocks", None):
+                transformer.compile_repeated_blocks(fullgraph=True)
+                how.append("regional")
+            else:
+                transformer.compile(fullgraph=True)
+                how.append("whole model")
+        self.compiled = " + ".join(sorted(set(how)))
+        return self.compiled
 
     def fit_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Sizes rounded to what the model takes (see :func:`fit_size`)."""
@@ -446,6 +466,8 @@ class SparseVideoPipeline:
         }
         if self.processor is not None:
             stats["processor"] = repr(self.processor)
+        if self.compiled is not None:
+            stats["compiled"] = self.compiled
         if stats_log is not None and stats_log.enabled:
             stats["calls"] = [dataclasses.asdict(r) for r in stats_log.records]
             stats["attention_s"] = sum(r.time_ms for r in stats_log.records) / 1e3

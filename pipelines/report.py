@@ -126,6 +126,7 @@ def summarize(result) -> dict:
         "attention_calls": len(calls),
         "dense_calls": sum(1 for c in calls if c["dense_reason"]),
         "processor": result.stats.get("processor", ""),
+        "compiled": result.stats.get("compiled"),
     }
 
 
@@ -147,7 +148,8 @@ def compare(sparse, dense=None) -> dict:
       (``{index: value}``), ``attention_calls``, ``dense_calls`` (calls the schedule sent
       to dense);
     * ``psnr_db`` (``None`` when the videos are identical), ``ssim``, ``identical``;
-    * ``method``, ``settings``, ``grid``, ``num_tokens``, ``processor``.
+    * ``method``, ``settings``, ``grid``, ``num_tokens``, ``processor``, ``compiled`` (how
+      ``torch.compile`` ran the transformer, or ``None``).
 
     With ``dense=None`` the dense-side keys, ``speedup``, ``psnr_db`` and ``ssim`` are ``None``.
 
@@ -223,6 +225,10 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _compiled(how: str | None) -> str:
+    return f"; torch.compile ({how}, fullgraph)" if how else ""
+
+
 def _layout(parallel: dict | None) -> str:
     if not parallel or parallel.get("context_parallel", 1) == 1:
         return ""
@@ -246,7 +252,7 @@ def report_markdown(report: dict, *, video: str | None = None, plot: str | None 
         f"{s['num_inference_steps']} steps, seed {s['seed']}, {s['device']} {s['dtype']}; "
         f"video token grid {grid} = {r['num_tokens']:,} tokens; "
         f"{r['attention_calls']} video self-attention calls ({r['dense_calls']} dense by the schedule)"
-        + _layout(r.get("parallel")) + ".",
+        + _layout(r.get("parallel")) + _compiled(r.get("compiled")) + ".",
         "",
         report_table(r),
         "",

@@ -117,9 +117,9 @@ class CountingProcessor(P.DenseProcessor):
         super().__init__()
         self.calls = []
 
-    def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
-        self.calls.append((binding.index, q.shape[1], 0 if extra_k is None else extra_k.shape[1]))
-        return super()._attend(q, k, v, extra_k, extra_v, extra_mask, binding=binding, grid=grid, reason=reason)
+    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, **kwargs):
+        self.calls.append((kwargs["binding"].index, q.shape[1], 0 if extra_k is None else extra_k.shape[1]))
+        return super().attend_layer(q, k, v, extra_k, extra_v, extra_mask, **kwargs)
 
 
 def test_only_video_self_attention_is_routed(model_case):
@@ -221,10 +221,10 @@ def test_step_counting(name, seed):
     steps = []
 
     class StepSpy(P.DenseProcessor):
-        def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
-            if binding.index == 0:
-                steps.append(binding.context.step)
-            return super()._attend(q, k, v, extra_k, extra_v, extra_mask, binding=binding, grid=grid, reason=reason)
+        def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, **kwargs):
+            if kwargs["binding"].index == 0:
+                steps.append(kwargs["binding"].context.step)
+            return super().attend_layer(q, k, v, extra_k, extra_v, extra_mask, **kwargs)
 
     integration.enable(model, StepSpy())
     for t in (900.0, 900.0, 600.0, 300.0, 950.0):

@@ -117,13 +117,21 @@ def check_finite(**tensors: torch.Tensor) -> None:
     """Raise if any tensor holds NaN or Inf (selection on such inputs is meaningless, and
     attention would spread them over every query that sees them).
 
-    Costs one sum per tensor and one device sync in all when the inputs are finite: a NaN or
-    Inf summand makes a sum NaN or Inf, so a finite total clears every tensor. A non-finite
-    total can also be an overflow of large finite values, so only then does the element-wise
-    test decide.
+    Costs one sum per tensor: a NaN or Inf summand makes a sum NaN or Inf, so a finite total
+    clears every tensor. A non-finite total can also be an overflow of large finite values, so
+    only then does the element-wise test decide. On a GPU the check is an asynchronous device
+    assert of the element-wise test (no host read): a non-finite value stops the program there,
+    naming the tensor.
     """
     present = {name: x for name, x in tensors.items() if x is not None}
     if not present:
+        return
+    if next(iter(present.values())).device.type != "cpu":
+        # On a GPU, reading a result back would stall the launch queue on every call: the
+        # device checks every element and stops the program with this message if one is not
+        # finite.
+        for name, x in present.items():
+            torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN/Inf values; inputs must be finite")
         return
     total = torch.stack([x.sum(dtype=torch.float32) for x in present.values()]).sum()
     if torch.isfinite(total):

@@ -252,6 +252,8 @@ def run_generate(args) -> int:
 
         for transformer in transformers_of(pipe.pipe):
             enable_context_parallel(transformer, args.context_parallel)
+    if args.compile:
+        pipe.compile()
     # Round the sizes once (one warning), so every run below uses the same valid sizes.
     call = dict(pipe.resolve_size(**_sizes(args)), seed=args.seed, negative_prompt=args.negative_prompt)
     if args.guidance_scale is not None:
@@ -259,6 +261,7 @@ def run_generate(args) -> int:
     grid = pipe.latent_grid(call["num_frames"], call["height"], call["width"])
     steps = call["num_inference_steps"]
     layout = "" if args.context_parallel == 1 else f", context parallel (Ulysses) over {args.context_parallel} processes"
+    layout += f", torch.compile ({pipe.compiled}, fullgraph)" if pipe.compiled else ""
     if rank == 0:
         print(f"{pipe.model}: {call['num_frames']} frames x {call['height']} x {call['width']}, {steps} steps, "
               f"token grid {grid} = {grid[0] * grid[1] * grid[2]:,} video tokens, {pipe.device}{layout}", flush=True)
@@ -436,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (the VAE stays float32); auto: bfloat16 on GPU, float32 on CPU, "
                           "float32 for the tiny model")
     gen.add_argument("--fps", type=_positive_int, default=16, help="frame rate of the mp4")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer (whole graphs: regional where the model has repeated "
+                          "blocks); the warm-up generation compiles, the timed ones run compiled")
     gen.add_argument("--context-parallel", type=_positive_int, default=1, metavar="N",
                      help="split the video tokens over N processes (Ulysses context parallelism; run under "
                           "torchrun --nproc_per_node N); the first process writes the video and report")

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -157,6 +158,11 @@ class LayerBinding:
         num_layers: number of video self-attention layers of the model.
         dense_processor: the model's own processor for this module.
         name: module name inside the transformer.
+        video: whether the module is video self-attention (``index`` is not ``None``); code that
+            ``torch.compile`` traces reads this flag, the same for every layer, never ``index``,
+            which would make a graph per layer.
+        handle: a CPU int64 scalar naming this binding (:func:`binding_from_handle`): compiled
+            code hands it to the attention op as a tensor, whose value dynamo does not guard.
     """
 
     adapter: ModelAdapter
@@ -165,6 +171,38 @@ class LayerBinding:
     num_layers: int
     dense_processor: Any
     name: str
+    video: bool = field(init=False)
+    handle: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.video = self.index is not None
+        self.handle = torch.tensor(_register(self), dtype=torch.int64)
+
+
+_BINDINGS: "weakref.WeakValueDictionary[int, LayerBinding]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def _next_handle() -> int:
+    return next(_HANDLES)
+
+
+def _register(binding: "LayerBinding") -> int:
+    handle = _next_handle()
+    _BINDINGS[handle] = binding
+    return handle
+
+
+def binding_from_handle(handle: int) -> LayerBinding:
+    """The :class:`LayerBinding` whose ``handle`` holds ``handle``.
+
+    Raises:
+        RuntimeError: the binding is gone (its transformer was detached and freed).
+    """
+    binding = _BINDINGS.get(int(handle))
+    if binding is None:
+        raise RuntimeError(f"no attention module is bound to handle {int(handle)} any more (detached)")
+    return binding
 
 
 @dataclass(eq=False)
@@ -173,6 +211,12 @@ class _Attachment:
     context: RunContext
     hook: Any
     modules: list  # (module, original processor or None)
+    # forward's parameter names after self, to name positional inputs without inspect (traced)
+    parameters: tuple = ()
+    transformer: Any = None  # weakref to the attached transformer
+    handle: int = -1  # names the attachment to the compiled hook's op
+    # mutated by the compiled hook's op so that no compiler drops the op as unused
+    token: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
 
 def _scheduler_steps(scheduler, first_level: float | None = None, increases: bool = False) -> int | None:
@@ -216,13 +260,15 @@ def _is_ours(processor) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _forward_signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    """The names of ``cls.forward``'s parameters after ``self``."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
 
 
-def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
-    return dict(bound.arguments)
+def _named_inputs(parameters: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """A forward call's inputs by name (positional ones named by ``parameters``); plain tuple and
+    dict work that ``torch.compile`` traces."""
+    return {**dict(zip(parameters, args)), **kwargs}
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -250,9 +296,47 @@ def require_adapter(transformer: torch.nn.Module) -> ModelAdapter:
     return adapter
 
 
-@torch.compiler.disable
 def _pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    _on_forward(module, _named_inputs(module, args, kwargs), sys._getframe(1))
+    attachment: _Attachment = getattr(module, _ATTACHMENT)
+    inputs = _named_inputs(attachment.parameters, args, kwargs)
+    if torch.compiler.is_compiling():
+        # Traced into a compiled whole-model graph: the grid from the input shapes (static to
+        # the graph) and the timestep handed to an op that updates the context when it runs.
+        grid = attachment.adapter.grid(module, inputs) or (0, 0, 0)
+        t = inputs.get(attachment.adapter.timestep_arg)
+        timestep = t if isinstance(t, torch.Tensor) else torch.tensor(-1.0 if t is None else float(t))
+        torch.ops.vdiff_sparse.observe_call(attachment.token, timestep, attachment.handle, *grid, t is not None)
+        return
+    _on_forward(module, inputs, sys._getframe(1))
+
+
+_ATTACHMENTS: "weakref.WeakValueDictionary[int, _Attachment]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("vdiff_sparse::observe_call", mutates_args=("token",))
+def _observe_call(token: torch.Tensor, timestep: torch.Tensor, attachment: int, t: int, h: int, w: int,
+                  has_timestep: bool) -> None:
+    """A transformer call inside a compiled graph: what the eager hook does, at run time (the
+    pipeline is found on the stack of the running graph)."""
+    token += 1
+    found = _ATTACHMENTS.get(attachment)
+    if found is None:
+        return
+    pipe = running_pipeline(sys._getframe(1), found.transformer())
+    if pipe is not None and found.context.pipeline() is not pipe:
+        shared_context(pipe)
+    if pipe is not None:
+        found.context.observe_schedule(getattr(getattr(pipe, "scheduler", None), "timesteps", None))
+    if t > 0:
+        found.context.grid = check_grid((t, h, w))
+    if has_timestep:
+        found.context.observe_timestep(float(timestep.detach().float().max()),
+                                       increases=found.adapter.timestep_increases)
+
+
+@_observe_call.register_fake
+def _(token, timestep, attachment, t, h, w, has_timestep) -> None:
+    return None
 
 
 def _on_forward(transformer: torch.nn.Module, inputs: dict, frame) -> None:
@@ -306,7 +390,9 @@ def attach(transformer: torch.nn.Module, context: RunContext | None = None) -> R
         return existing.context
     context = RunContext() if context is None else context
     hook = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    attachment = _Attachment(adapter, context, hook, [])
+    attachment = _Attachment(adapter, context, hook, [], _forward_parameters(type(transformer)),
+                             weakref.ref(transformer), _next_handle())
+    _ATTACHMENTS[attachment.handle] = attachment
     _bind_modules(transformer, attachment)
     setattr(transformer, _ATTACHMENT, attachment)
     return context
@@ -376,7 +462,8 @@ def discover(attn: torch.nn.Module) -> LayerBinding | None:
     for call in calling_modules(attn, sys._getframe(1)):
         if adapter_for(call.module) is not None:
             attach(call.module)
-            _on_forward(call.module, _named_inputs(call.module, call.args, call.kwargs), call.caller)
+            parameters = getattr(call.module, _ATTACHMENT).parameters
+            _on_forward(call.module, _named_inputs(parameters, call.args, call.kwargs), call.caller)
             return binding_of(attn)
         if _is_diffusers_model(call.module):
             unsupported = call.module

@@ -119,10 +119,12 @@ class BlockOrder:
             return x
         return x.index_select(dim, self.inverse.to(x.device))
 
-    def block_of_position(self) -> torch.Tensor:
-        """``[N]`` int64 block id of each plan position."""
-        sizes = self.offsets.diff()
-        return torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes)
+    def block_of_position(self, num_tokens: int | None = None) -> torch.Tensor:
+        """``[N]`` int64 block id of each plan position. Give ``num_tokens`` (``N``) when it is
+        known on the host: then nothing is read back from the offsets' device."""
+        n = self.num_tokens if num_tokens is None else num_tokens
+        positions = torch.arange(n, device=self.offsets.device)
+        return torch.searchsorted(self.offsets[1:], positions, right=True)
 
     def to(self, device: torch.device | str) -> "BlockOrder":
         perm = None if self.perm is None else self.perm.to(device)
@@ -172,7 +174,21 @@ def tile_order(grid: Grid, tile: Grid, device: torch.device | str = "cpu") -> Bl
 
     grid = check_grid(grid)
     tile = check_per_axis("tile", tile, minimum=1)
-    return _tile_order_cpu(grid, tile).to(device)
+    return _on_device(_tile_order_cpu, grid, tile, device=device)
+
+
+def _on_device(make, *key, device) -> "BlockOrder":
+    """``make(*key)`` (a cached CPU order) on ``device``, itself cached per device, so a call on
+    a GPU copies nothing to it after the first."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return make(*key)
+    return _cached_on(make, key, str(device))
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_on(make, key: tuple, device: str) -> "BlockOrder":
+    return make(*key).to(device)
 
 
 def _hilbert_index_3d(coords: torch.Tensor, bits: int) -> torch.Tensor:
@@ -234,13 +250,23 @@ def hilbert_order(grid: Grid, block: int, device: torch.device | str = "cpu") ->
     from .checks import check_grid
 
     grid = check_grid(grid)
+    return _on_device(_hilbert_order_cpu, grid, block, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _hilbert_order_cpu(grid: Grid, block: int) -> BlockOrder:
     perm = _hilbert_perm_cpu(grid)
-    return BlockOrder(perm.to(device), uniform_offsets(perm.numel(), block).to(device))
+    return BlockOrder(perm, uniform_offsets(perm.numel(), block))
 
 
 def sequence_order(num_tokens: int, block: int, device: torch.device | str = "cpu") -> BlockOrder:
     """No reorder; consecutive blocks of ``block`` tokens (last one may be shorter)."""
-    return BlockOrder(None, uniform_offsets(num_tokens, block).to(device))
+    return _on_device(_sequence_order_cpu, num_tokens, block, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _sequence_order_cpu(num_tokens: int, block: int) -> BlockOrder:
+    return BlockOrder(None, uniform_offsets(num_tokens, block))
 
 
 def token_coords(grid: Grid, perm: torch.Tensor | None, device: torch.device | str = "cpu"):

@@ -100,6 +100,8 @@ class AttentionPlan:
         window: per-query coordinate windows (GNA), or ``None``.
         method: name of the method that made the plan (for reports).
         info: free-form extra facts from the method (e.g. the VMoBA partition used).
+        tokens: ``N`` when the maker knows it on the host (every planner does): then a plan on
+            a GPU is checked by shapes only and nothing reads its tensors back to the host.
     """
 
     perm: torch.Tensor | None
@@ -111,13 +113,16 @@ class AttentionPlan:
     window: TokenWindow | None = None
     method: str = ""
     info: dict = field(default_factory=dict)
+    tokens: int | None = None
 
     def __post_init__(self) -> None:
         n_q = self.q_offsets.numel() - 1
         index_shape = tuple(self.kv_index.shape)
         if self.kv_index.dim() != 4 or index_shape[2] != n_q:
             raise ValueError(f"kv_index must be [B|1, H|1, n_q_blocks={n_q}, max_kv], got {index_shape}")
-        if int(self.q_offsets[-1]) != int(self.k_offsets[-1]):
+        # Values are checked where reading them is free (CPU) or nobody said what N is.
+        read_values = self.tokens is None or self.q_offsets.device.type == "cpu"
+        if read_values and int(self.q_offsets[-1]) != int(self.k_offsets[-1]):
             raise ValueError(
                 f"q_offsets and k_offsets must cover the same N, got {int(self.q_offsets[-1])} and "
                 f"{int(self.k_offsets[-1])}"
@@ -131,13 +136,21 @@ class AttentionPlan:
                     f"token_keep must be [B|1, H|1, N={self.num_tokens}, max_kv={index_shape[3]}], "
                     f"got {keep_shape}"
                 )
-        if self.window is not None and self.kv_level is not None and not bool((self.kv_level == 1).all()):
+        if read_values and self.tokens is not None and int(self.q_offsets[-1]) != self.tokens:
+            raise ValueError(f"tokens={self.tokens} but the offsets cover N={int(self.q_offsets[-1])}")
+        if (
+            read_values
+            and self.window is not None
+            and self.kv_level is not None
+            and not bool((self.kv_level == 1).all())
+        ):
             raise ValueError("a coordinate window only applies to full-resolution entries (kv_level 1)")
 
     # --- shape facts -------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
-        return int(self.q_offsets[-1])
+        """``N``, the tokens the plan covers."""
+        return self.tokens if self.tokens is not None else int(self.q_offsets[-1])
 
     @property
     def num_q_blocks(self) -> int:
@@ -169,7 +182,8 @@ class AttentionPlan:
         return self.order.unpermute(x, dim)
 
     def query_block_of_position(self) -> torch.Tensor:
-        return BlockOrder(None, self.q_offsets).block_of_position()
+        """``[N]`` query block of each plan position."""
+        return BlockOrder(None, self.q_offsets).block_of_position(self.num_tokens)
 
     def to(self, device) -> "AttentionPlan":
         def mv(x):
@@ -185,6 +199,7 @@ class AttentionPlan:
             window=None if self.window is None else self.window.to(device),
             method=self.method,
             info=self.info,
+            tokens=self.num_tokens if self.tokens is None and self.q_offsets.device.type == "cpu" else self.tokens,
         )
 
     def clone(self) -> "AttentionPlan":
@@ -203,6 +218,7 @@ class AttentionPlan:
             window=None if self.window is None else self.window.clone(),
             method=self.method,
             info=dict(self.info),
+            tokens=self.tokens,
         )
 
     # --- statistics --------------------------------------------------------------------------
@@ -284,7 +300,7 @@ def dense_plan(num_tokens: int, block: int = 128, device="cpu") -> AttentionPlan
     offsets = uniform_offsets(num_tokens, block).to(device)
     nb = offsets.numel() - 1
     kv_index = torch.arange(nb, device=device).expand(1, 1, nb, nb).contiguous()
-    return AttentionPlan(None, offsets, offsets, kv_index, method="dense")
+    return AttentionPlan(None, offsets, offsets, kv_index, method="dense", tokens=num_tokens)
 
 
 def pack_block_selection(selected: torch.Tensor, levels: torch.Tensor | None = None):
@@ -296,12 +312,16 @@ def pack_block_selection(selected: torch.Tensor, levels: torch.Tensor | None = N
         levels: optional same-shape int64 pool factor per pair (ignored where not selected).
 
     Returns:
-        ``(kv_index, kv_level)`` of shape ``[B', H', n_q_blocks, max_kv]`` where ``max_kv`` is
-        the largest row count; unused slots are ``-1`` (level 1). Entries are in ascending
-        key block order.
+        ``(kv_index, kv_level)`` of shape ``[B', H', n_q_blocks, max_kv]``; unused slots are
+        ``-1`` (level 1); entries in ascending key block order. ``max_kv`` is the largest row
+        count on the CPU; on other devices it is ``n_k_blocks``, a bound known without reading
+        the selection back to the host (kernels stop at each row's own count).
     """
     nk = selected.shape[-1]
-    max_kv = max(int(selected.sum(-1).max()), 1) if selected.numel() else 1
+    if selected.device.type == "cpu":
+        max_kv = max(int(selected.sum(-1).max()), 1) if selected.numel() else 1
+    else:
+        max_kv = max(nk, 1)
     ids = torch.arange(nk, device=selected.device).expand_as(selected)
     # Selected ids sort first, in ascending order; the rest are pushed past the end.
     key = torch.where(selected, ids, ids + nk)

@@ -244,6 +244,7 @@ def _plan_gna_cpu(
         window=token_window,
         method="gna",
         info=info,
+        tokens=grid[0] * grid[1] * grid[2],
     )
 
 
@@ -280,9 +281,19 @@ def plan_gna(
 
 
 def _shared_plan(grid, window, stride, dilation, causal, tile, device) -> AttentionPlan:
-    """The cached plan itself (never handed to users: they get :meth:`AttentionPlan.clone`)."""
-    plan = _plan_gna_cpu(*_check_problem(grid, window, stride, dilation, causal, tile))
-    return plan if torch.device(device) == plan.kv_index.device else plan.to(device)
+    """The cached plan itself (never handed to users: they get :meth:`AttentionPlan.clone`):
+    built once per problem on the CPU and kept on each device it is used on, so a call on a GPU
+    copies nothing."""
+    problem = _check_problem(grid, window, stride, dilation, causal, tile)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _plan_gna_cpu(*problem)
+    return _plan_on_device(*problem, str(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _plan_on_device(grid, window, stride, dilation, causal, tile, device: str) -> AttentionPlan:
+    return _plan_gna_cpu(grid, window, stride, dilation, causal, tile).to(device)
 
 
 def gna_attention(

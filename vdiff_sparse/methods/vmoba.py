@@ -40,7 +40,7 @@ from ..attention import run_plan
 from ..checks import (
     Grid, check_choice, check_finite, check_grid, check_positive_int, check_positive_ints, check_qkv,
 )
-from ..layout import BlockOrder, tile_order, uniform_offsets
+from ..layout import BlockOrder, sequence_order, tile_order
 from ..plan import AttentionPlan, pack_block_selection
 from .registry import Method, build_config, get_method, register_method
 
@@ -235,10 +235,10 @@ def _tile_spans(n: int, query_block: int) -> list[tuple[slice, slice, int]]:
     return spans
 
 
-def _dense_selection_plan(order: BlockOrder, q_offsets: torch.Tensor, info: dict) -> AttentionPlan:
+def _dense_selection_plan(order: BlockOrder, q_offsets: torch.Tensor, info: dict, n: int) -> AttentionPlan:
     n_q, n_k = q_offsets.numel() - 1, order.num_blocks
     kv_index = torch.arange(n_k, device=q_offsets.device).expand(1, 1, n_q, n_k).contiguous()
-    return AttentionPlan(order.perm, q_offsets, order.offsets, kv_index, method="vmoba", info=info)
+    return AttentionPlan(order.perm, q_offsets, order.offsets, kv_index, method="vmoba", info=info, tokens=n)
 
 
 def plan_vmoba(
@@ -274,8 +274,8 @@ def plan_vmoba(
     partition = partition_for_layer(layer_index)
     order = partition_order(grid, layer_index, config, device=q.device)
     tile = partition_tile(grid, partition, config)
-    n, nb = order.num_tokens, order.num_blocks
-    q_offsets = uniform_offsets(n, config.query_block).to(q.device)
+    n, nb = q.shape[1], order.num_blocks
+    q_offsets = sequence_order(n, config.query_block, q.device).offsets
     info = {
         "partition": partition,
         "layer_index": layer_index,
@@ -286,7 +286,7 @@ def plan_vmoba(
     }
     check_finite(q=q, k=k)
     if config.mode == "topk" and config.topk >= nb:
-        return _dense_selection_plan(order, q_offsets, info)
+        return _dense_selection_plan(order, q_offsets, info, n)
 
     B, _, H, D = q.shape
     gate_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -294,7 +294,7 @@ def plan_vmoba(
     spans = _tile_spans(n, config.query_block)
     with torch.no_grad():
         q, k = q.detach(), k.detach()
-        own_block = order.block_of_position()
+        own_block = order.block_of_position(n)
         kmean_t = _block_means(k, order, own_block, gate_dtype).transpose(1, 2)  # [B*H, D, nb]
 
         # A chunk's queries (plan order) and gate, both bounded, reused: no reordered copy of q.
@@ -340,6 +340,7 @@ def plan_vmoba(
         token_keep=token_keep.view(B, H, n, max_kv),
         method="vmoba",
         info=info,
+        tokens=n,
     )
 
 

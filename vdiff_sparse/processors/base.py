@@ -29,12 +29,13 @@ import time
 import torch
 
 from ..adapters.base import check_grid_matches, read_call
-from ..attention import make_extra
+from ..attention import make_extra, run_plan
 from ..backends import BACKENDS
 from ..context import BoundProcessor, binding_of, discover
 from ..methods.registry import build_config, get_method
 from ..parallel import check_ulysses, context_parallel_config, heads_to_sequence, local_heads, sequence_to_heads
 from ..presets import is_model_preset, load_preset, model_presets_for, preset_family
+from .compiled import register_processor, video_attention
 from .schedule import ScheduleConfig
 from .stats import CallStats, StatsLog, plan_coverage, sync
 
@@ -131,6 +132,11 @@ class SparseProcessor(BoundProcessor):
         self.preset = preset
         self.preset_family = preset_family(preset)
         self.stats = StatsLog(stats)
+        self._op_id = register_processor(self)
+        # replan_every > 1: the last plans per (layer, call of the step, shapes) and the step
+        self._plans: dict = {}
+        self._calls_in_step: dict = {}
+        self._plans_step = 0
         # Per-layer overrides: a config of this method, or a processor of another method
         # (its settings from the same model preset) whose attention() this one calls.
         self._layer_configs, self._layer_processors = {}, {}
@@ -191,7 +197,14 @@ class SparseProcessor(BoundProcessor):
         # the arguments are read; the model's own processor gets them as they were given.
         named = dict(image_rotary_emb=image_rotary_emb, perturbation_mask=perturbation_mask, all_perturbed=all_perturbed)
         kwargs.update({k: v for k, v in named.items() if v is not None})
-        binding = binding_of(attn) or discover(attn)
+        binding = binding_of(attn)
+        if binding is None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{type(self).__name__} in a compiled {type(attn).__name__} that was never bound: under "
+                f"torch.compile, set the processor with vdiff_sparse.enable(pipe_or_transformer, processor) "
+                f"(or run one call uncompiled) before the compiled call"
+            )
+        binding = binding or discover(attn)
         if binding is None:
             raise RuntimeError(
                 f"{type(self).__name__} was called by a {type(attn).__name__} that is not inside a "
@@ -202,7 +215,7 @@ class SparseProcessor(BoundProcessor):
             )
         adapter = binding.adapter
         self.check_model_family(adapter.name)
-        if binding.index is None:  # cross-attention, text refiner, unknown module: dense
+        if not binding.video:  # cross-attention, text refiner, unknown module: dense
             return self._model_processor(binding, attn, args, kwargs)
         call = read_call(args, kwargs)
         handled = {k: v for k, v in call.more_kwargs.items() if k in adapter.call_kwargs}
@@ -229,8 +242,7 @@ class SparseProcessor(BoundProcessor):
                 f"transformer did not give it; pass it with "
                 f"vdiff_sparse.set_context(transformer, grid=(T, H, W))"
             )
-        reason = self._dense_reason(binding)
-        attend = Attend(self, binding, ctx.grid, reason)
+        attend = Attend(self, binding, ctx.grid)
         return adapter.forward(attn, attend, call.hidden_states, call.encoder_hidden_states, call.attention_mask,
                                call.rotary_emb, **handled)
 
@@ -243,7 +255,6 @@ class SparseProcessor(BoundProcessor):
                 setattr(binding.dense_processor, name, getattr(self, name))
         return binding.dense_processor(attn, *args, **kwargs)
 
-    @torch.compiler.disable
     def _dense_reason(self, binding) -> str:
         ctx = binding.context
         try:
@@ -252,26 +263,41 @@ class SparseProcessor(BoundProcessor):
         except ValueError as e:
             raise ValueError(f"{type(self).__name__} in {binding.name!r}: {e}") from None
 
-    def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
+    def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding):
         """Video self-attention of layer ``binding.index``: ``[B, N, heads, D]`` (this rank's
-        ``N / P`` tokens under context parallelism) -> the same shape."""
+        ``N / P`` tokens under context parallelism) -> the same shape. Under ``torch.compile``
+        the layer's work is one custom op (see :mod:`.compiled`)."""
         cp = self._context_parallel(binding)
         if cp is not None:
             check_ulysses(cp, q.shape[2], f"{type(self).__name__} in {binding.name!r}")
             q, k, v = (sequence_to_heads(x, cp) for x in (q, k, v))
             extra_k, extra_v = local_heads(extra_k, cp), local_heads(extra_v, cp)
+        if torch.compiler.is_compiling():
+            out = video_attention(q, k, v, extra_k, extra_v, extra_mask, binding.handle, self._op_id)
+        else:
+            out = self.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding)
+        return out if cp is None else heads_to_sequence(out, cp)
+
+    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, record=True):
+        """One layer's video attention on whole sequences (after any context-parallel exchange):
+        the schedule's decision for this step and layer, then dense attention or the layer's
+        method, with statistics when enabled (and ``record``)."""
+        grid = binding.context.grid
         check_grid_matches(grid, q.shape[1], f"layer {binding.name}")
+        reason = self._dense_reason(binding)
         extras = dict(extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask)
         layer = binding.index
         runner = self.layer_runner(layer)
         dense = functools.partial(self._dense_with_extras, binding=binding)
-        timed = self.stats.enabled and torch._C._current_graph_task_id() == -1
+        timed = record and self.stats.enabled and torch._C._current_graph_task_id() == -1
         if timed:
             sync(q)
             start = time.perf_counter()
         plan = None
         if reason:
             out = dense(q, k, v, **extras)
+        elif self.schedule.replan_every > 1:
+            out, plan = self._attend_reusing_plans(runner, q, k, v, binding, dense, extras)
         elif timed:
             out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, dense=dense, **extras)
         else:
@@ -284,7 +310,28 @@ class SparseProcessor(BoundProcessor):
                 layer, binding.context.step, "dense" if reason else self.method_for(layer),
                 q.shape[1], coverage, density, elapsed, reason, q.shape[0],
             ))
-        return out if cp is None else heads_to_sequence(out, cp)
+        return out
+
+    def _attend_reusing_plans(self, runner, q, k, v, binding, dense, extras):
+        """The layer's method with selection on every ``replan_every``-th sparse step only: one
+        plan per layer and per call of the step (both guidance branches), reused in between."""
+        ctx = binding.context
+        if ctx.step < self._plans_step:  # a new generation
+            self._plans.clear()
+        calls_key = id(binding)
+        step, count = self._calls_in_step.get(calls_key, (None, -1))
+        count = count + 1 if step == ctx.step else 0
+        self._calls_in_step[calls_key] = (ctx.step, count)
+        self._plans_step = ctx.step
+        key = (calls_key, count, tuple(q.shape), v.shape[-1], q.device, q.dtype)
+        grid, layer = ctx.grid, binding.index
+        cached = self._plans.get(key)
+        if cached is None or self.schedule.replans(ctx.step, ctx.num_steps()):
+            out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, dense=dense, **extras)
+            if plan is not None:
+                self._plans[key] = plan
+            return out, plan
+        return runner.attention(q, k, v, grid, layer, return_plan=True, plan=cached, **extras)
 
     def _context_parallel(self, binding):
         """The Ulysses config of this call, or ``None``: the one diffusers set on this processor,
@@ -316,12 +363,17 @@ class SparseProcessor(BoundProcessor):
         return self.dense(q, k, v, key_mask, binding=binding)
 
     def attention(self, q, k, v, grid, layer, *, return_plan, extra_k=None, extra_v=None, extra_mask=None,
-                  dense=None):
+                  dense=None, plan=None):
         """The method on ``[B, N, heads, D]`` video tokens of layer ``layer``; returns the output
         (and the plan, ``None`` for dense attention, if ``return_plan``). Settings made for
         another resolution are first fitted to ``grid`` where the method says how (GNA windows).
         ``dense(q, k, v, extra_k=, extra_v=, extra_mask=)``, if given, is the dense attention of
-        the model's backend, which the dense method with ``backend="auto"`` runs."""
+        the model's backend, which the dense method with ``backend="auto"`` runs. ``plan``, if
+        given, is run instead of selecting a new one (a plan of an earlier step)."""
+        if plan is not None:
+            out = run_plan(q, k, v, plan, extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask,
+                           backend=self.backend)
+            return (out, plan) if return_plan else out
         if self.method == "dense" and self.backend == "auto" and dense is not None:
             out = dense(q, k, v, extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask)
             return (out, None) if return_plan else out
@@ -337,14 +389,13 @@ class Attend:
     """What a model adapter calls for one video self-attention layer (see
     :class:`~vdiff_sparse.adapters.base.AttendFn`): ``attend(q, k, v, extra_k, extra_v,
     extra_mask)`` runs the layer's method on video queries, ``attend.dense(q, k, v, key_mask)``
-    dense attention through diffusers' dispatcher (text queries)."""
+    dense attention through diffusers' dispatcher (text queries); ``grid`` is the call's grid."""
 
-    def __init__(self, processor: SparseProcessor, binding, grid, reason: str):
-        self.processor, self.binding, self.grid, self.reason = processor, binding, grid, reason
+    def __init__(self, processor: SparseProcessor, binding, grid):
+        self.processor, self.binding, self.grid = processor, binding, grid
 
     def __call__(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None):
-        return self.processor._attend(q, k, v, extra_k, extra_v, extra_mask, binding=self.binding, grid=self.grid,
-                                      reason=self.reason)
+        return self.processor._attend(q, k, v, extra_k, extra_v, extra_mask, binding=self.binding)
 
     def dense(self, q, k, v, key_mask=None):
         return self.processor.dense(q, k, v, key_mask, binding=self.binding)

@@ -31,11 +31,16 @@ class ScheduleConfig:
             :class:`GNAProcessor` (layer indices keep their meaning: VMoBA's 1D/2D/3D cycle
             follows them). ``method: dense`` is the same as listing the layer in
             ``dense_layers``.
+        replan_every: run selection on every ``k``-th sparse step only and reuse the layer's
+            plan in between (neighbouring steps' q/k are close; one plan per layer and per call
+            of the step, e.g. both guidance branches). ``1`` (default) selects on every step.
+            Methods whose plan depends on the grid only (GNA, dense) are not affected.
     """
 
     dense_steps: float = 0
     dense_layers: list[int] = field(default_factory=list)
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    replan_every: int = 1
 
     def __post_init__(self) -> None:
         d = self.dense_steps
@@ -60,6 +65,9 @@ class ScheduleConfig:
         if not all(isinstance(o, dict) for o in self.layers.values()):
             raise ValueError(f"layers values must be mappings of fields to values, got {self.layers!r}")
         self.layers = {int(i): dict(o) for i, o in self.layers.items()}
+        if not _is_int(self.replan_every) or self.replan_every < 1:
+            raise ValueError(f"replan_every must be an int >= 1 (1 = select on every step), got {self.replan_every!r}")
+        self.replan_every = int(self.replan_every)
         methods = list(method_names())
         for i, overrides in self.layers.items():
             if "method" in overrides and overrides["method"] not in methods:
@@ -111,6 +119,11 @@ class ScheduleConfig:
                 f"number of steps"
             )
         return math.ceil(d * total_steps - 1e-9)
+
+    def replans(self, step: int, total_steps: int | None) -> bool:
+        """Whether selection runs at sparse step ``step`` (else the previous plan is reused): the
+        first sparse step after the warm-up and every ``replan_every``-th one after it."""
+        return (step - self.warmup_steps(total_steps)) % self.replan_every == 0
 
     def dense_reason(self, step: int, total_steps: int | None, layer: int, num_layers: int) -> str:
         """``"warmup"``, ``"layer"`` or ``""`` (sparse) for this call."""
