@@ -266,7 +266,7 @@ def test_resume_finds_checkpoints(tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_last_checkpoint(videos, tmp_path, reference_full, monkeypatch):
-    from vdiff_sparse.pipelines.finetune import checkpoints as ckpt
+    from vdiff_sparse.pipelines.finetune import checkpointing as ckpt
 
     write = ckpt.write_checkpoint
 

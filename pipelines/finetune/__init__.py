@@ -24,7 +24,7 @@ Reproducibility and exact resume: nothing depends on hidden RNG state. The data 
 permutation per epoch seeded by ``(seed, epoch)``; the noise and timestep of every sample are
 drawn from a generator seeded by ``(seed, optimizer step, micro-batch, position in the global
 batch)``; the learning rate is a function of the step. A run resumed from a checkpoint (JSON and
-safetensors only, never a pickle: :mod:`.checkpoints`) therefore takes exactly the steps the
+safetensors only, never a pickle: :mod:`.checkpointing`) therefore takes exactly the steps the
 uninterrupted run takes, and a run on P processes with per-process batch b sees the same
 samples and noise as one process with batch P*b.
 
@@ -34,14 +34,14 @@ Outputs under ``output_dir``: ``config.yaml``, ``cache/`` (latents), ``checkpoin
 2.2's low-noise expert) for full fine-tuning, or ``pytorch_lora_weights.safetensors`` loadable
 with ``pipe.load_lora_weights``; ``report.json``).
 
-The package by concern: :mod:`.config` (settings), :mod:`.sparse` (the processor),
+The package by concern: :mod:`.config` (settings), :mod:`.loading` (YAML and overrides), :mod:`.sparse` (the processor),
 :mod:`.models` (which Wan variants and what they take), :mod:`.encoders` (caching clips),
 :mod:`.schedule` (seeds, data order, learning rate), :mod:`.objectives` (losses, the dense
 teacher), :mod:`.metrics` (logs, held-out gap, report), :mod:`.validation` (videos),
-:mod:`.checkpoints` (save, resume, final weights), :mod:`.loop` (:func:`train`), :mod:`.cli`.
+:mod:`.checkpointing` (save, resume, final weights), :mod:`.loop` (:func:`train`), :mod:`.cli`.
 """
 
-from .checkpoints import checkpoints, is_checkpoint, read_checkpoint, resolve_resume
+from .checkpointing import checkpoints, is_checkpoint, read_checkpoint, resolve_resume
 from .cli import main
 from .config import (
     DataConfig,
@@ -52,9 +52,8 @@ from .config import (
     SparseConfig,
     TrainConfig,
     ValidationConfig,
-    config_path,
-    load_config,
 )
+from .loading import config_path, load_config
 from .loop import RunResult, check_distributed_type, train
 from .metrics import read_metrics
 from .models import ModelTask, describe_model, load_pipeline

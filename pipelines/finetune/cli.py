@@ -8,7 +8,8 @@ import sys
 
 from vdiff_sparse.pipelines.data import DataError
 
-from .config import SetupError, load_config, shipped_configs
+from .config import SetupError
+from .loading import load_config, shipped_configs
 from .loop import train
 
 logger = logging.getLogger("vdiff_sparse.finetune")

@@ -16,7 +16,7 @@ import torch
 
 from vdiff_sparse.pipelines.data import LatentDataset, build_cache
 
-from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint, save_final
+from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint, save_final
 from .config import FinetuneConfig, SetupError, TrainConfig
 from .encoders import clip_encoders
 from .metrics import HeldOutGap, MetricsLog, write_report
@@ -213,8 +213,8 @@ def train(config: FinetuneConfig) -> RunResult:
                          device, model_dtype)
         with accelerator.autocast():
             gap.set_teacher(lambda inputs: predict(transformer, inputs))
-    validate = images is not None or bool(config.validation.every and config.validation.prompts)
-    validate = validate and not fsdp and main  # sampling runs the bare model: impossible when sharded
+    # Sampling runs the bare model on the main process: impossible when the weights are sharded.
+    validate = bool(config.validation.every and config.validation.prompts) and not fsdp and main
     teacher_videos = generate(pipe, config, images, device, accelerator.autocast) if validate else None
     if teacher_videos is not None:
         save_videos(output_dir, "teacher", teacher_videos, config.validation.fps)
@@ -327,6 +327,7 @@ def train(config: FinetuneConfig) -> RunResult:
                "grad_norm": None if grad_norm is None else float(grad_norm), "density": density,
                "step_time_s": elapsed, "tokens_per_s": global_size * t.grad_accum * tokens_per_sample / elapsed}
         if not math.isfinite(means["loss"]):
+            log.log(row)
             raise FloatingPointError(f"loss is {means['loss']} at step {step}")
         evaluated = (gap is not None or validate) and ((every and step % every == 0) or step == t.max_steps)
         if evaluated:
