@@ -143,20 +143,39 @@ def test_teacher_memory(lora):
         assert added == pytest.approx(weights, rel=0.001) and teacher.extra_parameter_bytes == parameters
 
 
-def test_held_out_gap_is_zero_for_a_dense_student_and_drops_with_distillation(videos, tmp_path):
+def test_held_out_gap_and_distill_loss_are_zero_for_a_dense_student(videos, tmp_path):
     dense = run(videos, tmp_path / "dense", "sparse.method=dense", "train.max_steps=1", "train.objective=distill",
                 *LORA)
-    assert dense.evaluations[0]["teacher_gap"] == 0.0
+    assert dense.evaluations[0]["teacher_gap"] == 0.0 and dense.evaluations[0]["heldout_density"] == 1.0
     rows = ft.read_metrics(tmp_path / "dense")
     assert rows[1]["distill_loss"] == 0.0 and rows[1]["loss"] == 0.0
-    settings = ("train.objective=distill", "train.lora_rank=8", "train.lr=1e-3", "train.max_steps=12",
-                "validation.every=12", "train.checkpoint_every=12")
-    sparse = run(videos, tmp_path / "sparse", *settings)
-    report = json.loads((tmp_path / "sparse" / "final" / "report.json").read_text())
-    assert report["teacher_gap_before"] > 0.01, "VMoBA at ~0.29 density must start measurably off the teacher"
-    assert report["teacher_gap_after"] < report["teacher_gap_before"], report["evaluations"]
-    assert report["teacher"]["kind"] == "the student with LoRA adapters disabled"
-    assert report["heldout_density_before"] < 0.5
+    report = json.loads((tmp_path / "dense" / "final" / "report.json").read_text())
+    assert report["teacher_gap_before"] == 0.0 and report["teacher"]["kind"] == "the student with LoRA adapters disabled"
+
+
+@pytest.mark.parametrize("lora, lr", [(True, 1e-2), (False, 1e-3)], ids=["lora", "full"])
+def test_distillation_brings_the_sparse_student_to_the_teacher(lora, lr):
+    """On a fixed batch, distillation steps take the VMoBA student most of the way to the
+    dense teacher (the held-out version of this is bench/finetune_gap_cpu.py)."""
+    model, teacher, processor = _student("vmoba", lora)
+    inputs = _inputs(batch=2)
+    target = teacher(model, inputs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    train = ft.TrainConfig(objective="distill")
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float((ft.predict(model, inputs) - target).norm() / target.norm())
+
+    before = gap()
+    for _ in range(40):
+        loss, _ = ft.objective_loss(ft.predict(model, inputs), inputs, teacher(model, inputs), train)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert before > 0.01 and gap() < 0.5 * before, (before, gap())
+    torch.testing.assert_close(teacher(model, inputs), target)  # the teacher did not move
 
 
 def test_sigmas_stay_in_the_expert_range_and_ti2v_inputs_give_the_first_frame():

@@ -92,7 +92,7 @@ def test_variants_without_an_objective_are_refused():
         ft.describe_model(pipe, ft.load_config("tiny_wan_vmoba", ["data.latents_dir=unused"]))
 
 
-def _generate(pipe, image_path: Path | None = None, **kwargs) -> np.ndarray:
+def _generate(pipe, image_path: Path | None = None, num_inference_steps: int = 4, **kwargs) -> np.ndarray:
     from PIL import Image
 
     from vdiff_sparse.pipelines.finetune.encoders import text_pipeline
@@ -102,8 +102,8 @@ def _generate(pipe, image_path: Path | None = None, **kwargs) -> np.ndarray:
     if image_path is not None:
         kwargs["image"] = Image.open(image_path).convert("RGB")
     with torch.no_grad():
-        out = pipe(prompt_embeds=positive, num_inference_steps=4, guidance_scale=1.0, output_type="np",
-                   generator=torch.Generator().manual_seed(0), **kwargs)
+        out = pipe(prompt_embeds=positive, guidance_scale=1.0, output_type="np",
+                   num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(0), **kwargs)
     return np.asarray(out.frames[0])
 
 
@@ -150,7 +150,8 @@ def test_a14b_experts_train_on_their_own_noise_levels_and_generate_together(vide
     and loaded into one pipeline, which then generates with both trained experts."""
     from diffusers import WanTransformer3DModel
 
-    high = _resumes_exactly(videos, tmp_path / "high", "tiny_wan2.2_a14b", "validation.every=2", "validation.steps=4")
+    high = _resumes_exactly(videos, tmp_path / "high", "tiny_wan2.2_a14b", "train.lr=1e-2", "validation.every=2",
+                            "validation.steps=4")
     low = tmp_path / "low"
     run(videos, low, *SHORT, "model.expert=low_noise", "train.lora_rank=0", config=CONFIGS / "tiny_wan2.2_a14b.yaml")
     for folder, expected in ((high, [0.5, 1.0]), (low, [0.0, 0.5])):
@@ -165,10 +166,13 @@ def test_a14b_experts_train_on_their_own_noise_levels_and_generate_together(vide
     pipe.transformer_2 = WanTransformer3DModel.from_pretrained(str(low / "final" / "transformer_2"))
     trained_low = final_weights(low, "transformer_2")
     assert all(torch.equal(trained_low[k], v) for k, v in pipe.transformer_2.state_dict().items())
-    size = dict(num_frames=9, height=48, width=80, max_text_len=16)
+    # 8 steps: the last ones fall below the boundary (timestep 500), where transformer_2 denoises.
+    size = dict(num_frames=9, height=48, width=80, max_text_len=16, num_inference_steps=8)
     both = _generate(pipe, **size)
     base = ft.load_pipeline(ft.ModelConfig(name="tiny-wan2.2-a14b"))
     only_high = ft.load_pipeline(ft.ModelConfig(name="tiny-wan2.2-a14b"))
     only_high.load_lora_weights(str(high / "final"))
     untrained, high_only = _generate(base, **size), _generate(only_high, **size)
-    assert np.abs(both - high_only).max() > 1e-4 and np.abs(high_only - untrained).max() > 1e-4
+    # Same seed, float32: without the adapters the videos would be equal to the last bit; the
+    # high-noise steps' change is small by the end of denoising, so any difference counts.
+    assert np.abs(both - high_only).max() > 1e-4 and np.abs(high_only - untrained).max() > 1e-6
