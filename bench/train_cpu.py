@@ -2,9 +2,9 @@
 
 A Wan transformer (3 layers, so each of VMoBA's 1D / 2D / 3D partitions appears once; 2 heads
 x 64, width 128, random weights) trains on a latent video whose token grid is (8, 32, 32) =
-8,192 tokens by default. One step = the flow-matching loss of the fine-tuning pipeline
-(``vdiff_sparse.pipelines.finetune.flow_matching_loss``), its backward and an AdamW update, as
-in ``vdiff-sparse finetune``. Dense = the model's own attention (SDPA); sparse = VMoBA with
+8,192 tokens by default. One step = the fine-tuning pipeline's flow-matching step
+(``vdiff_sparse.pipelines.finetune``: ``draw_sample``, ``model_inputs``, ``objective_loss``), its
+backward and an AdamW update, as in ``vdiff-sparse finetune``. Dense = the model's own attention (SDPA); sparse = VMoBA with
 its training selection (threshold, global, tau = 0.25) on the torch backend, selection
 included. Writes the median step times, the speedup and VMoBA's measured density, then
 times attention alone per partition (selection and backend separately, on video-like q/k/v)
@@ -48,14 +48,19 @@ def build(grid, layers: int, heads: int, head_dim: int, method: str, seed: int):
 
 
 def step_times(model, latents, embeds, repeats: int) -> list[float]:
-    from vdiff_sparse.pipelines.finetune import TrainConfig, flow_matching_loss
+    from vdiff_sparse.pipelines import finetune as ft
+    from vdiff_sparse.pipelines.finetune.models import ModelTask
 
-    config = TrainConfig()
+    config = ft.TrainConfig()
+    task = ModelTask("t2v", "transformer", (0.0, 1.0), False, 0.0, tuple(model.config.patch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = {"latents": latents, "prompt_embeds": embeds}
     times = []
     for i in range(repeats + 1):  # the first step warms up allocator and plan caches
         start = time.perf_counter()
-        loss = flow_matching_loss(model, latents, embeds, [i], config)
+        inputs = ft.model_inputs(batch, [ft.draw_sample(i, latents.shape[1:], config, task)], task, 1000, "cpu",
+                                 torch.float32)
+        loss, _ = ft.objective_loss(ft.predict(model, inputs), inputs, None, config)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

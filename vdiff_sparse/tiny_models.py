@@ -176,6 +176,59 @@ def tiny_wan_pipeline(*, two_experts: bool = False, seed: int = 0):
     )
 
 
+def tiny_clip_image_encoder(*, seed: int = 0):
+    """A tiny ``CLIPVisionModel`` (hidden size 16, 32x32 input in 8x8 patches: 17 tokens) and
+    its ``CLIPImageProcessor``, as Wan 2.1 image-to-video pipelines take them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    _seeded(seed)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModel(config).eval(), processor
+
+
+def tiny_wan_i2v_pipeline(*, seed: int = 0):
+    """A Wan 2.1 image-to-video ``WanImageToVideoPipeline``: the tiny VAE, UMT5 and CLIP image
+    encoder, and an I2V transformer (36 input channels: noise, a 4-channel first-frame mask and
+    the encoded image; CLIP image tokens in cross-attention)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    tokenizer, text_encoder = tiny_text_encoder(seed=seed)
+    image_encoder, image_processor = tiny_clip_image_encoder(seed=seed)
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_vae(seed=seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_wan_transformer(i2v=True, seed=seed),
+        image_encoder=image_encoder, image_processor=image_processor,
+    )
+
+
+def tiny_wan22_vae(*, seed: int = 0):
+    """A tiny Wan 2.2 ``AutoencoderKLWan``: residual blocks, 2x2 pixel patches and 48 latent
+    channels, 16x spatial and 4x temporal compression (the TI2V-5B VAE's structure)."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded(seed)
+    return AutoencoderKLWan(base_dim=4, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                            latents_mean=[0.0] * 48, latents_std=[1.0] * 48).eval()
+
+
+def tiny_wan22_ti2v_pipeline(*, seed: int = 0):
+    """A Wan 2.2 TI2V ``WanPipeline`` (``expand_timesteps``: one timestep per token, so the
+    first frame can be given clean): the tiny Wan 2.2 VAE and a 48-channel tiny transformer.
+    ``WanImageToVideoPipeline.from_pipe`` of it generates from an image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer, text_encoder = tiny_text_encoder(seed=seed)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan22_vae(seed=seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=tiny_wan_transformer(seed=seed, in_channels=48, out_channels=48), expand_timesteps=True,
+    )
+
+
 def tiny_wan_light_vae(*, seed: int = 0):
     """A cheaper tiny ``AutoencoderKLWan`` for end-to-end generation on CPU: one down level,
     so 2x spatial and 2x temporal compression (``scale_factor_spatial/temporal`` in its config
@@ -414,13 +467,17 @@ __all__ = [
     "tiny_video_inputs",
     "tiny_wan_animate_transformer",
     "tiny_wan_vace_transformer",
+    "tiny_clip_image_encoder",
     "tiny_cogvideox_transformer",
     "tiny_hunyuan_video_transformer",
     "tiny_inputs",
     "tiny_ltx_transformer",
     "tiny_mochi_transformer",
     "tiny_text_encoder",
+    "tiny_wan22_ti2v_pipeline",
+    "tiny_wan22_vae",
     "tiny_wan_generation_pipeline",
+    "tiny_wan_i2v_pipeline",
     "tiny_wan_light_vae",
     "tiny_wan_pipeline",
     "tiny_wan_transformer",

@@ -1,0 +1,162 @@
+"""Does sparse-aware fine-tuning bring the sparse model back to the dense one? The tiny Wan on
+the CPU, through the fine-tuning pipeline itself (``vdiff_sparse.pipelines.finetune.train``).
+
+The base model is the tiny Wan 2.1 T2V of ``configs/finetune/tiny_wan_vmoba.yaml`` (random
+weights, seed 0), first trained densely with flow matching for ``--pretrain-steps`` on the
+bench's clips (a random network's attention is nearly uniform, which no sparse pattern can
+reproduce; a trained one's is not), then saved as a diffusers folder and loaded from there like
+any checkpoint. That dense base is the teacher. The data are ``--clips`` synthetic clips
+(moving colour gradients of random frequency, direction and phase, 9 frames at 48x80, a 3x3x5
+token grid), ``--holdout`` of them kept out of training for the held-out gap.
+
+For each sparse method (VMoBA with its training selection, GNA) and each fine-tuning (LoRA rank
+8 on the attention projections, full), ``train.objective=distill`` and
+``train.objective=flow_matching`` run ``--steps`` steps with the same seed, data order and
+noise. Recorded per run from ``final/report.json``: the held-out ``teacher_gap`` (relative L2
+between the sparse student's and the dense teacher's predictions on the held-out clips at 4
+fixed noise levels, uniform in sigma; training draws sigma uniformly too) at the start, every
+``--eval-every`` steps and at the end, its ratio
+after/before, both models' held-out flow-matching loss, the student's attention density, and
+the wall time (indicative only: a shared 2-core machine).
+
+    python bench/finetune_gap_cpu.py                         # writes bench/results/finetune_gap_cpu.json
+    python bench/finetune_gap_cpu.py --steps 20 --pretrain-steps 20 --out /tmp/gap.json   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vdiff_sparse.benchmarks.meta import command_line, run_metadata, write_json
+
+METHODS = ("vmoba", "gna")
+FINE_TUNING = {"lora": ["train.lora_rank=8"], "full": []}
+OBJECTIVES = ("distill", "flow_matching")
+WORDS = "a the cat dog runs on beach in snow red blue video of".split()
+
+
+def write_clips(root: Path, count: int, seed: int) -> Path:
+    """``count`` clips of moving colour gradients and ``captions.jsonl`` in ``root``."""
+    import imageio
+
+    rng = np.random.default_rng(seed)
+    t, y, x = np.meshgrid(np.arange(9), np.arange(48), np.arange(80), indexing="ij")
+    lines = []
+    for i in range(count):
+        fy, fx, ft_ = rng.uniform(0.05, 0.3, 3)
+        channels = [127 + 120 * np.sin(fx * x * rng.choice([-1, 1]) + fy * y + ft_ * t * (c + 1) + rng.uniform(0, 6.3))
+                    for c in range(3)]
+        imageio.mimwrite(str(root / f"clip{i}.mp4"), np.stack(channels, -1).astype(np.uint8), fps=8)
+        caption = " ".join(rng.choice(WORDS, size=5))
+        lines.append(json.dumps({"video": f"clip{i}.mp4", "caption": caption}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def common(args, clips: Path, output_dir: Path, cache: Path) -> list[str]:
+    return [f"output_dir={output_dir}", f"data.video_dir={clips}", f"data.captions={clips / 'captions.jsonl'}",
+            f"data.cache_dir={cache}", f"seed={args.seed}",
+            f"eval.holdout={args.holdout}", "validation.prompts=[]", f"train.batch_size={args.batch}",
+            "train.log_every=1000", "train.checkpoint_every=100000", f"train.lr_warmup_steps={args.warmup}",
+            # Noise levels drawn uniformly, as the held-out gap weighs them (its levels are the
+            # midpoints of equal slices of sigma).
+            "train.timestep_sampling=uniform", "train.shift=1.0"]
+
+
+def pretrained_base(args, clips: Path, work: Path) -> Path:
+    """The tiny Wan trained densely with flow matching, saved as a diffusers pipeline folder."""
+    from diffusers import WanTransformer3DModel
+
+    from vdiff_sparse.pipelines import finetune as ft
+
+    out = work / "pretrain"
+    config = ft.load_config("tiny_wan_vmoba", common(args, clips, out, work / "cache-pretrain") + [
+        "sparse.method=dense", "train.objective=flow_matching", f"train.max_steps={args.pretrain_steps}",
+        f"train.lr={args.pretrain_lr}", "train.lr_scheduler=cosine", "validation.every=0", "eval.holdout=0"])
+    ft.train(config)
+    pipe = ft.load_pipeline(ft.ModelConfig(), seed=args.seed)
+    pipe.transformer = WanTransformer3DModel.from_pretrained(str(out / "final" / "transformer"))
+    base = work / "base"
+    pipe.save_pretrained(str(base))
+    return base
+
+
+def run(args, clips: Path, work: Path, base: Path | None, method: str, fine_tuning: str, objective: str) -> dict:
+    from vdiff_sparse.pipelines import finetune as ft
+
+    out = work / f"{method}-{fine_tuning}-{objective}"
+    lr = args.lora_lr if fine_tuning == "lora" else args.full_lr
+    settings = [f"sparse.method={method}", f"train.objective={objective}", f"train.max_steps={args.steps}",
+                f"train.lr={lr}", "train.lr_scheduler=cosine", f"validation.every={args.eval_every}",
+                *FINE_TUNING[fine_tuning]]
+    if base is not None:
+        settings.append(f"model.name={base}")
+    start = time.perf_counter()
+    result = ft.train(ft.load_config("tiny_wan_vmoba", common(args, clips, out, work / "cache") + settings))
+    wall = time.perf_counter() - start
+    report = json.loads(result.report.read_text())
+    row = {
+        "method": method, "fine_tuning": fine_tuning, "objective": objective, "lr": lr, "steps": args.steps,
+        "settings": settings, "teacher_gap_before": report["teacher_gap_before"],
+        "teacher_gap_after": report["teacher_gap_after"], "teacher_gap_ratio": report["teacher_gap_ratio"],
+        "gap_by_step": {e["step"]: e["teacher_gap"] for e in report["evaluations"]},
+        "student_heldout_loss_before": report["student_heldout_loss_before"],
+        "student_heldout_loss_after": report["student_heldout_loss_after"],
+        "teacher_heldout_loss": report["teacher_heldout_loss_after"],
+        "heldout_density": report["heldout_density_after"], "teacher": report["teacher"], "wall_s": wall,
+    }
+    print(f"  {method:<5} {fine_tuning:<4} {objective:<13} gap {row['teacher_gap_before']:.4f} -> "
+          f"{row['teacher_gap_after']:.4f} (x{row['teacher_gap_ratio']:.2f}), held-out loss "
+          f"{row['student_heldout_loss_before']:.4f} -> {row['student_heldout_loss_after']:.4f} "
+          f"(teacher {row['teacher_heldout_loss']:.4f}), density {row['heldout_density']:.3f}, {wall:.0f} s", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="dense flow-matching steps of the base (0: random)")
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
+    parser.add_argument("--full-lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=20, help="learning-rate warm-up steps")
+    parser.add_argument("--clips", type=int, default=12)
+    parser.add_argument("--holdout", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "finetune_gap_cpu.json"))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="finetune-gap-") as tmp:
+        work = Path(tmp)
+        (work / "clips").mkdir()
+        clips = write_clips(work / "clips", args.clips, args.seed)
+        base = pretrained_base(args, clips, work) if args.pretrain_steps else None
+        for method in args.methods:
+            for fine_tuning in FINE_TUNING:
+                for objective in OBJECTIVES:
+                    rows.append(run(args, clips, work, base, method, fine_tuning, objective))
+    report = {
+        "benchmark": "finetune_gap_cpu",
+        **run_metadata(command_line()),
+        "model": "tiny Wan 2.1 T2V (configs/finetune/tiny_wan_vmoba.yaml: 2 layers, 2 heads x 32, a 3x3x5 token "
+                 "grid)" + (f", trained densely with flow matching for {args.pretrain_steps} steps first" if
+                             args.pretrain_steps else ", random weights"),
+        "data": f"{args.clips} synthetic clips, {args.holdout} held out; held-out gap on them at 4 noise levels",
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "runs": rows,
+    }
+    print("wrote", write_json(args.out, report))
+
+
+if __name__ == "__main__":
+    main()
