@@ -330,10 +330,10 @@ def test_low_precision_importance_close_to_loop(importance_dtype, magnitude, see
     order = tile_order(grid, (2, 4, 4))
     q_offsets, k_offsets = uniform_offsets(n, 40), uniform_offsets(n, 24)
     dtype = getattr(torch, importance_dtype)
-    got = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
+    got, _, _ = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
     assert got.dtype == torch.float32
     if dtype == torch.bfloat16:  # the dtype is used, not just accepted
-        exact = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
+        exact, _, _ = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
         assert not torch.equal(got, exact)
     qp, kp = order.permute(q.double(), 1), order.permute(k.double(), 1)
     max_logit = float(torch.einsum("bnhd,bmhd->bhnm", qp, kp).abs().max()) * 16**-0.5
@@ -535,7 +535,7 @@ def test_config_omegaconf_and_overrides(seed):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(mode="topk"), r"mode must be one of \['threshold', 'quantile'\], got 'topk'"),
+        (dict(mode="topk"), r"mode must be one of \['threshold', 'quantile', 'budget'\], got 'topk'"),
         (dict(reorder="gilbert"), r"reorder must be one of .*'hilbert'.*got 'gilbert'"),
         (dict(importance="exact"), r"importance must be one of"),
         (dict(importance_dtype="float16"), r"importance_dtype must be one of \['auto', 'bfloat16', 'float32', 'float64'\], got 'float16'"),

@@ -1,6 +1,6 @@
 """PSA: pyramid sparse attention — every (query block, key block) pair gets a pool level.
 
-Semantics (DESIGN §4.2), per batch and head:
+Semantics, per batch and head:
 
 1. Tokens are optionally reordered (``reorder``: ``"none"``, ``"tile"`` cubes or a 3D
    ``"hilbert"`` curve), then cut into query blocks of ``block_q`` and key blocks of ``block_k``
@@ -30,11 +30,17 @@ Semantics (DESIGN §4.2), per batch and head:
      ``ceil(fractions[1] * n)`` blocks at ``p = 1``, up to ``ceil((fractions[1] + fractions[2])
      * n)`` at ``p = 2``, and so on; the rest are skipped. ``fractions={1: 1.0}`` is dense,
      ``fractions={2: 1.0}`` puts every pair at ``p = 2`` (density 1/2).
+   * ``"budget"``: each row spends a FLOP-equivalent ``density`` where an estimate of the
+     output error says it helps most, from the sampled logits of step 2 (the spread of each key
+     block's logits within pool groups, and how alike a head's keys are within groups): see
+     :mod:`vdiff_sparse.methods.psa_budget`. Where pooling cannot help it is binary
+     block-sparse attention at the same density.
 
 4. Optional ``similarity_cap``: key block ``j`` may be seen at factor ``p`` only if the mean
    cosine similarity between the first and last key of its pool groups of ``p`` (adjacent keys
    for ``p = 2``) is above ``similarity_cap[p]``; otherwise it gets the largest lower factor
-   that is allowed (``p = 1`` always is).
+   that is allowed (``p = 1`` always is). In budget mode the denied levels are not offered to
+   the allocator, so the budget still holds.
 5. Attention (any backend): a pooled key's logit gets ``+ ln(count)``, all entries of a query
    share one softmax, plus the always-attended extra (text) keys.
 """
@@ -53,8 +59,15 @@ from ..attention import run_plan
 from ..checks import check_choice, check_finite, check_qkv
 from ..layout import BlockOrder, Grid, hilbert_order, sequence_order, tile_order, uniform_offsets
 from ..plan import LEVELS, AttentionPlan, pack_block_selection
+from .psa_budget import (
+    LEVELS_COARSE_FIRST,
+    SPREAD_QUERY_STRIDE,
+    allocate_budget,
+    head_variation_ratio,
+    pooling_distortion,
+)
 
-MODES = ("threshold", "quantile")
+MODES = ("threshold", "quantile", "budget")
 REORDERS = ("none", "tile", "hilbert")
 IMPORTANCES = ("sampled", "mean_pooled")
 IMPORTANCE_DTYPES = ("auto", "bfloat16", "float32", "float64")
@@ -115,22 +128,30 @@ class PSAConfig:
     Attributes:
         block_q: query block size (plan positions).
         block_k: key block size; every pool level pools within these blocks.
-        mode: ``"threshold"`` (cumulative importance share) or ``"quantile"`` (fixed
-            fractions of blocks by rank).
+        mode: ``"threshold"`` (cumulative importance share), ``"quantile"`` (fixed
+            fractions of blocks by rank) or ``"budget"`` (``density`` spent where it lowers
+            the estimated error most; :mod:`vdiff_sparse.methods.psa_budget`).
         thresholds: threshold mode, ``{p: cumulative share}`` for p among 1, 2, 4, 8, each in
             (0, 1], strictly increasing with ``p``. A level left out is never used.
         fractions: quantile mode, ``{p: fraction of key blocks}``, each in [0, 1], summing to
             at most 1 (and more than 0).
         min_full_fraction: threshold mode, at least ``ceil(min_full_fraction * n_k_blocks)``
             (and at least one) blocks per row at p = 1, in [0, 1].
+        density: budget mode, the FLOP-equivalent density of the plan, in (0, 1]: every
+            query block spends ``density * N`` keys (pooled keys count ``1/p``; at most one
+            key block more).
+        budget_levels: budget mode, the pool factors it may use (a non-empty subset of
+            1, 2, 4, 8); ``(1,)`` is binary block-sparse attention at the budget.
         similarity_cap: ``{p: cosine}`` for p among 2, 4, 8, each in [-1, 1], or ``None``
-            (no cap). See the module docstring.
+            (no cap). See the module docstring; in budget mode a capped level is not offered
+            to the allocator, so the budget still holds.
         reorder: ``"none"``, ``"tile"`` (``tile``-shaped cubes, ragged at the edges) or
             ``"hilbert"`` (3D Hilbert curve).
         tile: ``(c_t, c_h, c_w)`` cube of ``reorder="tile"``.
         samples_per_block: tokens sampled per block for the importance estimate; ``None`` is
             a quarter of the block (at least one).
-        importance: ``"sampled"`` or ``"mean_pooled"``.
+        importance: ``"sampled"`` or ``"mean_pooled"`` (not in budget mode, which reads its
+            spread estimate off the sampled logits).
         importance_dtype: operand dtype of the sampled importance matmul: ``"bfloat16"``,
             ``"float32"``, ``"float64"`` or ``"auto"``: float64 for float64 inputs, else
             bfloat16 on CUDA GPUs of compute capability 8.0 or more and on CPUs with
@@ -149,6 +170,8 @@ class PSAConfig:
     thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8})
     fractions: dict[int, float] = field(default_factory=lambda: {1: 0.1, 2: 0.05, 8: 0.2})
     min_full_fraction: float = 0.06
+    density: float = 0.15
+    budget_levels: tuple[int, ...] = (1, 2, 4, 8)
     similarity_cap: Optional[dict[int, float]] = None
     reorder: str = "hilbert"
     tile: tuple[int, int, int] = (2, 4, 4)
@@ -183,6 +206,30 @@ class PSAConfig:
         ):
             raise ValueError(f"min_full_fraction must be a float in [0, 1], got {self.min_full_fraction!r}")
         self.min_full_fraction = float(self.min_full_fraction)
+        if (
+            isinstance(self.density, bool)
+            or not isinstance(self.density, (int, float))
+            or not 0 < self.density <= 1
+        ):
+            raise ValueError(f"density must be a float in (0, 1], got {self.density!r}")
+        self.density = float(self.density)
+        try:
+            budget_levels = list(self.budget_levels)
+        except TypeError:
+            budget_levels = []
+        if not budget_levels or any(
+            isinstance(p, bool) or not isinstance(p, int) or p not in LEVELS for p in budget_levels
+        ):
+            raise ValueError(
+                f"budget_levels must be a non-empty tuple of pool factors among {list(LEVELS)}, "
+                f"got {self.budget_levels!r}"
+            )
+        self.budget_levels = tuple(sorted(set(budget_levels)))
+        if self.mode == "budget" and self.importance != "sampled":
+            raise NotImplementedError(
+                f"mode='budget' reads its error estimate off the sampled logits and needs "
+                f"importance='sampled', got importance={self.importance!r}"
+            )
         if self.similarity_cap is not None:
             self.similarity_cap = _level_dict(
                 "similarity_cap", self.similarity_cap, LEVELS[1:], -1.0, 1.0, lo_open=False
@@ -290,11 +337,16 @@ def importance_matmul_dtype(config: PSAConfig, q: torch.Tensor) -> torch.dtype:
 def _sampled_importance(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-) -> torch.Tensor:
+    spread: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
-    rows summing to 1. Only the sampled tokens are read (through the reorder), never a
-    reordered copy of q or k. The logits are ``matmul_dtype``; the rest runs in float32 or
-    float64."""
+    rows summing to 1, and with ``spread`` two more of that shape (else ``None``): the mean
+    squared logit difference of consecutive sampled keys of each key block over every
+    :data:`SPREAD_QUERY_STRIDE`-th sampled query, and the variance of the logits over each
+    key block's samples for the first sampled query (see
+    :mod:`vdiff_sparse.methods.psa_budget`). Only the sampled tokens are read
+    (through the reorder), never a reordered copy of q or k. The logits are ``matmul_dtype``;
+    the rest runs in float32 or float64."""
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
@@ -315,14 +367,40 @@ def _sampled_importance(
     chunk_elements = _CHUNK_ELEMENTS_GPU if q.is_cuda else _CHUNK_ELEMENTS
     blocks_per_chunk = max(1, min(nqb, chunk_elements // (sq * nkb * sk)))
     out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+    spreads = variances = None
+    if spread:
+        spreads = torch.zeros(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+        variances = torch.zeros_like(spreads)
+        pairs = sk // 2
+        # A pair of samples at one position (a block shorter than its samples) says nothing:
+        # such blocks average their real pairs only (none: S = 0, a block of one key).
+        positions = k_positions.view(sk, nkb)[: 2 * pairs].view(pairs, 2, nkb)
+        real_pairs = (positions[:, 0] != positions[:, 1]).to(work_dtype)  # [pairs, nkb]
+        spread_queries = -(-sq // SPREAD_QUERY_STRIDE)
+        pair_weight = None
+        if not bool(real_pairs.all()):
+            pair_weight = real_pairs / (real_pairs.sum(0).clamp(min=1) * spread_queries)
     for r in range(B * H):
         for b0 in range(0, nqb, blocks_per_chunk):
             b1 = min(nqb, b0 + blocks_per_chunk)
             logits = torch.mm(qs[r, b0:b1].reshape(-1, D), ks[r])  # [(b1-b0)*sq, sk*nkb]
-            block_max = logits.view(b1 - b0, sq, sk, nkb).amax(2).to(work_dtype)
+            per_block = logits.view(b1 - b0, sq, sk, nkb)
+            block_max = per_block.amax(2).to(work_dtype)
             row_max = block_max.amax(-1, keepdim=True)
             out[r, b0:b1] = (block_max - row_max).exp_().amax(1)
-    return out / out.sum(-1, keepdim=True)
+            if spread and pairs:
+                some = per_block[:, ::SPREAD_QUERY_STRIDE, : 2 * pairs].unflatten(2, (pairs, 2))
+                squares = (some[:, :, :, 0] - some[:, :, :, 1]).square_()  # [b, q', pairs, nkb]
+                if pair_weight is None:
+                    spreads[r, b0:b1] = squares.sum((1, 2), dtype=work_dtype) / (spread_queries * pairs)
+                else:
+                    spreads[r, b0:b1] = (squares.sum(1, dtype=work_dtype) * pair_weight).sum(1)
+                # The variance over a key block's samples enters a per-head sum only: the first
+                # sampled query of each query block is enough.
+                first = per_block[:, 0].to(work_dtype)  # [b, sk, nkb]
+                mean = first.mean(1)
+                variances[r, b0:b1] = first.square_().mean(1) - mean.square_()
+    return out / out.sum(-1, keepdim=True), spreads, variances
 
 
 def _mean_pooled_importance(
@@ -368,6 +446,24 @@ def _cap_levels(
         denied = block_similarity(kp, k_offsets, p) <= cap[p]  # [R, nkb]
         levels = torch.where((levels == p) & denied[:, None, :], p // 2, levels)
     return levels
+
+
+def _budget_levels(
+    importance: torch.Tensor, spread: torch.Tensor, variance: torch.Tensor, kp: torch.Tensor | None,
+    k_offsets: torch.Tensor, config: PSAConfig, n: int,
+) -> torch.Tensor:
+    """Budget mode's ``[R, nqb, nkb]`` levels: :func:`allocate_budget` over the pool factors
+    ``config.budget_levels`` allows, minus those the similarity cap denies a key block."""
+    R, nqb, nkb = importance.shape
+    rho = head_variation_ratio(importance, spread, variance)
+    allowed = torch.tensor([p in config.budget_levels for p in LEVELS_COARSE_FIRST], device=importance.device)
+    if config.similarity_cap:
+        allowed = allowed.expand(R, 1, nkb, len(LEVELS_COARSE_FIRST)).clone()
+        for p, cap in config.similarity_cap.items():
+            denied = block_similarity(kp, k_offsets, p) <= cap  # [R, nkb]
+            allowed[..., LEVELS_COARSE_FIRST.index(p)] &= ~denied[:, None, :]
+    return allocate_budget(importance, lambda x: pooling_distortion(spread, rho, x), k_offsets.diff(),
+                           config.density * n, allowed)
 
 
 # --- plan ----------------------------------------------------------------------------------
@@ -423,17 +519,22 @@ def plan_psa(
         if config.importance == "sampled":
             sq = config.samples_per_block or max(1, config.block_q // 4)
             sk = config.samples_per_block or max(1, config.block_k // 4)
-            importance = _sampled_importance(
+            importance, spread, variance = _sampled_importance(
                 q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
-                importance_matmul_dtype(config, q),
+                importance_matmul_dtype(config, q), spread=config.mode == "budget",
             )
         else:
             kp = plan_order(k)
             importance = _mean_pooled_importance(plan_order(q), kp, q_offsets, k_offsets, scale)
-        levels = allocate_levels(importance, config)
-        if config.similarity_cap:
-            kp = plan_order(k) if kp is None else kp
-            levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
+        if config.mode == "budget":
+            if config.similarity_cap:
+                kp = plan_order(k) if kp is None else kp
+            levels = _budget_levels(importance, spread, variance, kp, k_offsets, config, n)
+        else:
+            levels = allocate_levels(importance, config)
+            if config.similarity_cap:
+                kp = plan_order(k) if kp is None else kp
+                levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
         levels = levels.view(B, H, nqb, nkb)
         kv_index, kv_level = pack_block_selection(levels > 0, levels)
         counts = torch.bincount(levels.reshape(-1), minlength=max(LEVELS) + 1).tolist()
