@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from vdiff_sparse.benchmarks import attention_scripts, fidelity, main, wan_e2e
+from vdiff_sparse.benchmarks import fidelity_psa
 from vdiff_sparse.methods import method_names
 from vdiff_sparse.video_attention_data import (
     HEAD_KINDS,
+    MORE_HEAD_KINDS,
+    SCENES,
     default_head_profile,
+    head_profile,
     patch_features,
     rope_3d,
     video_attention_qkv,
@@ -56,6 +60,46 @@ def test_generator_dtype_device_and_default_heads():
     assert q.dtype == k.dtype == v.dtype == torch.float64
     locality, content, kinds = default_head_profile(5)
     assert kinds == [*HEAD_KINDS, "global"] and len(locality) == len(content) == 5
+
+
+@pytest.mark.parametrize("scene", list(SCENES))
+def test_every_scene_is_deterministic_and_its_own(scene, seed):
+    grid = (3, 6, 8)
+    a = video_frames(grid, seed=seed % 1000, scene=scene)
+    assert torch.equal(a, video_frames(grid, seed=seed % 1000, scene=scene))
+    others = [video_frames(grid, seed=seed % 1000, scene=s) for s in SCENES if s != scene]
+    assert all(not torch.allclose(a, o) for o in others)
+    assert torch.isfinite(a).all() and a.shape == (1, 3, 8, 12, 16)
+
+
+def _neighbour_similarity(scene, seed):
+    """Cosine similarity of horizontally adjacent token features."""
+    grid = (3, 16, 20)
+    f = torch.nn.functional.normalize(patch_features(video_frames(grid, seed=seed, scene=scene))[0], dim=-1)
+    f = f.view(3, 16, 20, -1)
+    return (f[:, :, 1:] * f[:, :, :-1]).sum(-1)
+
+
+def test_textured_and_cellular_scenes_have_unlike_neighbours(seed):
+    """The point of the sharp, textured scenes: adjacent tokens differ far more often than in
+    the smooth one (pooling adjacent keys averages unlike things there)."""
+    seed %= 1000
+    smooth, texture, cellular = (_neighbour_similarity(s, seed) for s in ("smooth", "texture", "cellular"))
+    assert float(smooth.mean()) > float(texture.mean()) + 0.15
+    # Cells: flat inside (many identical neighbours), sharp edges (many unlike ones).
+    unlike = {name: float((c < 0.3).float().mean()) for name, c in (("smooth", smooth), ("cellular", cellular))}
+    assert unlike["cellular"] > 1.5 * unlike["smooth"], unlike
+    assert float((cellular > 0.95).float().mean()) > 0.2
+
+
+def test_head_profile_and_scene_errors():
+    locality, content = head_profile(["global", "very_local", "sharp_global"])
+    assert locality[1] == MORE_HEAD_KINDS["very_local"][0] and content[2] == MORE_HEAD_KINDS["sharp_global"][1]
+    assert locality[0] == HEAD_KINDS["global"][0]
+    with pytest.raises(ValueError, match=r"head kind must be one of .*got 'nope'"):
+        head_profile(["nope"])
+    with pytest.raises(ValueError, match=r"scene must be one of \['smooth', 'mixed', 'cellular', 'texture'\], got 'foam'"):
+        video_attention_qkv((2, 4, 4), 1, 8, scene="foam")
 
 
 def test_nearby_tokens_are_more_similar_than_far_ones(seed):
@@ -143,7 +187,8 @@ def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("fidelity") / "fidelity.json"
     report = fidelity.run(fidelity.build_parser().parse_args(
         ["--grid", "2", "8", "12", "--heads", "2", "--head-dim", "16", "--vmoba-cube", "1", "4", "4",
-         "--psa-block", "16", "--out", str(out)]))
+         "--psa-block", "16", "--scenes", "smooth", "texture", "--budget-densities", "0.25", "0.5", "--no-e2e",
+         "--out", str(out)]))
     return out, report
 
 
@@ -158,6 +203,9 @@ def test_sweep_writes_json_and_png_with_metadata(tiny_sweep):
     assert {c["family"] for c in saved["curves"]} == {"gna", "psa", "vmoba"}
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert out.with_name("fidelity_block_density.png").stat().st_size > 10_000
+    assert out.with_name("fidelity_psa_budget.png").stat().st_size > 10_000
+    assert saved["problem"]["scenes"] == ["smooth", "texture"] and saved["problem"]["seed"] == fidelity.DEFAULT_SEED
+    assert saved["problem"]["head_kinds"] == list(fidelity.BENCH_HEADS[:2])
     for key in ("best_per_family", "best_per_family_by_block_density"):
         assert set(saved["summary"][key]) == {"gna", "psa", "vmoba"}
 
@@ -170,7 +218,8 @@ def test_sweep_errors_are_sensible(tiny_sweep):
         for p in pts:
             assert 0 < p["density"] <= 1 + 1e-9, name
             assert 0 <= p["rel_l2"] < 1.5 and -1 <= p["cosine"] <= 1 + 1e-9, name
-            assert len(p["rel_l2_per_head"]) == 2
+            assert len(p["rel_l2_per_head"]) == 2 and len(p["rel_l2_per_scene"]) == 2
+            assert [len(row) for row in p["rel_l2_per_scene_head"]] == [2, 2]
             if p["density"] >= 1 - 1e-9:
                 assert p["rel_l2"] < 1e-5 and p["cosine"] > 1 - 1e-9, (name, p)
         # Monotone-ish: more density never costs much more error, and the densest point of a
@@ -188,18 +237,69 @@ def test_psa_pairs_are_at_equal_density(tiny_sweep):
         ml, binary = pair["multi_level"], pair["binary"]
         # Binary keeps whole blocks (ceil of the target's count per row): one block of slack.
         assert abs(binary["density"] - ml["density"]) <= 16 / 192 + 1e-9, pair
+        assert pair["matched"] == (abs(binary["density"] - ml["density"]) <= 0.02 * ml["density"])
         assert pair["multi_level_better"] == (ml["rel_l2"] < binary["rel_l2"])
+        assert not pair["variant"].startswith("budget")
     summary = report["summary"]["psa_multi_vs_binary"]
     assert summary["pairs"] == len(report["psa_pairs"])
+    assert summary["pairs_matched"] == sum(p["matched"] for p in report["psa_pairs"])
+    assert summary["multi_level_wins"] == sum(p["matched"] and p["multi_level_better"] for p in report["psa_pairs"])
+
+
+def test_budget_cases_are_per_scene_density_head_and_matched(tiny_sweep):
+    _, report = tiny_sweep
+    cases = report["psa_budget"]["cases"]
+    assert len(cases) == 2 * 2 * 2  # scenes x densities x heads
+    assert {(c["scene"], c["head"], c["target_density"]) for c in cases} == {
+        (s, h, d) for s in ("smooth", "texture") for h in fidelity.BENCH_HEADS[:2] for d in (0.25, 0.5)}
+    for c in cases:
+        d_b = c["binary"]["density"]
+        for name in ("budget", "split"):
+            assert c[f"{name}_matched"] == (abs(c[name]["density"] - d_b) <= 0.02 * d_b)
+            assert c[f"{name}_over_binary"] == pytest.approx(c[name]["rel_l2"] / c["binary"]["rel_l2"])
+    tally = report["psa_budget"]["summary"]["all"]
+    counted = [c["budget_over_binary"] for c in cases if c["budget_matched"]]
+    assert tally["budget_vs_binary_counted"] == len(counted)
+    assert tally["budget_worse_than_binary_by_over_3pct"] == sum(r > 1.03 for r in counted)
+    assert tally["budget_better_than_binary_by_2pct"] == sum(r <= 0.98 for r in counted)
+    assert set(report["psa_budget"]["summary"]["per_scene"]) == {"smooth", "texture"}
+
+
+def test_match_searches_from_below():
+    calls = []
+
+    def make(knob):
+        calls.append(knob)
+        return knob
+
+    def density(knob):  # steps of 0.1: only multiples are reachable
+        return math.ceil(knob * 10 - 1e-9) / 10
+
+    knob, result = fidelity_psa._match(make, density, 0.3, 0.3, 6)
+    assert density(result) == pytest.approx(0.3) and knob <= 0.3 + 1e-12
+    knob, result = fidelity_psa._match(make, density, 0.25, 0.25, 6)
+    assert density(result) <= 0.25  # 0.2: the largest reachable at most the target
+
+
+def test_tiny_model_e2e_compares_binary_and_budget_at_matched_density():
+    rows = fidelity_psa.tiny_model_e2e((0.4,), (0,), size={"num_frames": 5, "height": 32, "width": 48,
+                                                          "num_inference_steps": 2})
+    (row,) = rows
+    assert row["grid"] == [3, 8, 12] and row["seed"] == 0
+    for name in ("binary", "budget"):
+        assert row[name]["ssim"] <= 1 and 0 < row[name]["flop_density_sparse_calls"] <= 1
+    d_b = row["binary"]["flop_density_sparse_calls"]
+    assert row["matched"] == (abs(row["budget"]["flop_density_sparse_calls"] - d_b) <= 0.02 * d_b)
 
 
 def test_bench_dispatch_runs_one_family(tmp_path):
     out = tmp_path / "gna.json"
     assert main(["fidelity", "--grid", "2", "6", "8", "--heads", "1", "--head-dim", "8",
-                 "--families", "gna", "--no-plot", "--out", str(out)]) == 0
+                 "--families", "gna", "--no-plot", "--no-e2e", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert {c["family"] for c in saved["curves"]} == {"gna"}
     assert saved["summary"]["best_per_family"]["vmoba"] == {str(d): None for d in fidelity.MATCHED_DENSITIES}
+    assert saved["psa_budget"]["cases"] == []
     assert not list(tmp_path.glob("*.png"))
 
 

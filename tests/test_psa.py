@@ -321,7 +321,7 @@ def test_low_precision_importance_close_to_loop(importance_dtype, magnitude, see
     rounding of the float64 loop. In bfloat16 operands and logits are rounded (8 mantissa
     bits), so ``blockmax - rowmax`` is off by up to ~``2 * max|logit| * 2**-8`` and the
     importance by about as much relatively."""
-    from vdiff_sparse.methods.psa import _sampled_importance
+    from vdiff_sparse.methods.psa_importance import sampled_importance
 
     grid = (2, 9, 11)
     n = math.prod(grid)
@@ -330,10 +330,10 @@ def test_low_precision_importance_close_to_loop(importance_dtype, magnitude, see
     order = tile_order(grid, (2, 4, 4))
     q_offsets, k_offsets = uniform_offsets(n, 40), uniform_offsets(n, 24)
     dtype = getattr(torch, importance_dtype)
-    got = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
+    got, _, _ = sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
     assert got.dtype == torch.float32
     if dtype == torch.bfloat16:  # the dtype is used, not just accepted
-        exact = _sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
+        exact, _, _ = sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
         assert not torch.equal(got, exact)
     qp, kp = order.permute(q.double(), 1), order.permute(k.double(), 1)
     max_logit = float(torch.einsum("bnhd,bmhd->bhnm", qp, kp).abs().max()) * 16**-0.5
@@ -346,12 +346,12 @@ def test_low_precision_importance_close_to_loop(importance_dtype, magnitude, see
 
 
 def test_importance_dtype_auto_resolution(monkeypatch):
-    import vdiff_sparse.methods.psa as psa
+    import vdiff_sparse.methods.psa_importance as psa_importance
 
     auto = PSAConfig()
     q32, q64 = torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8, dtype=torch.float64)
     for fast in (True, False):
-        monkeypatch.setattr(psa, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(psa_importance, "_cpu_has_fast_bf16", lambda fast=fast: fast)
         low = torch.bfloat16 if fast else torch.float32
         for q in (q32, q32.bfloat16(), q32.half()):
             assert importance_matmul_dtype(auto, q) == low, q.dtype
@@ -388,13 +388,13 @@ def test_plan_is_deterministic(importance, seed):
 
 @pytest.mark.parametrize("budget", [1, 700], ids=["one-block-per-chunk", "few-blocks-per-chunk"])
 def test_chunked_importance_gives_same_plan(budget, seed, monkeypatch):
-    import vdiff_sparse.methods.psa as psa
+    import vdiff_sparse.methods.psa_importance as psa_importance
 
     grid = (3, 5, 7)
     q, k, _ = random_qkv(2, 105, 3, 8, seed=seed)
     config = PSAConfig(block_q=16, block_k=8)
     whole = plan_psa(q, k, grid, config)
-    monkeypatch.setattr(psa, "_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(psa_importance, "_CHUNK_ELEMENTS", budget)
     chunked = plan_psa(q, k, grid, config)
     assert torch.equal(whole.kv_index, chunked.kv_index) and torch.equal(whole.kv_level, chunked.kv_level)
 
@@ -535,7 +535,7 @@ def test_config_omegaconf_and_overrides(seed):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(mode="topk"), r"mode must be one of \['threshold', 'quantile'\], got 'topk'"),
+        (dict(mode="topk"), r"mode must be one of \['threshold', 'quantile', 'budget'\], got 'topk'"),
         (dict(reorder="gilbert"), r"reorder must be one of .*'hilbert'.*got 'gilbert'"),
         (dict(importance="exact"), r"importance must be one of"),
         (dict(importance_dtype="float16"), r"importance_dtype must be one of \['auto', 'bfloat16', 'float32', 'float64'\], got 'float16'"),

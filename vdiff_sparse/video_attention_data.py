@@ -5,11 +5,13 @@ every method looks equally bad. Attention in video diffusion transformers is con
 local in (t, h, w), with some heads far more local than others. :func:`video_attention_qkv`
 builds q, k, v with that structure from a small synthetic video:
 
-1. **Content.** Frames of ``C`` channels at ``patch`` x the token resolution: a multi-scale
-   smooth texture panned by a camera motion, with a few textured elliptical objects moving at
-   their own velocities on top (each object has its own channel mean, so its patches are
-   alike and unlike the background's). Every token's feature is its ``patch x patch`` pixel
-   patch (``C * patch**2`` values), standardised per channel.
+1. **Content.** Frames of ``C`` channels at ``patch`` x the token resolution: a background
+   texture panned by a camera motion, with a few textured elliptical objects moving at their
+   own velocities on top (each object has its own channel mean, so its patches are alike and
+   unlike the background's). The ``scene`` picks the textures (:data:`SCENES`): multi-scale
+   smooth noise, a smooth background under finely textured objects, Voronoi cells (flat inside,
+   sharp edges) or per-pixel noise (high-frequency texture). Every token's feature is its
+   ``patch x patch`` pixel patch (``C * patch**2`` values), standardised per channel.
 2. **Projections.** Per head fixed random projections of the features: ``q = f W_q``, ``k = f
    W_k`` with ``W_k`` correlated with ``W_q`` (so q.k measures feature similarity, as trained
    models learn), ``v = f W_v``; head ``h`` scales its content part by ``content[h]``.
@@ -24,7 +26,9 @@ builds q, k, v with that structure from a small synthetic video:
    so it sets how local head ``h`` is along each axis: ``0`` means no preference along it.
 
 The default heads cycle through four kinds seen in video DiTs (:data:`HEAD_KINDS`): global
-(content only), temporal (same place in every frame), mid-range 3D local and strongly local.
+(content only), temporal (same place in every frame), mid-range 3D local and strongly local;
+:func:`head_profile` also offers :data:`MORE_HEAD_KINDS` (very local, wide, and heads that attend
+sharply by content).
 Everything is drawn from one seeded generator on the CPU: the same arguments give the same
 tensors, bit for bit.
 """
@@ -37,13 +41,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import check_grid
+from .checks import check_choice, check_grid
 
 Grid = tuple[int, int, int]
 
 CHANNELS = 8
 PATCH = 2
 OBJECTS = 3
+CELL_AREA = 36
 QK_CORRELATION = 0.8
 ROPE_THETA = 10000.0
 POSITION_WIDTH = 2.0
@@ -56,6 +61,24 @@ HEAD_KINDS = {
     "mid": ((1.0, 1.0, 1.0), 0.8),
     "local": ((1.75, 1.75, 1.75), 0.8),
 }
+
+
+# More kinds, for a spread of heads from strongly local to global (``head_profile``).
+MORE_HEAD_KINDS = {
+    "very_local": ((2.5, 2.5, 2.5), 0.8),
+    "wide": ((0.5, 0.5, 0.5), 0.9),
+    "sharp_mid": ((1.0, 1.0, 1.0), 1.5),
+    "sharp_global": ((0.0, 0.0, 0.0), 1.6),
+}
+
+
+def head_profile(kinds: Sequence[str]) -> tuple[list[tuple[float, float, float]], list[float]]:
+    """``(locality, content)`` per head for head kinds named in :data:`HEAD_KINDS` or
+    :data:`MORE_HEAD_KINDS`, to pass to :func:`video_attention_qkv`."""
+    table = {**HEAD_KINDS, **MORE_HEAD_KINDS}
+    for kind in kinds:
+        check_choice("head kind", kind, tuple(table))
+    return [table[k][0] for k in kinds], [table[k][1] for k in kinds]
 
 
 def default_head_profile(heads: int) -> tuple[list[tuple[float, float, float]], list[float], list[str]]:
@@ -75,25 +98,65 @@ def _smooth_texture(g: torch.Generator, batch: int, channels: int, height: int, 
     return out / out.std()
 
 
+def _fine_texture(g: torch.Generator, batch: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """``[batch, channels, height, width]`` high-frequency texture, unit std: per-pixel noise
+    (independent from one token's patch to the next) over a weaker smooth pattern."""
+    fine = torch.randn(batch, channels, height, width, generator=g)
+    return (fine + 0.5 * _smooth_texture(g, batch, channels, height, width)) / math.sqrt(1.25)
+
+
+def _cellular_texture(g: torch.Generator, batch: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """``[batch, channels, height, width]`` Voronoi cells, unit std: every pixel takes the
+    colour of its nearest of random sites (one per :data:`CELL_AREA` pixels), so the image is
+    flat inside cells and jumps at their edges."""
+    sites = max(2, round(height * width / CELL_AREA))
+    ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width).reshape(-1)
+    xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width).reshape(-1)
+    out = torch.empty(batch, channels, height * width)
+    for b in range(batch):
+        sy = torch.rand(sites, generator=g) * height
+        sx = torch.rand(sites, generator=g) * width
+        colour = torch.randn(channels, sites, generator=g)
+        nearest = ((ys[:, None] - sy) ** 2 + (xs[:, None] - sx) ** 2).argmin(1)
+        out[b] = colour[:, nearest]
+    return (out / out.std()).reshape(batch, channels, height, width)
+
+
+# scene: (background texture, object texture)
+SCENES = {
+    "smooth": (_smooth_texture, _smooth_texture),
+    "mixed": (_smooth_texture, _fine_texture),
+    "cellular": (_cellular_texture, _cellular_texture),
+    "texture": (_fine_texture, _fine_texture),
+}
+
+
 def video_frames(grid: Sequence[int], *, batch: int = 1, seed: int = 0,
-                 channels: int = CHANNELS, patch: int = PATCH) -> torch.Tensor:
+                 channels: int = CHANNELS, patch: int = PATCH, scene: str = "smooth") -> torch.Tensor:
     """The synthetic video ``[batch, T, channels, H * patch, W * patch]`` (float32, CPU).
 
     A textured background panned by a camera velocity, plus :data:`OBJECTS` textured ellipses
-    moving with their own velocities (wrapping around the frame)."""
+    moving with their own velocities (wrapping around the frame). ``scene`` (a key of
+    :data:`SCENES`) picks the textures: ``"smooth"`` multi-scale blurred noise everywhere;
+    ``"mixed"`` a smooth background under objects carrying a fine (per-pixel)
+    texture over their own colour; ``"cellular"``
+    Voronoi cells (flat inside, sharp edges, about 3 x 3 tokens each at ``patch`` 2);
+    ``"texture"`` per-pixel noise over a weak smooth pattern everywhere."""
     T, H, W = check_grid(grid)
+    check_choice("scene", scene, tuple(SCENES))
+    background_texture, object_texture = SCENES[scene]
     g = torch.Generator().manual_seed(seed)
     ph, pw = H * patch, W * patch
     cam = torch.rand(batch, 2, generator=g) * 2 - 1  # pixels per frame, (dy, dx)
     margin = int(math.ceil(T * 1.0)) + 1
-    background = _smooth_texture(g, batch, channels, ph + 2 * margin, pw + 2 * margin)
+    background = background_texture(g, batch, channels, ph + 2 * margin, pw + 2 * margin)
     ys = torch.arange(ph, dtype=torch.float32)[:, None]
     xs = torch.arange(pw, dtype=torch.float32)[None, :]
     frames = torch.empty(batch, T, channels, ph, pw)
     objects = []
     for _ in range(OBJECTS):
         objects.append(dict(
-            texture=_smooth_texture(g, batch, channels, ph, pw) * 0.5
+            texture=object_texture(g, batch, channels, ph, pw) * 0.5
             + torch.randn(batch, channels, 1, 1, generator=g) * 1.5,
             center=torch.rand(batch, 2, generator=g) * torch.tensor([ph, pw]),
             velocity=(torch.rand(batch, 2, generator=g) * 2 - 1) * 2.5,
@@ -190,6 +253,7 @@ def video_attention_qkv(
     seed: int = 0,
     locality: Sequence[float | Sequence[float]] | None = None,
     content: Sequence[float] | None = None,
+    scene: str = "smooth",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ):
@@ -204,6 +268,7 @@ def video_attention_qkv(
         locality: per head weight of the positional term, one value or ``(l_t, l_h, l_w)``
             (0 = content only); default :func:`default_head_profile`.
         content: per head scale of the content term; default :func:`default_head_profile`.
+        scene: the kind of video, a key of :data:`SCENES` (see :func:`video_frames`).
         dtype, device: of the returned tensors (generated in float32 on the CPU).
     """
     grid = check_grid(grid)
@@ -215,7 +280,7 @@ def video_attention_qkv(
     loc = _per_head("locality", default_loc if locality is None else locality, heads, per_axis=True)
     scale_c = _per_head("content", default_content if content is None else content, heads)
 
-    features = patch_features(video_frames(grid, batch=batch, seed=seed))
+    features = patch_features(video_frames(grid, batch=batch, seed=seed, scene=scene))
     g = torch.Generator().manual_seed(seed + 1)
     F_dim = features.shape[-1]
     w_q = torch.randn(heads, F_dim, head_dim, generator=g) / math.sqrt(F_dim)
@@ -236,7 +301,10 @@ def video_attention_qkv(
 
 __all__ = [
     "HEAD_KINDS",
+    "MORE_HEAD_KINDS",
+    "SCENES",
     "default_head_profile",
+    "head_profile",
     "patch_features",
     "rope_3d",
     "video_attention_qkv",

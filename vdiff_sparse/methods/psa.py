@@ -1,6 +1,6 @@
 """PSA: pyramid sparse attention — every (query block, key block) pair gets a pool level.
 
-Semantics (DESIGN §4.2), per batch and head:
+Semantics, per batch and head:
 
 1. Tokens are optionally reordered (``reorder``: ``"none"``, ``"tile"`` cubes or a 3D
    ``"hilbert"`` curve), then cut into query blocks of ``block_q`` and key blocks of ``block_k``
@@ -30,11 +30,17 @@ Semantics (DESIGN §4.2), per batch and head:
      ``ceil(fractions[1] * n)`` blocks at ``p = 1``, up to ``ceil((fractions[1] + fractions[2])
      * n)`` at ``p = 2``, and so on; the rest are skipped. ``fractions={1: 1.0}`` is dense,
      ``fractions={2: 1.0}`` puts every pair at ``p = 2`` (density 1/2).
+   * ``"budget"``: each row spends a FLOP-equivalent ``density`` where an estimate of the
+     output error says it helps most, from the sampled logits of step 2 (the spread of each key
+     block's logits within pool groups, and how alike a head's keys are within groups): see
+     :mod:`vdiff_sparse.methods.psa_budget`. Where pooling cannot help it is binary
+     block-sparse attention at the same density.
 
 4. Optional ``similarity_cap``: key block ``j`` may be seen at factor ``p`` only if the mean
    cosine similarity between the first and last key of its pool groups of ``p`` (adjacent keys
    for ``p = 2``) is above ``similarity_cap[p]``; otherwise it gets the largest lower factor
-   that is allowed (``p = 1`` always is).
+   that is allowed (``p = 1`` always is). In budget mode the denied levels are not offered to
+   the allocator, so the budget still holds.
 5. Attention (any backend): a pooled key's logit gets ``+ ln(count)``, all entries of a query
    share one softmax, plus the always-attended extra (text) keys.
 """
@@ -42,7 +48,6 @@ Semantics (DESIGN §4.2), per batch and head:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -53,20 +58,24 @@ from ..attention import run_plan
 from ..checks import check_choice, check_finite, check_qkv
 from ..layout import BlockOrder, Grid, hilbert_order, sequence_order, tile_order, uniform_offsets
 from ..plan import LEVELS, AttentionPlan, pack_block_selection
+from .psa_budget import (
+    LEVELS_COARSE_FIRST,
+    allocate_budget,
+    head_variation_ratio,
+    pooling_distortion,
+)
+from .psa_importance import (
+    block_similarity,
+    importance_matmul_dtype,
+    mean_pooled_importance,
+    sampled_importance,
+)
 from .registry import Method, get_method, register_method
 
-MODES = ("threshold", "quantile")
+MODES = ("threshold", "quantile", "budget")
 REORDERS = ("none", "tile", "hilbert")
 IMPORTANCES = ("sampled", "mean_pooled")
 IMPORTANCE_DTYPES = ("auto", "bfloat16", "float32", "float64")
-
-# The sampled logits of one chunk stay below this many elements on the CPU (4 MiB in fp32):
-# one head at N = 16K with 128-token blocks is 16M sampled pairs, 16 chunks of 8 query blocks.
-# Much bigger chunks make the matmul write and reread logits from memory (2^24 took twice as
-# long on 2 cores in a scratch run) and cost memory; much smaller ones split the matmul too finely for the
-# threads. A GPU has no such cache to fit and pays a few kernel launches per chunk instead.
-_CHUNK_ELEMENTS = 2**20
-_CHUNK_ELEMENTS_GPU = 2**26
 
 
 def _level_dict(
@@ -116,22 +125,30 @@ class PSAConfig:
     Attributes:
         block_q: query block size (plan positions).
         block_k: key block size; every pool level pools within these blocks.
-        mode: ``"threshold"`` (cumulative importance share) or ``"quantile"`` (fixed
-            fractions of blocks by rank).
+        mode: ``"threshold"`` (cumulative importance share), ``"quantile"`` (fixed
+            fractions of blocks by rank) or ``"budget"`` (``density`` spent where it lowers
+            the estimated error most; :mod:`vdiff_sparse.methods.psa_budget`).
         thresholds: threshold mode, ``{p: cumulative share}`` for p among 1, 2, 4, 8, each in
             (0, 1], strictly increasing with ``p``. A level left out is never used.
         fractions: quantile mode, ``{p: fraction of key blocks}``, each in [0, 1], summing to
             at most 1 (and more than 0).
         min_full_fraction: threshold mode, at least ``ceil(min_full_fraction * n_k_blocks)``
             (and at least one) blocks per row at p = 1, in [0, 1].
+        density: budget mode, the FLOP-equivalent density of the plan, in (0, 1]: every
+            query block spends ``density * N`` keys (pooled keys count ``1/p``; at most one
+            key block more).
+        budget_levels: budget mode, the pool factors it may use (a non-empty subset of
+            1, 2, 4, 8); ``(1,)`` is binary block-sparse attention at the budget.
         similarity_cap: ``{p: cosine}`` for p among 2, 4, 8, each in [-1, 1], or ``None``
-            (no cap). See the module docstring.
+            (no cap). See the module docstring; in budget mode a capped level is not offered
+            to the allocator, so the budget still holds.
         reorder: ``"none"``, ``"tile"`` (``tile``-shaped cubes, ragged at the edges) or
             ``"hilbert"`` (3D Hilbert curve).
         tile: ``(c_t, c_h, c_w)`` cube of ``reorder="tile"``.
         samples_per_block: tokens sampled per block for the importance estimate; ``None`` is
             a quarter of the block (at least one).
-        importance: ``"sampled"`` or ``"mean_pooled"``.
+        importance: ``"sampled"`` or ``"mean_pooled"`` (not in budget mode, which reads its
+            spread estimate off the sampled logits).
         importance_dtype: operand dtype of the sampled importance matmul: ``"bfloat16"``,
             ``"float32"``, ``"float64"`` or ``"auto"``: float64 for float64 inputs, else
             bfloat16 on CUDA GPUs of compute capability 8.0 or more and on CPUs with
@@ -150,6 +167,8 @@ class PSAConfig:
     thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8})
     fractions: dict[int, float] = field(default_factory=lambda: {1: 0.1, 2: 0.05, 8: 0.2})
     min_full_fraction: float = 0.06
+    density: float = 0.15
+    budget_levels: tuple[int, ...] = (1, 2, 4, 8)
     similarity_cap: Optional[dict[int, float]] = None
     reorder: str = "hilbert"
     tile: tuple[int, int, int] = (2, 4, 4)
@@ -184,6 +203,30 @@ class PSAConfig:
         ):
             raise ValueError(f"min_full_fraction must be a float in [0, 1], got {self.min_full_fraction!r}")
         self.min_full_fraction = float(self.min_full_fraction)
+        if (
+            isinstance(self.density, bool)
+            or not isinstance(self.density, (int, float))
+            or not 0 < self.density <= 1
+        ):
+            raise ValueError(f"density must be a float in (0, 1], got {self.density!r}")
+        self.density = float(self.density)
+        try:
+            budget_levels = list(self.budget_levels)
+        except TypeError:
+            budget_levels = []
+        if not budget_levels or any(
+            isinstance(p, bool) or not isinstance(p, int) or p not in LEVELS for p in budget_levels
+        ):
+            raise ValueError(
+                f"budget_levels must be a non-empty tuple of pool factors among {list(LEVELS)}, "
+                f"got {self.budget_levels!r}"
+            )
+        self.budget_levels = tuple(sorted(set(budget_levels)))
+        if self.mode == "budget" and self.importance != "sampled":
+            raise NotImplementedError(
+                f"mode='budget' reads its error estimate off the sampled logits and needs "
+                f"importance='sampled', got importance={self.importance!r}"
+            )
         if self.similarity_cap is not None:
             self.similarity_cap = _level_dict(
                 "similarity_cap", self.similarity_cap, LEVELS[1:], -1.0, 1.0, lo_open=False
@@ -244,121 +287,7 @@ def allocate_levels(importance: torch.Tensor, config: PSAConfig) -> torch.Tensor
     return torch.zeros_like(order).scatter_(-1, order, level_of_rank)
 
 
-# --- importance ----------------------------------------------------------------------------
-def _sample_positions(offsets: torch.Tensor, samples: int) -> torch.Tensor:
-    """``[n_blocks, samples]`` evenly spaced plan positions inside each block (repeated when
-    a block is shorter than ``samples``)."""
-    sizes = offsets.diff()
-    i = torch.arange(samples, device=offsets.device)
-    return offsets[:-1, None] + ((2 * i + 1) * sizes[:, None]).div(2 * samples, rounding_mode="floor")
-
-
-def _block_means(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``[R, N, D]`` -> ``[R, n_blocks, D]`` mean of every block."""
-    block = BlockOrder(None, offsets).block_of_position()
-    sums = x.new_zeros(x.shape[0], offsets.numel() - 1, x.shape[-1]).index_add_(1, block, x)
-    return sums / offsets.diff().to(x.dtype)[:, None]
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Without it oneDNN
-    emulates bfloat16: no faster than float32 on AVX-512, over 100x slower on AVX2
-    (scratch runs on 2 cores, a [4096, 64] x [64, 4096] matmul in 256-row chunks: with
-    ONEDNN_MAX_CPU_ISA=AVX2 1.9 s in bfloat16 vs 12 ms in float32; with AVX512_CORE 20-24 vs
-    27 ms)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def importance_matmul_dtype(config: PSAConfig, q: torch.Tensor) -> torch.dtype:
-    """The operand dtype ``config.importance_dtype`` resolves to for inputs like ``q``."""
-    if config.importance_dtype != "auto":
-        return getattr(torch, config.importance_dtype)
-    if q.dtype == torch.float64:
-        return torch.float64
-    if q.is_cuda:  # bfloat16 tensor cores from compute capability 8.0 (Ampere) on
-        fast_bf16 = torch.cuda.get_device_capability(q.device)[0] >= 8
-    else:
-        fast_bf16 = q.device.type == "cpu" and _cpu_has_fast_bf16()
-    return torch.bfloat16 if fast_bf16 else torch.float32
-
-
-def _sampled_importance(
-    q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
-    k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
-    rows summing to 1. Only the sampled tokens are read (through the reorder), never a
-    reordered copy of q or k. The logits are ``matmul_dtype``; the rest runs in float32 or
-    float64."""
-    B, _, H, D = q.shape
-    nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
-    work_dtype = torch.promote_types(matmul_dtype, torch.float32)
-
-    def sampled(x, positions):  # [B*H, positions, D]
-        tokens = positions if order.perm is None else order.perm[positions]
-        return x.index_select(1, tokens).transpose(1, 2).reshape(B * H, -1, D)
-
-    # Queries block-major (a chunk is a few query blocks); keys sample-major, so that the max
-    # over a key block's samples reduces over a strided axis with key blocks contiguous: the
-    # reduction vectorises across blocks (in a scratch run in bfloat16: 0.09 ms per chunk,
-    # against 1.09 ms reducing over 32 adjacent samples).
-    q_positions = _sample_positions(q_offsets, sq).reshape(-1)
-    k_positions = _sample_positions(k_offsets, sk).t().reshape(-1)
-    scaled = sampled(q, q_positions).to(work_dtype) * scale  # scaled here, not the logits
-    qs = scaled.to(matmul_dtype).view(B * H, nqb, sq, D)
-    ks = sampled(k, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
-    chunk_elements = _CHUNK_ELEMENTS_GPU if q.is_cuda else _CHUNK_ELEMENTS
-    blocks_per_chunk = max(1, min(nqb, chunk_elements // (sq * nkb * sk)))
-    out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
-    for r in range(B * H):
-        for b0 in range(0, nqb, blocks_per_chunk):
-            b1 = min(nqb, b0 + blocks_per_chunk)
-            logits = torch.mm(qs[r, b0:b1].reshape(-1, D), ks[r])  # [(b1-b0)*sq, sk*nkb]
-            block_max = logits.view(b1 - b0, sq, sk, nkb).amax(2).to(work_dtype)
-            row_max = block_max.amax(-1, keepdim=True)
-            out[r, b0:b1] = (block_max - row_max).exp_().amax(1)
-    return out / out.sum(-1, keepdim=True)
-
-
-def _mean_pooled_importance(
-    qp: torch.Tensor, kp: torch.Tensor, q_offsets: torch.Tensor, k_offsets: torch.Tensor, scale: float
-) -> torch.Tensor:
-    logits = torch.einsum("rbd,rkd->rbk", _block_means(qp, q_offsets), _block_means(kp, k_offsets))
-    return torch.softmax(logits * scale, dim=-1)
-
-
-def block_similarity(kp: torch.Tensor, k_offsets: torch.Tensor, p: int) -> torch.Tensor:
-    """Mean cosine similarity between the first and last key of every pool group of ``p``.
-
-    Args:
-        kp: ``[R, N, D]`` keys in plan order.
-        k_offsets: key block boundaries; groups start at each block start, the last group of
-            a block may be shorter.
-        p: pool factor.
-
-    Returns:
-        ``[R, n_k_blocks]``; a block without any group of two or more keys (pooling it is
-        exact) gets 1.
-    """
-    n = kp.shape[1]
-    nkb = k_offsets.numel() - 1
-    block = BlockOrder(None, k_offsets).block_of_position()
-    within = torch.arange(n, device=kp.device) - k_offsets[:-1][block]
-    first = torch.nonzero(within % p == 0).squeeze(1)
-    last = torch.minimum(first + p, k_offsets[1:][block[first]]) - 1
-    cos = torch.nn.functional.cosine_similarity(kp[:, first], kp[:, last], dim=-1)
-    real = (last > first).to(kp.dtype)
-    sums = kp.new_zeros(kp.shape[0], nkb).index_add_(1, block[first], cos * real)
-    counts = kp.new_zeros(nkb).index_add_(0, block[first], real)
-    return torch.where(counts > 0, sums / counts.clamp(min=1), 1.0)
-
-
+# --- level caps ---------------------------------------------------------------------------
 def _cap_levels(
     levels: torch.Tensor, kp: torch.Tensor, k_offsets: torch.Tensor, cap: dict[int, float]
 ) -> torch.Tensor:
@@ -369,6 +298,24 @@ def _cap_levels(
         denied = block_similarity(kp, k_offsets, p) <= cap[p]  # [R, nkb]
         levels = torch.where((levels == p) & denied[:, None, :], p // 2, levels)
     return levels
+
+
+def _budget_levels(
+    importance: torch.Tensor, spread: torch.Tensor, variance: torch.Tensor, kp: torch.Tensor | None,
+    k_offsets: torch.Tensor, config: PSAConfig, n: int,
+) -> torch.Tensor:
+    """Budget mode's ``[R, nqb, nkb]`` levels: :func:`allocate_budget` over the pool factors
+    ``config.budget_levels`` allows, minus those the similarity cap denies a key block."""
+    R, nqb, nkb = importance.shape
+    rho = head_variation_ratio(importance, spread, variance)
+    allowed = torch.tensor([p in config.budget_levels for p in LEVELS_COARSE_FIRST], device=importance.device)
+    if config.similarity_cap:
+        allowed = allowed.expand(R, 1, nkb, len(LEVELS_COARSE_FIRST)).clone()
+        for p, cap in config.similarity_cap.items():
+            denied = block_similarity(kp, k_offsets, p) <= cap  # [R, nkb]
+            allowed[..., LEVELS_COARSE_FIRST.index(p)] &= ~denied[:, None, :]
+    return allocate_budget(importance, lambda x: pooling_distortion(spread, rho, x), k_offsets.diff(),
+                           config.density * n, allowed)
 
 
 # --- plan ----------------------------------------------------------------------------------
@@ -424,17 +371,22 @@ def plan_psa(
         if config.importance == "sampled":
             sq = config.samples_per_block or max(1, config.block_q // 4)
             sk = config.samples_per_block or max(1, config.block_k // 4)
-            importance = _sampled_importance(
+            importance, spread, variance = sampled_importance(
                 q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
-                importance_matmul_dtype(config, q),
+                importance_matmul_dtype(config, q), spread=config.mode == "budget",
             )
         else:
             kp = plan_order(k)
-            importance = _mean_pooled_importance(plan_order(q), kp, q_offsets, k_offsets, scale)
-        levels = allocate_levels(importance, config)
-        if config.similarity_cap:
-            kp = plan_order(k) if kp is None else kp
-            levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
+            importance = mean_pooled_importance(plan_order(q), kp, q_offsets, k_offsets, scale)
+        if config.mode == "budget":
+            if config.similarity_cap:
+                kp = plan_order(k) if kp is None else kp
+            levels = _budget_levels(importance, spread, variance, kp, k_offsets, config, n)
+        else:
+            levels = allocate_levels(importance, config)
+            if config.similarity_cap:
+                kp = plan_order(k) if kp is None else kp
+                levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
         levels = levels.view(B, H, nqb, nkb)
         kv_index, kv_level = pack_block_selection(levels > 0, levels)
         counts = torch.bincount(levels.reshape(-1), minlength=max(LEVELS) + 1).tolist()

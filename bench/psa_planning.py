@@ -1,0 +1,85 @@
+"""PSA planning time: budget mode against the quantile and threshold modes, interleaved.
+
+``plan_psa`` alone (importance estimate + level allocation + packing) on video-like attention
+(``video_attention_qkv``, 4 heads, D = 64, float32), for block sizes 64 and 128. The modes run
+in turn within every repeat (A/B/C, A/B/C, ...), so a shared machine's load hits them alike;
+reported per mode: median wall and process CPU time, and the median of the per-repeat ratios
+budget / quantile and budget / threshold.
+
+    python bench/psa_planning.py                          # writes bench/results/psa_planning_cpu.json
+    python bench/psa_planning.py --tokens 8192 --repeats 5 --threads 1 --out /tmp/p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vdiff_sparse.benchmarks.meta import command_line, run_metadata, write_json
+
+GRIDS = {8192: (8, 32, 32), 16384: (16, 32, 32), 32768: (32, 32, 32)}
+MODES = {
+    "quantile": dict(mode="quantile", fractions={1: 0.125}),
+    "threshold": {},
+    "budget": dict(mode="budget", density=0.125),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384, choices=sorted(GRIDS))
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "psa_planning_cpu.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from vdiff_sparse.methods.psa import PSAConfig, plan_psa
+    from vdiff_sparse.video_attention_data import video_attention_qkv
+
+    grid = GRIDS[args.tokens]
+    q, k, _ = video_attention_qkv(grid, heads=4, head_dim=64)
+    results = []
+    for block in args.blocks:
+        configs = {name: PSAConfig(block_q=block, block_k=block, **options) for name, options in MODES.items()}
+        wall = {name: [] for name in configs}
+        cpu = {name: [] for name in configs}
+        for config in configs.values():
+            plan_psa(q, k, grid, config)  # warm-up
+        for _ in range(args.repeats):
+            for name, config in configs.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                plan_psa(q, k, grid, config)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        row = {"block": block}
+        for name in configs:
+            row[name] = {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name])}
+        for base in ("quantile", "threshold"):
+            for clock, times in (("wall", wall), ("cpu", cpu)):
+                row[f"budget_over_{base}_{clock}"] = statistics.median(
+                    b / a for a, b in zip(times[base], times["budget"]))
+        results.append(row)
+        print(f"block {block}: " + ", ".join(f"{n} {row[n]['wall_s'] * 1e3:.1f} ms" for n in configs)
+              + f"; budget / quantile {row['budget_over_quantile_wall']:.3f} (cpu {row['budget_over_quantile_cpu']:.3f}),"
+              f" budget / threshold {row['budget_over_threshold_wall']:.3f} (cpu {row['budget_over_threshold_cpu']:.3f})",
+              flush=True)
+    write_json(args.out, {
+        "benchmark": "psa_planning",
+        **run_metadata(command_line()),
+        "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64, "dtype": "float32",
+                  "data": "video_attention_qkv(seed=0)", "importance_dtype": "auto"},
+        "timing": f"{args.repeats} interleaved repeats after one warm-up each; medians",
+        "results": results,
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

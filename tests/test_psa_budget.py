@@ -1,0 +1,389 @@
+"""PSA's budget mode: the allocator against a loop definition of its greedy, the budget met per
+head on ragged grids and every block size, exact binary block-sparse when the estimate forbids
+every pooling (and only then), the spread estimate against a loop over the sampled logits,
+backends against the float64 reference on budget plans, and the mode wherever PSA is
+(processors, presets, CLI overrides, fine-tuning options)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import assert_close, random_qkv
+from vdiff_sparse.attention import run_plan
+from vdiff_sparse.layout import uniform_offsets
+from vdiff_sparse.methods import psa as psa_module
+from vdiff_sparse.methods import psa_importance
+from vdiff_sparse.methods.psa import PSAConfig, plan_psa, psa_attention
+from vdiff_sparse.methods.psa_budget import (
+    LEVELS_COARSE_FIRST,
+    SPREAD_QUERY_STRIDE,
+    allocate_budget,
+    head_variation_ratio,
+    pooling_distortion,
+)
+
+RAGGED_GRIDS = {"3x5x7": (3, 5, 7), "2x9x11": (2, 9, 11), "1x6x10": (1, 6, 10)}
+BLOCKS = [(5, 5), (8, 8), (16, 16), (16, 24), (32, 32), (64, 64), (128, 128)]
+
+
+# --- a loop definition of the allocation ------------------------------------------------------
+def loop_allocation(importance, distortion, sizes, budget):
+    """One row: every block's lower convex hull over its allowed points ``(1/p, e(p))`` (``e``
+    finite) plus skip ``(0, 1)``, its moves ranked by ``importance * slope`` (ties: block, then
+    chain order), taken while the spent keys are below the budget."""
+    moves = []
+    for j, (w, n) in enumerate(zip(importance, sizes)):
+        points = [(0.0, 1.0, 0)] + [(1 / p, distortion[p][j], p) for p in (8, 4, 2, 1)
+                                     if p in distortion and math.isfinite(distortion[p][j])]
+        hull = [points[0]]
+        for k in range(1, len(points)):
+            x, e, _ = points[k]
+            # A point is on the hull only strictly below every chord around it (by more than
+            # float32 rounding: the distortions are float32, collinear points are not on it).
+            if all(e < a[1] + (x - a[0]) / (c[0] - a[0]) * (c[1] - a[1]) - 1e-6
+                   for a in points[:k] for c in points[k + 1:]):
+                hull.append(points[k])
+        for order, (a, b) in enumerate(zip(hull, hull[1:])):
+            moves.append((-(w * (a[1] - b[1]) / (b[0] - a[0])), j, order, n * (b[0] - a[0]), b[2]))
+    moves.sort(key=lambda m: (m[0], m[1], m[2]))
+    level, spent = [0] * len(importance), 0.0
+    limit = budget - 1e-9 * max(1.0, float(sum(sizes)))
+    for _, j, _, cost, p in moves:
+        if spent >= limit:
+            break
+        level[j], spent = p, spent + cost
+    return level
+
+
+def _random_rows(gen, rows, nk, levels, ties: bool):
+    """Importance rows (some zero, some tied), spreads on both sides of the forbidding ones,
+    one ``rho`` per row, and which levels each block may take (some denied per block)."""
+    w = torch.rand(rows, nk, generator=gen) ** 3
+    w[torch.rand(rows, nk, generator=gen) < 0.2] = 0.0
+    if ties:
+        w[:, 1::3] = w[:, :1]
+    spread = torch.rand(rows, nk, generator=gen) * 14
+    spread[torch.rand(rows, nk, generator=gen) < 0.1] = 0.0
+    rho = torch.rand(rows, 1, generator=gen) * 1.2
+    allowed = torch.tensor([p in levels for p in LEVELS_COARSE_FIRST]).expand(nk, 4).clone()
+    allowed[:, :3] &= torch.rand(nk, 3, generator=gen) > 0.15
+    return w, spread, rho, allowed
+
+
+def _loop_rows(w, spread, rho, allowed, sizes, budget):
+    out = []
+    for r in range(w.shape[0]):
+        distortion = {p: [float(pooling_distortion(spread[r, j], rho[r, 0], 1 / p)) if allowed[j, i] else math.inf
+                          for j in range(w.shape[1])] for i, p in enumerate(LEVELS_COARSE_FIRST)}
+        out.append(loop_allocation(w[r].tolist(), distortion, sizes.tolist(), budget))
+    return out
+
+
+@pytest.mark.parametrize("levels", [(1, 2, 4, 8), (1, 2), (2, 4), (1,), (8,)], ids=lambda l: "L" + "".join(map(str, l)))
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_allocation_matches_loop_definition(levels, ties, seed):
+    """The allocator's shortcut (hull = skip, coarsest, finest allowed level, which needs a
+    concave distortion) against the general hull of every allowed level."""
+    gen = torch.Generator().manual_seed(seed)
+    nk = 23
+    sizes = torch.full((nk,), 16)
+    sizes[-1] = 7  # ragged last block
+    w, spread, rho, allowed = _random_rows(gen, 12, nk, levels, ties)
+    for budget_fraction in (0.02, 0.1, 0.25, 0.6, 1.0):
+        budget = budget_fraction * float(sizes.sum())
+        got = allocate_budget(w, lambda x: pooling_distortion(spread, rho, x), sizes, budget, allowed)
+        assert got.tolist() == _loop_rows(w, spread, rho, allowed, sizes, budget), budget_fraction
+
+
+def test_allocation_spends_the_budget_and_at_most_one_move_more(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.full((40,), 32)
+    w, spread, rho, _ = _random_rows(gen, 50, 40, (1, 2, 4, 8), False)
+    for d in (0.05, 0.13, 0.3, 0.77):
+        budget = d * float(sizes.sum())
+        levels = allocate_budget(w, lambda x: pooling_distortion(spread, rho, x), sizes, budget,
+                                 torch.ones(4, dtype=torch.bool))
+        spent = torch.where(levels > 0, sizes / levels.clamp(min=1), 0.0).sum(-1)
+        assert bool((spent >= budget - 1e-6).all()) and bool((spent < budget + 32).all()), (d, spent)
+
+
+def test_distortion_values():
+    s = torch.tensor([0.0, 1.0, 40.0])
+    e8 = pooling_distortion(s, torch.tensor(0.0), 1 / 8)  # mass only
+    assert e8.tolist() == pytest.approx([0.0, 1 - math.exp(-7 / 32), 1 - math.exp(-40 * 7 / 32)], rel=1e-6)
+    both = pooling_distortion(torch.tensor(1.0), torch.tensor(0.5), 1 / 4)
+    assert float(both) == pytest.approx(1 - math.exp(-3 / 16) * (1 - 0.375), rel=1e-6)
+    assert float(pooling_distortion(torch.tensor(0.5), torch.tensor(3.0), 1 / 2)) == 1.0
+    assert float(pooling_distortion(torch.tensor(9.0), torch.tensor(0.7), 1.0)) == 0.0
+    w = torch.rand(2, 3, 5)
+    spread, variance = torch.rand(2, 3, 5), torch.rand(2, 3, 5) + 0.5
+    rho = head_variation_ratio(w, spread, variance)
+    assert rho.shape == (2, 1, 1)
+    assert float(rho[1]) == pytest.approx(float((w[1] * spread[1]).sum() / (w[1] * 2 * variance[1]).sum()))
+    assert float(head_variation_ratio(w, spread, torch.zeros_like(variance))[0]) == 0.0
+
+
+# --- forbidden pooling: exactly binary ---------------------------------------------------------
+def test_binary_exactly_when_every_pooling_is_forbidden(seed):
+    gen = torch.Generator().manual_seed(seed)
+    nk, sizes = 30, torch.full((30,), 64)
+    w = torch.rand(8, nk, generator=gen)
+    w[:, ::4] = w[:, :1]  # ties, broken by block order
+    every, full = torch.ones(4, dtype=torch.bool), torch.tensor([False, False, False, True])
+    zero = torch.zeros_like(w)
+    for d in (0.05, 0.1, 0.2, 0.5):
+        budget = d * float(sizes.sum())
+        binary = allocate_budget(w, lambda x: pooling_distortion(zero, torch.tensor(0.0), x), sizes, budget, full)
+        # Binary at a budget ranks blocks by importance, ceil(d n) of them, like quantile mode.
+        assert torch.equal(binary, psa_module.allocate_levels(w, PSAConfig(mode="quantile", fractions={1: d})))
+        # White keys (rho = 1): every pooled level on or above the skip-to-full chord.
+        for spread in (zero, torch.rand(w.shape, generator=gen) * 3):
+            white = allocate_budget(w, lambda x: pooling_distortion(spread, torch.tensor(1.0), x), sizes, budget, every)
+            assert torch.equal(white, binary)
+        # Spreads at the mass model's limit 4 p ln(p) / (p - 1) for x8 (the largest): the same.
+        limit = torch.full_like(w, 32 * math.log(8) / 7 * (1 + 1e-5))
+        assert torch.equal(allocate_budget(w, lambda x: pooling_distortion(limit, torch.tensor(0.0), x), sizes,
+                                           budget, every), binary)
+        # Just below it, x8 is a hull point: the most important block moves there first.
+        top = w.clone()
+        top[:, 7] = 2.0
+        below = limit.clone()
+        below[:, 7] = 32 * math.log(8) / 7 * (1 - 1e-3)
+        steps = allocate_budget(top, lambda x: pooling_distortion(below, torch.tensor(0.0), x), sizes, 4.0, every)
+        assert bool((steps[:, 7] == 8).all()) and bool((steps.count_nonzero(-1) == 1).all())
+        # A block that pools exactly (S = 0) stays at x8: going on to full buys nothing.
+        exact = limit.clone()
+        exact[:, 7] = 0.0
+        pooled = allocate_budget(top, lambda x: pooling_distortion(exact, torch.tensor(0.0), x), sizes, budget, every)
+        assert bool((pooled[:, 7] == 8).all()) and set(pooled.unique().tolist()) <= {0, 1, 8}
+
+
+@pytest.mark.parametrize("block", [16, 32, 64], ids=lambda b: f"b{b}")
+def test_plan_is_binary_when_the_keys_forbid_pooling(block, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grid = (4, 8, 12)
+    n = math.prod(grid)
+    base = PSAConfig(block_q=block, block_k=block, reorder="none", importance_dtype="float64")
+    q = torch.randn(1, n, 2, 8, generator=gen, dtype=torch.float64)
+    white = torch.randn(1, n, 2, 8, generator=gen, dtype=torch.float64)  # neighbours unrelated
+    flip = torch.where(torch.arange(n) % 8 < 4, 1.0, -1.0).double()[None, :, None, None]
+    alike = white[:, ::8].repeat_interleave(8, 1)[:, :n] + 0.01 * white  # alike in each group of 8
+    # Keys unrelated to their neighbours with logits a few nats apart, keys flipping within
+    # every group of 8: no pooling; keys alike within groups: pooling.
+    cases = {"white": (3 * white, True), "flipping": (4 * alike * flip, True), "alike": (alike, False)}
+    for name, (k, binary_expected) in cases.items():
+        for d in (0.1, 0.3):
+            budget = plan_psa(q, k, grid, base.replace(mode="budget", density=d))
+            binary = plan_psa(q, k, grid, base.replace(mode="budget", density=d, budget_levels=(1,)))
+            quantile = plan_psa(q, k, grid, base.replace(mode="quantile", fractions={1: d}))
+            assert torch.equal(binary.kv_index, quantile.kv_index) and torch.equal(binary.kv_level, quantile.kv_level)
+            same = torch.equal(budget.kv_index, binary.kv_index) and torch.equal(budget.kv_level, binary.kv_level)
+            assert same == binary_expected, (name, d)
+            if not binary_expected:  # alike keys: the budget buys x8 of many blocks
+                assert budget.info["level_histogram"][8] > 0
+
+
+# --- the spread estimate -----------------------------------------------------------------------
+@pytest.mark.parametrize("n,block", [(70, 32), (96, 16), (200, 64), (45, 12)], ids=["n70-b32", "n96-b16", "n200-b64", "n45-b12"])
+def test_spread_and_variance_match_a_loop_over_sampled_logits(n, block, seed):
+    q, k, _ = random_qkv(1, n, 2, 8, dtype=torch.float64, seed=seed)
+    offsets = uniform_offsets(n, block)
+    order = psa_module.sequence_order(n, block)
+    s = max(1, block // 4)
+    scale = 8**-0.5
+    _, spread, variance = psa_importance.sampled_importance(q, k, order, offsets, offsets, s, s, scale, torch.float64,
+                                                         spread=True)
+    positions = psa_importance.sample_positions(offsets, s)
+    for h in range(2):
+        for i in range(offsets.numel() - 1):
+            queries = positions[i, ::SPREAD_QUERY_STRIDE].tolist()
+            for j in range(offsets.numel() - 1):
+                keys = positions[j].tolist()
+                logits = [[float(q[0, t, h] @ k[0, u, h]) * scale for u in keys] for t in queries]
+                terms = [(row[2 * m] - row[2 * m + 1]) ** 2 for row in logits for m in range(s // 2)
+                         if keys[2 * m] != keys[2 * m + 1]]  # a short block repeats positions
+                want = sum(terms) / len(terms) if terms else 0.0
+                assert spread[h, i, j].item() == pytest.approx(want, rel=1e-9, abs=1e-12), (h, i, j)
+                row = logits[0]  # the first sampled query
+                var = sum((x - sum(row) / len(row)) ** 2 for x in row) / len(row)
+                assert variance[h, i, j].item() == pytest.approx(var, rel=1e-9, abs=1e-12)
+
+
+# --- plans: budget met, valid, on ragged grids and every block size -----------------------------
+@pytest.mark.parametrize("blocks", BLOCKS, ids=lambda b: f"q{b[0]}-k{b[1]}")
+@pytest.mark.parametrize("grid", RAGGED_GRIDS.values(), ids=RAGGED_GRIDS.keys())
+def test_budget_met_per_head_and_plan_valid(grid, blocks, seed):
+    from vdiff_sparse.video_attention_data import video_attention_qkv
+
+    n = math.prod(grid)
+    block_q, block_k = blocks
+    q, k, v = video_attention_qkv(grid, 3, 16, batch=2, seed=seed % 1000)
+    for d in (0.1, 0.25, 0.5):
+        config = PSAConfig(mode="budget", density=d, block_q=block_q, block_k=block_k)
+        plan = plan_psa(q, k, grid, config)
+        nqb, nkb = -(-n // block_q), -(-n // block_k)
+        assert plan.kv_index.shape[:3] == (2, 3, nqb) and plan.max_kv <= nkb
+        valid = plan.kv_index >= 0
+        assert bool((plan.kv_index < nkb).all())
+        assert set(plan.kv_level[valid].tolist()) <= {1, 2, 4, 8}
+        ids = torch.where(valid, plan.kv_index, nkb + torch.arange(plan.max_kv))
+        assert bool((ids.diff(dim=-1) > 0).all()), "entries ascending, each key block once"
+        k_sizes = plan.k_offsets.diff().double()
+        q_sizes = plan.q_offsets.diff().double()
+        cost = torch.where(valid, k_sizes[plan.kv_index.clamp(min=0)], 0.0) / plan.kv_level.double()
+        density = (cost.sum(-1) * q_sizes).sum(-1) / n**2  # [B, H]
+        assert bool((density >= d * (1 - 1e-9)).all()), (d, density)
+        assert bool((density <= d + block_k / n + 1e-9).all()), (d, density)
+        assert plan.density() == pytest.approx(float(density.mean()))
+
+
+@pytest.mark.parametrize("levels", [(1, 2), (2, 4), (8,)], ids=lambda l: "L" + "".join(map(str, l)))
+def test_budget_levels_and_similarity_cap_are_respected(levels, seed):
+    grid = (3, 5, 7)
+    q, k, _ = random_qkv(1, 105, 2, 8, seed=seed)
+    config = PSAConfig(mode="budget", density=0.2, block_q=16, block_k=16, budget_levels=levels)
+    plan = plan_psa(q, k, grid, config)
+    used = set(plan.kv_level[plan.kv_index >= 0].tolist())
+    assert used <= set(levels) and used
+    # The cap takes away levels per key block; the budget still holds.
+    cap = {2: 1.0, 4: 1.0, 8: 1.0}  # denied at cosine <= 1: every pooled level
+    capped = plan_psa(q, k, grid, config.replace(similarity_cap=cap))
+    used = set(capped.kv_level[capped.kv_index >= 0].tolist())
+    assert used <= ({1} & set(levels))
+    if 1 in levels:
+        assert capped.density() >= 0.2 * (1 - 1e-9)
+
+
+def test_budget_plan_is_deterministic(seed):
+    grid = (2, 9, 11)
+    q, k, _ = random_qkv(2, 198, 2, 16, seed=seed)
+    config = PSAConfig(mode="budget", density=0.2, block_q=32, block_k=32)
+    a, b = plan_psa(q, k, grid, config), plan_psa(q.clone(), k.clone(), grid, config)
+    assert torch.equal(a.kv_index, b.kv_index) and torch.equal(a.kv_level, b.kv_level)
+
+
+# --- backends on budget plans -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_torch_backend_matches_reference_on_budget_plans(dtype, seed):
+    grid = (2, 9, 11)
+    n = math.prod(grid)
+    inputs = random_qkv(2, n, 2, 16, dtype=dtype, seed=seed)
+    # Keys alike within pool groups, so the plan pools: repeat every key 8 times, plus noise.
+    g = torch.Generator().manual_seed(seed + 3)
+    inputs[1] = (inputs[1][:, ::8].repeat_interleave(8, 1)[:, :n] + 0.05 * torch.randn(inputs[1].shape, generator=g)).to(dtype)
+    extra_k, extra_v = (torch.randn(2, 5, 2, 16, generator=g).to(dtype) for _ in range(2))
+    config = PSAConfig(mode="budget", density=0.3, block_q=32, block_k=24, reorder="none")
+    grad_out = torch.randn(2, n, 2, 16, generator=g).to(dtype)
+    results = {}
+    for backend in ("reference", "torch"):
+        q, k, v = (x.clone().requires_grad_(True) for x in inputs)
+        out, plan = psa_attention(q, k, v, grid, config, extra_k=extra_k, extra_v=extra_v, backend=backend,
+                                  return_plan=True)
+        out.backward(grad_out)
+        results[backend] = (out.detach(), q.grad, k.grad, v.grad, plan)
+    ref, fast = results["reference"], results["torch"]
+    levels = set(ref[4].kv_level[ref[4].kv_index >= 0].tolist())
+    assert 8 in levels and 1 in levels, f"the plan should pool and keep blocks in full, got {levels}"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast[:4], ref[:4]):
+        scale = max(1.0, b.abs().max().item())
+        assert_close(a / scale, b / scale, dtype, f"{name} (budget)")
+
+
+def test_triton_backend_matches_reference_on_a_budget_plan(monkeypatch, seed):
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+    from tests.test_kernels import check
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    grid = (3, 5, 7)
+    q, k, _ = random_qkv(1, 105, 2, 32, seed=seed)
+    k = k[:, ::8].repeat_interleave(8, 1)[:, :105] + 0.05 * k
+    plan = plan_psa(q, k, grid, PSAConfig(mode="budget", density=0.3, block_q=32, block_k=32))
+    assert bool((plan.kv_level[plan.kv_index >= 0] > 1).any())
+    check(plan, B=1, seed=seed + 7)
+
+
+# --- config ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(density=0.0), ValueError, r"density must be a float in \(0, 1\], got 0.0"),
+        (dict(density=1.5), ValueError, r"density must be a float in \(0, 1\], got 1.5"),
+        (dict(density=True), ValueError, r"density must be a float in \(0, 1\], got True"),
+        (dict(density="0.2"), ValueError, r"density must be a float"),
+        (dict(budget_levels=()), ValueError, r"budget_levels must be a non-empty tuple of pool factors among \[1, 2, 4, 8\], got \(\)"),
+        (dict(budget_levels=(3,)), ValueError, r"budget_levels must be .* got \(3,\)"),
+        (dict(budget_levels=(True,)), ValueError, r"budget_levels must be"),
+        (dict(budget_levels=5), ValueError, r"budget_levels must be"),
+        (dict(mode="budget", importance="mean_pooled"), NotImplementedError, r"needs importance='sampled'"),
+    ],
+    ids=["density-0", "density-big", "density-bool", "density-str", "levels-empty", "levels-3", "levels-bool",
+         "levels-int", "mean-pooled"],
+)
+def test_budget_config_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PSAConfig(**kwargs)
+
+
+def test_budget_config_omegaconf_and_replace():
+    structured = OmegaConf.structured(PSAConfig)
+    cfg = OmegaConf.to_object(OmegaConf.merge(structured, {"mode": "budget", "density": 0.2, "budget_levels": [8, 1]}))
+    assert isinstance(cfg, PSAConfig) and cfg.mode == "budget" and cfg.density == 0.2 and cfg.budget_levels == (1, 8)
+    assert PSAConfig().replace(mode="budget", density=0.3).density == 0.3
+
+
+# --- everywhere PSA is -------------------------------------------------------------------------
+def test_processor_runs_budget_mode_at_its_density(seed):
+    from vdiff_sparse import integration
+    from vdiff_sparse.processors import PSAProcessor
+    from vdiff_sparse.tiny_models import tiny_inputs, tiny_wan_transformer
+
+    grid = (3, 8, 8)
+    n = math.prod(grid)
+    model = tiny_wan_transformer(seed=seed % 1000)
+    inputs = tiny_inputs("wan", grid, seed=seed)
+    proc = PSAProcessor(mode="budget", density=0.25, block_q=16, block_k=16, dense_steps=0, stats=True)
+    integration.enable(model, proc)
+    with torch.no_grad():
+        model(**inputs)
+    integration.disable(model)
+    assert proc.config.mode == "budget" and proc.stats.records
+    for record in proc.stats.records:
+        assert 0.25 * (1 - 1e-9) <= record.density <= 0.25 + 16 / n + 1e-9
+
+
+def test_every_model_preset_names_a_budget_density():
+    from vdiff_sparse.processors import PSAProcessor, available_presets
+
+    for name in available_presets()["models"]:
+        config = PSAProcessor(preset=name).config
+        assert config.mode == "budget" and 0 < config.density < 1, name
+    # The method preset keeps the released threshold mode.
+    assert PSAProcessor().config.mode == "threshold"
+
+
+def test_cli_overrides_reach_budget_mode(tmp_path):
+    import json
+
+    from vdiff_sparse.cli import main
+
+    out = tmp_path / "run"
+    assert main(["generate", "--attn", "psa", "--compare-dense", "--out", str(out), "--frames", "5", "--height", "32",
+                 "--width", "48", "--steps", "1", "--no-warmup", "dense_steps=0", "block_q=16", "block_k=16",
+                 "mode=budget", "density=0.3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "mode='budget'" in report["processor"] and "density=0.3" in report["processor"]
+    assert 0.3 * (1 - 1e-9) <= report["density"] <= 0.3 + 16 / report["num_tokens"] + 1e-9
+
+
+def test_finetune_options_take_budget_mode(tmp_path):
+    from vdiff_sparse.pipelines import finetune as ft
+
+    config = ft.load_config("tiny_wan_vmoba", [f"data.latents_dir={tmp_path}", "sparse.method=psa",
+                                               "sparse.options.psa.mode=budget", "sparse.options.psa.density=0.2"])
+    processor = ft.training_processor(config.sparse)
+    assert processor.method == "psa" and processor.config.mode == "budget" and processor.config.density == 0.2

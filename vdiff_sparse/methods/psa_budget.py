@@ -1,0 +1,167 @@
+"""PSA's budget mode: spend a FLOP-equivalent density on each query block's key blocks where it
+lowers the estimated output error most, across full resolution, ×2, ×4, ×8 pooling and skipping.
+
+Per batch, head and query block ``i`` (one *row*), over its key blocks ``j`` of ``n_j`` keys:
+
+**Cost.** Key block ``j`` at pool factor ``p`` costs ``n_j / p`` keys (pooled keys count
+``1/p``, as :meth:`~vdiff_sparse.plan.AttentionPlan.density` counts them), ``0`` when skipped.
+Each row may spend ``density * N`` keys, so the plan's FLOP-equivalent density is ``density``
+(a little above: see *Allocation*).
+
+**Error model.** The estimated error of a row is ``sum_j w_ij * e_j(p_j)``: ``w_ij`` the
+sampled importance (the row sums to 1), ``e_j(p)`` the *distortion*, the fraction of the
+block's weight lost at pool factor ``p``: 1 when skipped, 0 in full. A pooled level keeps a
+part of the block's attention mass and, of that, a part of its variation (``x = 1/p``, so
+``u = 1 - x`` is the share of a group that is not its mean):
+
+* *Mass.* For a query ``q`` and a pool group of ``p`` keys with logits ``s_t = scale * q . k_t``
+  the pooled key (logit ``+ ln p``) carries ``p * exp(mean s)`` of attention where the keys
+  carry ``sum exp(s_t)``; by Jensen's inequality less, and for logits spread around their mean
+  with variance ``V`` like a normal distribution the ratio is ``exp(-V / 2)``. The variance of
+  ``p`` values is ``(1 / p^2) * sum over pairs (s_t - s_u)^2``; taking the expected squared
+  difference ``S_ij`` of two keys of a group the same at any distance inside it gives
+  ``V = S_ij u / 2``: pooling keeps ``exp(-S_ij u / 4)`` of the mass.
+* *Variation.* The attention output is made of the variation of the logits over the keys as
+  much as of their mass, and pooling keeps only the part between groups: the within-group
+  variance ``S_ij u / 2`` over the block's variance ``Var_ij``, ``rho u`` with
+  ``rho = S / (2 Var)``, is lost. Keys no more alike within a group than across the block
+  ("white" keys, ``rho = 1``) keep ``x`` of the block for ``x`` of its cost, no better than
+  keeping blocks in full. ``rho`` is one number per batch and head,
+  ``sum_ij w_ij S_ij / sum_ij w_ij 2 Var_ij``: per block it is too noisy to act on.
+
+So ``e_j(p) = 1 - exp(-S_ij u / 4) * max(0, 1 - rho u)``, a concave function of ``x``.
+
+**Estimates.** ``S_ij`` and ``Var_ij`` are read off the logits the importance estimate
+computes anyway: ``S_ij`` the mean of ``(s_a - s_b)^2`` over consecutive pairs of key block
+``j``'s sampled keys (samples ``2m`` and ``2m + 1``, ``b_k / s`` positions apart: 4 at the
+default quarter-block sampling) and every :data:`SPREAD_QUERY_STRIDE`-th sampled query of query
+block ``i``; ``Var_ij`` the variance over key block ``j``'s samples of the first sampled query's
+logits (it only enters the per-head sum). That is a subtraction, square and sum over
+``1 / (2 * SPREAD_QUERY_STRIDE)`` of the sampled logits and two sums over ``1 / s`` of them,
+beside the estimate's matmul of ``D`` multiply-adds and its max over every sampled logit. A key
+block whose samples are all one position (a block of one key) has ``S = 0``: pooling it is
+exact.
+
+**Allocation** (:func:`allocate_budget`). The errors and costs of a block's options are the
+points ``(x, e)`` and ``(0, 1)`` for skipping, scaled by ``w_ij`` and ``n_j``, so its useful
+options are the lower convex hull of those points; a pooled level strictly below the hull is
+used, one on or above it never is. ``e`` being concave in ``x``, the hull is skipping, the
+coarsest allowed level (if it lies strictly below the chord from skipping to the finest) and
+the finest allowed level: with every level allowed a block is skipped, pooled ×8 or kept in
+full. A level with ``e(p) >= 1 - 1/p`` lies on or above the chord from skipping to full
+resolution; when every pooled level of every block of a row is there (white keys, or spreads
+``S >= 4 p ln(p) / (p - 1)``: 5.5, 7.4, 9.5 for ``p = 2, 4, 8``), each block's hull is
+skip-or-full and the row is binary block-sparse at the same budget, blocks taken in order of
+importance. Moving along a block's hull is a *move* with a cost and an error drop; its
+efficiency (drop per key) is ``w_ij / b_k`` times the hull segment's slope. A row takes moves in
+decreasing efficiency (ties: key block order, then along the hull) while what it has spent is
+below its budget, so it spends at least the budget (unless every block is at its finest allowed
+level) and at most one move, less than one key block, more. This greedy is the optimum of the
+relaxed problem where a block may sit between two hull points.
+
+**Cost of the allocation:** a sort of two moves per (query block, key block) pair, against the
+one-per-pair sort of the quantile and threshold modes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+#: The importance estimate's sampled queries that also measure the logit spread: every this
+#: many-th sampled query of a query block (at least one).
+SPREAD_QUERY_STRIDE = 16
+
+# Pool factors from the coarsest (cheapest) to full resolution.
+LEVELS_COARSE_FIRST = (8, 4, 2, 1)
+
+
+def head_variation_ratio(importance: torch.Tensor, spread: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """``rho = sum w S / sum w 2 Var`` over the last two dims (query and key blocks) of each
+    row group, ``[..., 1, 1]``; ``0`` where the sampled logits do not vary at all."""
+    num = (importance * spread).sum((-2, -1), keepdim=True)
+    den = (importance * 2 * variance).sum((-2, -1), keepdim=True)
+    return torch.where(den > 0, num / den.clamp(min=1e-30), 0.0)
+
+
+def pooling_distortion(spread: torch.Tensor, rho: torch.Tensor, x) -> torch.Tensor:
+    """``e = 1 - exp(-S (1 - x) / 4) * max(0, 1 - rho (1 - x))`` at cost fraction ``x = 1/p``
+    (module docstring), elementwise, float32: 0 at ``x = 1``, concave in ``x``."""
+    lost = 1 - torch.as_tensor(x, dtype=torch.float32)
+    kept_mass = torch.exp(-spread.float().clamp(min=0) * lost / 4)
+    return 1 - kept_mass * (1 - rho.float() * lost).clamp(min=0)
+
+
+def _coarse_and_fine(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarsest and finest pool factor ``allowed`` (``[..., 4]`` over 8, 4, 2, 1) permits, on
+    its own (usually broadcast) shape; ``0`` where none is."""
+    coarse = torch.zeros(allowed.shape[:-1], dtype=torch.long, device=allowed.device)
+    fine = torch.zeros_like(coarse)
+    for i, p in enumerate(LEVELS_COARSE_FIRST):
+        coarse = torch.where(allowed[..., i] & (coarse == 0), p, coarse)
+        fine = torch.where(allowed[..., i], p, fine)
+    return coarse, fine
+
+
+def allocate_budget(
+    importance: torch.Tensor,
+    distortion: Callable[[torch.Tensor], torch.Tensor],
+    k_sizes: torch.Tensor,
+    budget: float,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Pool factor of every key block of every row under a per-row key budget.
+
+    Args:
+        importance: ``[..., n_k_blocks]`` non-negative importance, one row per query block.
+        distortion: ``x -> e``: the fraction of each block's weight lost at cost fraction
+            ``x = 1/p`` (``x`` a tensor broadcastable to ``importance``; the result has its
+            shape), 0 at ``x = 1``, at most 1, and concave and non-increasing in ``x``, so a
+            block's hull is skipping, its coarsest and its finest allowed level.
+        k_sizes: ``[n_k_blocks]`` keys per block.
+        budget: keys (pooled keys count ``1/p``) each row may spend.
+        allowed: bool, broadcastable to ``[..., n_k_blocks, 4]``: whether a block may take
+            pool factor 8, 4, 2, 1 (skipping it always is).
+
+    Returns:
+        ``[..., n_k_blocks]`` int64, ``p`` in {1, 2, 4, 8} or ``0`` for skipped blocks.
+    """
+    shape = importance.shape
+    coarse, fine = _coarse_and_fine(allowed)
+    x_coarse = 1 / coarse.clamp(min=1).float()  # cost fractions
+    x_fine = 1 / fine.clamp(min=1).float()
+    e_coarse = distortion(x_coarse)
+    e_fine = torch.zeros(()) if bool((fine == 1).all()) else distortion(x_fine)
+    # Slopes (distortion removed per cost fraction) of skip -> coarse, coarse -> fine and
+    # skip -> fine. The coarse level is on the hull iff the first beats the second (it lies
+    # strictly below the chord from skipping to the fine level); then the block has two moves,
+    # with falling slopes, else one.
+    to_coarse = (1 - e_coarse) / x_coarse
+    coarse_to_fine = (e_coarse - e_fine) / (x_fine - x_coarse).clamp(min=1e-6)
+    to_fine = (1 - e_fine) / x_fine
+    two = (coarse != fine) & (to_coarse > coarse_to_fine)
+    some = coarse > 0
+    weight = importance.float()
+    efficiency = torch.stack([
+        torch.where(some, weight * torch.where(two, to_coarse, to_fine), -1.0),
+        torch.where(two, weight * coarse_to_fine, -1.0),
+    ], -1).view(-1, 2 * shape[-1])
+    sizes = k_sizes.float()
+    cost = torch.stack([
+        sizes * torch.where(two, x_coarse, x_fine), sizes * torch.where(two, x_fine - x_coarse, 0.0),
+    ], -1).expand(*shape, 2).reshape(-1, 2 * shape[-1])
+    # Block-major flattening + stable sort: ties go by key block, then first move first.
+    order = efficiency.argsort(dim=-1, descending=True, stable=True)
+    sorted_cost = cost.gather(-1, order).double()
+    spent_before = sorted_cost.cumsum(-1) - sorted_cost
+    # Slack against rounding: a row that spent its budget exactly takes nothing more.
+    limit = budget - 1e-9 * max(1.0, float(k_sizes.sum()))
+    taken = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, spent_before < limit)
+    taken = (taken & (efficiency >= 0)).view(*shape, 2)
+    # Moves are taken in chain order: the level is that of the last one taken.
+    reached_coarse = torch.where(two, coarse, fine)
+    return torch.where(taken[..., 1], fine, torch.where(taken[..., 0], reached_coarse, 0))
+
+
+__all__ = ["LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "head_variation_ratio", "pooling_distortion"]
