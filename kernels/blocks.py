@@ -1,0 +1,212 @@
+"""Block-sparse plans (dense, PSA, block-aligned GNA, any plan without per-token routing): a
+query tile reads exactly its block's entries; a key tile the query blocks that list it.
+
+* :func:`_rows_kernel` — forward or ``dq`` (``BACKWARD``) of one ``BLOCK_M`` tile of a query
+  block. The block's entries come sorted by pool level; the entries of one level are laid end
+  to end, ``rows_per_entry[level]`` key rows each (the largest key block at that level), and
+  walked in ``BLOCK_N`` steps, so short pooled entries share a tile (a x8 entry of a 128-token
+  block is 16 rows: four to a 64-wide tile) and a row's loop ends at its own entries. Then the
+  extra (text) keys.
+* :func:`_keys_kernel` — ``dk``/``dv`` of one ``BLOCK_N`` tile of one key range (a key block
+  at one pool level, or the extra keys): walks the query blocks that list the range, in
+  ``BLOCK_M`` steps; or (``GATHER``) a list of query positions (the per-token routed plans of
+  :mod:`.routed`). One launch per pool level, each with a ``BLOCK_N`` that fits its ranges.
+
+A coordinate window without a grid (``WINDOW``; hand-built plans: GNA's go through
+:mod:`.window`) is tested per pair from the token coordinates.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import tiles
+from .common import (
+    attend, count_tile, dkdv_step, extra_keys, finish_rows, key_bias, load_rows, pooled_bias,
+    query_tile_t, scores, scores_t, start_rows, store_rows, window_ok,
+)
+
+#: Entry table columns: first row in the stacked keys, rows, tokens of the key block.
+ENT_START, ENT_ROWS, ENT_SIZE, ENT_WIDTH = 0, 1, 2, 3
+#: Key range table columns: first row, rows, pool factor, tokens of the key block.
+RANGE_START, RANGE_ROWS, RANGE_POOL, RANGE_SIZE, RANGE_WIDTH = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _rows_kernel(
+    Q, K, V, O, DO, LSE, DELTA,
+    Q_OFF, ENT, COUNTS, ROWS_PER_ENTRY, stride_eb, stride_eh, stride_cb, stride_ch,
+    COORDS, LO, HI, DIL, dilated,
+    EK, EV, EMASK, N_EXTRA, has_emask,
+    N, NK, H, MAX_KV, SUB,
+    qk_scale, sm_scale, WORK,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    COUNT_WORK: tl.constexpr,
+):
+    """Program ``(query block * SUB + sub-tile, batch * H + head)``.
+
+    ``ENT`` ``[B'|1, H'|1, n_q_blocks, MAX_KV, ENT_WIDTH]`` entries sorted by pool level,
+    ``COUNTS`` ``[B'|1, H'|1, n_q_blocks, 4]`` entries per level (pool factor ``2**g``),
+    ``ROWS_PER_ENTRY`` ``[4]``; strides 0 where the plan broadcasts. Forward writes ``O`` and
+    ``LSE``; backward writes ``dq`` to ``O``.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    qb = pid // SUB
+    q_lo = tl.load(Q_OFF + qb)
+    q_hi = tl.load(Q_OFF + qb + 1)
+    m0 = q_lo + (pid % SUB) * BLOCK_M
+    if m0 < q_hi:
+        q_pos = m0 + tl.arange(0, BLOCK_M)
+        q_ok = q_pos < q_hi
+        q_rows = q_pos.to(tl.int64)
+        q, do, m_i, l_i, acc = start_rows(Q, DO, LSE, DELTA, b64, h64, q_rows, q_ok, N, H,
+                                          BLOCK_M, HEAD_D, HEAD_DV, BACKWARD, UPCAST)
+        k_base = K + (b64 * NK * H + h64) * HEAD_D
+        v_base = V + (b64 * NK * H + h64) * HEAD_DV
+        if WINDOW:
+            lo_t = tl.load(LO + q_rows * 3, mask=q_ok, other=0)[:, None]
+            lo_h = tl.load(LO + q_rows * 3 + 1, mask=q_ok, other=0)[:, None]
+            lo_w = tl.load(LO + q_rows * 3 + 2, mask=q_ok, other=0)[:, None]
+            hi_t = tl.load(HI + q_rows * 3, mask=q_ok, other=0)[:, None]
+            hi_h = tl.load(HI + q_rows * 3 + 1, mask=q_ok, other=0)[:, None]
+            hi_w = tl.load(HI + q_rows * 3 + 2, mask=q_ok, other=0)[:, None]
+        ent = ENT + b64 * stride_eb + h64 * stride_eh + qb.to(tl.int64) * MAX_KV * ENT_WIDTH
+        counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 4
+        first = 0
+        for g in range(4):
+            n_entries = tl.load(counts + g)
+            per_entry = tl.load(ROWS_PER_ENTRY + g)
+            p = 1 << g
+            total = n_entries * per_entry
+            for n0 in range(0, total, BLOCK_N):
+                slot = n0 + tl.arange(0, BLOCK_N)
+                in_range = slot < total
+                e = first + slot // per_entry
+                offs = slot % per_entry
+                start = tl.load(ent + e * ENT_WIDTH + ENT_START, mask=in_range, other=0)
+                n_rows = tl.load(ent + e * ENT_WIDTH + ENT_ROWS, mask=in_range, other=0)
+                k_ok = in_range & (offs < n_rows)
+                if p > 1:
+                    size = tl.load(ent + e * ENT_WIDTH + ENT_SIZE, mask=in_range, other=1)
+                    bias = pooled_bias(offs, k_ok, p, size)
+                else:
+                    bias = key_bias(k_ok)
+                k_rows = (start + offs).to(tl.int64)
+                k = load_rows(k_base, k_rows, k_ok, H * HEAD_D, HEAD_D, UPCAST)
+                v = load_rows(v_base, k_rows, k_ok, H * HEAD_DV, HEAD_DV, UPCAST)
+                s = scores(q, k, bias, qk_scale, PRECISION)
+                if WINDOW:
+                    x_t = tl.load(COORDS + k_rows * 3, mask=k_ok, other=0)[None, :]
+                    x_h = tl.load(COORDS + k_rows * 3 + 1, mask=k_ok, other=0)[None, :]
+                    x_w = tl.load(COORDS + k_rows * 3 + 2, mask=k_ok, other=0)[None, :]
+                    ok = window_ok(x_t, x_h, x_w, lo_t, lo_h, lo_w, hi_t, hi_h, hi_w, DIL, dilated)
+                    s = tl.where(ok, s, float("-inf"))
+                acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
+                count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
+            first += n_entries
+        acc, m_i, l_i = extra_keys(acc, m_i, l_i, q, do, EK, EV, EMASK, N_EXTRA, has_emask, b64, h64, H,
+                                   qk_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BACKWARD, UPCAST,
+                                   PRECISION, COUNT_WORK)
+        finish_rows(O, LSE, b64, h64, q_rows, q_ok, acc, m_i, l_i, sm_scale, N, H, HEAD_D, HEAD_DV, BACKWARD)
+
+
+@triton.jit
+def _keys_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    RANGES, SUB, Q_OFF, ROWPTR, ITEMS, stride_rb, stride_rh,
+    COORDS, LO, HI, DIL, dilated,
+    KMASK, has_kmask,
+    N, NK, H,
+    qk_scale, sm_scale, WORK,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    GATHER: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    COUNT_WORK: tl.constexpr,
+):
+    """Program ``(range * SUB + sub-tile, batch * H + head)``: ``dk``, ``dv`` of key rows
+    ``[start + sub * BLOCK_N, ...)`` of range ``RANGES[range]`` (``RANGE_WIDTH`` columns).
+
+    The queries: ``ROWPTR[(b', h') offset + range]`` and the next entry bound the range's items
+    in ``ITEMS``: query block ids (each walked from ``Q_OFF[qb]`` to ``Q_OFF[qb + 1]``), or with
+    ``GATHER`` query positions. ``KMASK`` ``[B, NK]`` (when ``has_kmask``) drops padding keys.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    r = pid // SUB
+    start = tl.load(RANGES + r * RANGE_WIDTH + RANGE_START)
+    n_rows = tl.load(RANGES + r * RANGE_WIDTH + RANGE_ROWS)
+    p = tl.load(RANGES + r * RANGE_WIDTH + RANGE_POOL)
+    size = tl.load(RANGES + r * RANGE_WIDTH + RANGE_SIZE)
+    n0 = (pid % SUB) * BLOCK_N
+    if n0 < n_rows:
+        offs = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs < n_rows
+        k_rows = (start + offs).to(tl.int64)
+        k_ok = in_range
+        if has_kmask:
+            k_ok = k_ok & (tl.load(KMASK + b64 * NK + k_rows, mask=in_range, other=0) != 0)
+        if p > 1:
+            bias = pooled_bias(offs, k_ok, p, size)
+        else:
+            bias = key_bias(k_ok)
+        k_base = K + (b64 * NK * H + h64) * HEAD_D
+        v_base = V + (b64 * NK * H + h64) * HEAD_DV
+        k = load_rows(k_base, k_rows, in_range, H * HEAD_D, HEAD_D, UPCAST)
+        v = load_rows(v_base, k_rows, in_range, H * HEAD_DV, HEAD_DV, UPCAST)
+        if WINDOW:
+            x_t = tl.load(COORDS + k_rows * 3, mask=in_range, other=0)[:, None]
+            x_h = tl.load(COORDS + k_rows * 3 + 1, mask=in_range, other=0)[:, None]
+            x_w = tl.load(COORDS + k_rows * 3 + 2, mask=in_range, other=0)[:, None]
+        dk = tl.full([BLOCK_N, HEAD_D], 0.0, dtype=tl.float32)
+        dv = tl.full([BLOCK_N, HEAD_DV], 0.0, dtype=tl.float32)
+        row = ROWPTR + b64 * stride_rb + h64 * stride_rh + r
+        first = tl.load(row)
+        last = tl.load(row + 1)
+        if GATHER:
+            n_items = 1
+        else:
+            n_items = last - first
+        for it in range(n_items):
+            if GATHER:
+                q_lo = first
+                q_hi = last
+            else:
+                qb = tl.load(ITEMS + first + it)
+                q_lo = tl.load(Q_OFF + qb)
+                q_hi = tl.load(Q_OFF + qb + 1)
+            for m0 in range(q_lo, q_hi, BLOCK_M):
+                idx = m0 + tl.arange(0, BLOCK_M)
+                q_ok = idx < q_hi
+                if GATHER:
+                    q_rows = tl.load(ITEMS + idx, mask=q_ok, other=0).to(tl.int64)
+                else:
+                    q_rows = idx.to(tl.int64)
+                q, do, lse, delta = query_tile_t(Q, DO, LSE, DELTA, b64, h64, q_rows, q_ok, N, H,
+                                                 HEAD_D, HEAD_DV, UPCAST)
+                st = scores_t(k, q, bias, qk_scale, PRECISION)
+                if WINDOW:
+                    lo_t = tl.load(LO + q_rows * 3, mask=q_ok, other=0)[None, :]
+                    lo_h = tl.load(LO + q_rows * 3 + 1, mask=q_ok, other=0)[None, :]
+                    lo_w = tl.load(LO + q_rows * 3 + 2, mask=q_ok, other=0)[None, :]
+                    hi_t = tl.load(HI + q_rows * 3, mask=q_ok, other=0)[None, :]
+                    hi_h = tl.load(HI + q_rows * 3 + 1, mask=q_ok, other=0)[None, :]
+                    hi_w = tl.load(HI + q_rows * 3 + 2, mask=q_ok, other=0)[None, :]
+                    ok = window_ok(x_t, x_h, x_w, lo_t, lo_h, lo_w, hi_t, hi_h, hi_w, DIL, dilated)
+                    st = tl.where(ok, st, float("-inf"))
+                dk, dv = dkdv_step(dk, dv, st, v, q, do, lse, delta, PRECISION)
+                count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
+        store_rows(DK + (b64 * NK * H + h64) * HEAD_D, k_rows, in_range, H * HEAD_D, dk * sm_scale, HEAD_D)
+        store_rows(DV + (b64 * NK * H + h64) * HEAD_DV, k_rows, in_range, H * HEAD_DV, dv, HEAD_DV)
+
+
+_KEY = ["BLOCK_M", "BLOCK_N", "HEAD_D", "HEAD_DV", "PRECISION"]
+rows_kernel = triton.autotune(tiles.configs(), key=_KEY + ["WINDOW", "BACKWARD"],
+                              prune_configs_by={"early_config_prune": tiles.prune})(_rows_kernel)
+keys_kernel = triton.autotune(tiles.configs(), key=_KEY + ["GATHER", "WINDOW"],
+                              prune_configs_by={"early_config_prune": tiles.prune})(_keys_kernel)
