@@ -12,8 +12,8 @@ query tile reads exactly its block's entries; a key tile the query blocks that l
   ``BLOCK_M`` steps; or (``GATHER``) a list of query positions (the per-token routed plans of
   :mod:`.routed`). One launch per pool level, each with a ``BLOCK_N`` that fits its ranges.
 
-A coordinate window without a grid (``WINDOW``; hand-built plans: GNA's go through
-:mod:`.window`) is tested per pair from the token coordinates.
+A coordinate window without a grid (hand-built plans: GNA's go through :mod:`.window`) is
+tested per pair (``WINDOW`` 1, or 2 with dilation; :func:`~.common.window_ok`).
 """
 
 from __future__ import annotations
@@ -23,21 +23,28 @@ import triton.language as tl
 
 from . import tiles
 from .common import (
-    attend, count_tile, dkdv_step, extra_keys, finish_rows, key_bias, load_rows, pooled_bias,
+    attend, count_tile, dkdv_step, extra_keys, finish_rows, key_bias, load_group, load_rows, pooled_bias,
     query_tile_t, scores, scores_t, start_rows, store_rows, window_ok,
 )
 
 #: Entry table columns: first row in the stacked keys, rows, tokens of the key block.
-ENT_START, ENT_ROWS, ENT_SIZE, ENT_WIDTH = 0, 1, 2, 3
+ENT_START = tl.constexpr(0)
+ENT_ROWS = tl.constexpr(1)
+ENT_SIZE = tl.constexpr(2)
+ENT_WIDTH = tl.constexpr(3)
 #: Key range table columns: first row, rows, pool factor, tokens of the key block.
-RANGE_START, RANGE_ROWS, RANGE_POOL, RANGE_SIZE, RANGE_WIDTH = 0, 1, 2, 3, 4
+RANGE_START = tl.constexpr(0)
+RANGE_ROWS = tl.constexpr(1)
+RANGE_POOL = tl.constexpr(2)
+RANGE_SIZE = tl.constexpr(3)
+RANGE_WIDTH = tl.constexpr(4)
 
 
 @triton.jit
 def _rows_kernel(
     Q, K, V, O, DO, LSE, DELTA,
     Q_OFF, ENT, COUNTS, ROWS_PER_ENTRY, stride_eb, stride_eh, stride_cb, stride_ch,
-    COORDS, LO, HI, DIL, dilated,
+    CODE, GROUP, LO_CODE, HI_CODE, LO_GROUP, GUARD,
     EK, EV, EMASK, N_EXTRA, has_emask,
     N, NK, H, MAX_KV, SUB,
     qk_scale, sm_scale, WORK,
@@ -69,12 +76,9 @@ def _rows_kernel(
         k_base = K + (b64 * NK * H + h64) * HEAD_D
         v_base = V + (b64 * NK * H + h64) * HEAD_DV
         if WINDOW:
-            lo_t = tl.load(LO + q_rows * 3, mask=q_ok, other=0)[:, None]
-            lo_h = tl.load(LO + q_rows * 3 + 1, mask=q_ok, other=0)[:, None]
-            lo_w = tl.load(LO + q_rows * 3 + 2, mask=q_ok, other=0)[:, None]
-            hi_t = tl.load(HI + q_rows * 3, mask=q_ok, other=0)[:, None]
-            hi_h = tl.load(HI + q_rows * 3 + 1, mask=q_ok, other=0)[:, None]
-            hi_w = tl.load(HI + q_rows * 3 + 2, mask=q_ok, other=0)[:, None]
+            win_lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)[:, None]
+            win_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[:, None]
+            win_group = load_group(LO_GROUP, q_rows, q_ok, WINDOW == 2)[:, None]
         ent = ENT + b64 * stride_eb + h64 * stride_eh + qb.to(tl.int64) * MAX_KV * ENT_WIDTH
         counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 4
         first = 0
@@ -91,20 +95,16 @@ def _rows_kernel(
                 start = tl.load(ent + e * ENT_WIDTH + ENT_START, mask=in_range, other=0)
                 n_rows = tl.load(ent + e * ENT_WIDTH + ENT_ROWS, mask=in_range, other=0)
                 k_ok = in_range & (offs < n_rows)
-                if p > 1:
-                    size = tl.load(ent + e * ENT_WIDTH + ENT_SIZE, mask=in_range, other=1)
-                    bias = pooled_bias(offs, k_ok, p, size)
-                else:
-                    bias = key_bias(k_ok)
+                size = tl.load(ent + e * ENT_WIDTH + ENT_SIZE, mask=in_range, other=1)
+                bias = pooled_bias(offs, k_ok, p, size)
                 k_rows = (start + offs).to(tl.int64)
                 k = load_rows(k_base, k_rows, k_ok, H * HEAD_D, HEAD_D, UPCAST)
                 v = load_rows(v_base, k_rows, k_ok, H * HEAD_DV, HEAD_DV, UPCAST)
                 s = scores(q, k, bias, qk_scale, PRECISION)
                 if WINDOW:
-                    x_t = tl.load(COORDS + k_rows * 3, mask=k_ok, other=0)[None, :]
-                    x_h = tl.load(COORDS + k_rows * 3 + 1, mask=k_ok, other=0)[None, :]
-                    x_w = tl.load(COORDS + k_rows * 3 + 2, mask=k_ok, other=0)[None, :]
-                    ok = window_ok(x_t, x_h, x_w, lo_t, lo_h, lo_w, hi_t, hi_h, hi_w, DIL, dilated)
+                    k_code = tl.load(CODE + k_rows, mask=k_ok, other=0)[None, :]
+                    k_group = load_group(GROUP, k_rows, k_ok, WINDOW == 2)[None, :]
+                    ok = window_ok(k_code, k_group, win_lo, win_hi, win_group, GUARD, WINDOW == 2)
                     s = tl.where(ok, s, float("-inf"))
                 acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
                 count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
@@ -119,7 +119,7 @@ def _rows_kernel(
 def _keys_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     RANGES, SUB, Q_OFF, ROWPTR, ITEMS, stride_rb, stride_rh,
-    COORDS, LO, HI, DIL, dilated,
+    CODE, GROUP, LO_CODE, HI_CODE, LO_GROUP, GUARD,
     KMASK, has_kmask,
     N, NK, H,
     qk_scale, sm_scale, WORK,
@@ -160,9 +160,8 @@ def _keys_kernel(
         k = load_rows(k_base, k_rows, in_range, H * HEAD_D, HEAD_D, UPCAST)
         v = load_rows(v_base, k_rows, in_range, H * HEAD_DV, HEAD_DV, UPCAST)
         if WINDOW:
-            x_t = tl.load(COORDS + k_rows * 3, mask=in_range, other=0)[:, None]
-            x_h = tl.load(COORDS + k_rows * 3 + 1, mask=in_range, other=0)[:, None]
-            x_w = tl.load(COORDS + k_rows * 3 + 2, mask=in_range, other=0)[:, None]
+            k_code = tl.load(CODE + k_rows, mask=in_range, other=0)[:, None]
+            k_group = load_group(GROUP, k_rows, in_range, WINDOW == 2)[:, None]
         dk = tl.full([BLOCK_N, HEAD_D], 0.0, dtype=tl.float32)
         dv = tl.full([BLOCK_N, HEAD_DV], 0.0, dtype=tl.float32)
         row = ROWPTR + b64 * stride_rb + h64 * stride_rh + r
@@ -191,13 +190,10 @@ def _keys_kernel(
                                                  HEAD_D, HEAD_DV, UPCAST)
                 st = scores_t(k, q, bias, qk_scale, PRECISION)
                 if WINDOW:
-                    lo_t = tl.load(LO + q_rows * 3, mask=q_ok, other=0)[None, :]
-                    lo_h = tl.load(LO + q_rows * 3 + 1, mask=q_ok, other=0)[None, :]
-                    lo_w = tl.load(LO + q_rows * 3 + 2, mask=q_ok, other=0)[None, :]
-                    hi_t = tl.load(HI + q_rows * 3, mask=q_ok, other=0)[None, :]
-                    hi_h = tl.load(HI + q_rows * 3 + 1, mask=q_ok, other=0)[None, :]
-                    hi_w = tl.load(HI + q_rows * 3 + 2, mask=q_ok, other=0)[None, :]
-                    ok = window_ok(x_t, x_h, x_w, lo_t, lo_h, lo_w, hi_t, hi_h, hi_w, DIL, dilated)
+                    win_lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)[None, :]
+                    win_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[None, :]
+                    win_group = load_group(LO_GROUP, q_rows, q_ok, WINDOW == 2)[None, :]
+                    ok = window_ok(k_code, k_group, win_lo, win_hi, win_group, GUARD, WINDOW == 2)
                     st = tl.where(ok, st, float("-inf"))
                 dk, dv = dkdv_step(dk, dv, st, v, q, do, lse, delta, PRECISION)
                 count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
@@ -206,7 +202,7 @@ def _keys_kernel(
 
 
 _KEY = ["BLOCK_M", "BLOCK_N", "HEAD_D", "HEAD_DV", "PRECISION"]
-rows_kernel = triton.autotune(tiles.configs(), key=_KEY + ["WINDOW", "BACKWARD"],
-                              prune_configs_by={"early_config_prune": tiles.prune})(_rows_kernel)
+rows_kernel = triton.autotune(tiles.configs(), key=_KEY + ["WINDOW", "BACKWARD"], prune_configs_by=tiles.pruner(
+    lambda args: "window" if args["WINDOW"] else "dq" if args["BACKWARD"] else "forward"))(_rows_kernel)
 keys_kernel = triton.autotune(tiles.configs(), key=_KEY + ["GATHER", "WINDOW"],
-                              prune_configs_by={"early_config_prune": tiles.prune})(_keys_kernel)
+                              prune_configs_by=tiles.pruner(lambda args: "keys"))(_keys_kernel)

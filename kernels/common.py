@@ -207,12 +207,30 @@ def extra_keys(acc, m_i, l_i, q, do, EK, EV, EMASK, N_EXTRA, has_mask, b64, h64,
 
 
 @triton.jit
-def window_ok(x_t, x_h, x_w, lo_t, lo_h, lo_w, hi_t, hi_h, hi_w, DIL, dilated):
-    """Pair mask: key coordinates ``x_*`` (``[1, n]`` or ``[n, 1]``) inside the windows
-    ``[lo_*, hi_*]`` of the queries (the other orientation), on their dilation lattice."""
-    ok = (x_t >= lo_t) & (x_t <= hi_t) & (x_h >= lo_h) & (x_h <= hi_h) & (x_w >= lo_w) & (x_w <= hi_w)
-    # An integer modulo per pair costs more than the rest of the test: only when dilated.
-    if dilated:
-        ok = ok & ((x_t - lo_t) % tl.load(DIL) == 0) & ((x_h - lo_h) % tl.load(DIL + 1) == 0)
-        ok = ok & ((x_w - lo_w) % tl.load(DIL + 2) == 0)
+def window_ok(k_code, k_group, q_lo, q_hi, q_group, GUARD, DILATED: tl.constexpr):
+    """Pair mask: keys inside the queries' coordinate windows (``[n, 1]`` against ``[1, m]``
+    operands, either way round).
+
+    Coordinates are packed per axis into bit fields of one int32, each with a guard bit above
+    it (:class:`~vdiff_sparse.kernels.tables.WindowArgs`): a key's ``k_code`` is in a query's
+    window on every axis iff, field by field, ``q_lo <= k_code <= q_hi``, which is two
+    subtractions that borrow from no neighbouring field: ``(k_code | GUARD) - q_lo`` keeps a
+    field's guard bit iff the key is not below the window there, ``q_hi - k_code`` (``q_hi``
+    has the guard bits set) iff it is not above. With dilation the fields hold lattice indices
+    ``x // d`` and a key must also be on the query's lattice (``k_group == q_group``, the
+    packed ``x % d``).
+    """
+    ok = (((k_code | GUARD) - q_lo) & (q_hi - k_code) & GUARD) == GUARD
+    if DILATED:
+        ok = ok & (k_group == q_group)
     return ok
+
+
+@triton.jit
+def load_group(GROUP, rows, valid, DILATED: tl.constexpr):
+    """The packed lattice offsets ``GROUP[rows]`` when ``DILATED`` (else zeros, never read)."""
+    if DILATED:
+        group = tl.load(GROUP + rows, mask=valid, other=0)
+    else:
+        group = tl.full(rows.shape, 0, dtype=tl.int32)
+    return group

@@ -22,7 +22,7 @@ from vdiff_sparse.plan import AttentionPlan, ExtraKeys
 from . import blocks, common, routed, window
 from .pooling import pyramid
 from .tables import BlockTables, BoxTables, KeyRanges, RoutedTables, WindowArgs, plan_tables
-from .tiles import TileChoice, default_tiles, keys_block_n
+from .tiles import TileChoice, keys_block_n, launch_tiles
 
 PASSES = ("forward", "dq", "dkdv")
 
@@ -66,6 +66,11 @@ def _launch_args(pass_name: str, q: torch.Tensor, backward: bool | None = None) 
     return args
 
 
+def _no_mask(q: torch.Tensor) -> torch.Tensor:
+    """Placeholder of a key mask argument (never read)."""
+    return torch.zeros(1, dtype=torch.int8, device=q.device)
+
+
 @dataclass
 class _Extra:
     """The extra keys as kernel arguments (placeholders when there are none)."""
@@ -80,9 +85,14 @@ class _Extra:
     def of(cls, ek, ev, emask, q):
         if ek is None:
             dummy = q.new_zeros(1)
-            return cls(dummy, dummy, torch.zeros(1, dtype=torch.int8, device=q.device), 0, 0)
-        mask = torch.zeros(1, dtype=torch.int8, device=q.device) if emask is None else emask.to(torch.int8).contiguous()
+            return cls(dummy, dummy, _no_mask(q), 0, 0)
+        mask = _no_mask(q) if emask is None else emask.to(torch.int8).contiguous()
         return cls(ek, ev, mask, ek.shape[1], int(emask is not None))
+
+
+def _window_mode(win: WindowArgs) -> int:
+    """The ``WINDOW`` switch of :mod:`.blocks`: 0 none, 1 a window, 2 a dilated one."""
+    return 0 if not win.active else 2 if win.dilated else 1
 
 
 def _keys(q, k, v, do, lse, delta, dk, dv, scale, *, ranges: KeyRanges, rowptr, rowptr_strides, items,
@@ -92,12 +102,12 @@ def _keys(q, k, v, do, lse, delta, dk, dv, scale, *, ranges: KeyRanges, rowptr, 
     blocks.keys_kernel[(ranges.table.shape[0] * ranges.sub, B * H)](
         q, k, v, do, lse, delta, dk, dv,
         ranges.table, ranges.sub, q_offsets, rowptr, items, *rowptr_strides,
-        win.coords, win.lo, win.hi, win.dil, win.dilated,
-        q_offsets if kmask is None else kmask, int(kmask is not None),
+        *win.args(),
+        _no_mask(q) if kmask is None else kmask, int(kmask is not None),
         N, k.shape[1], H,
         scale * common.LOG2E, scale,
         BLOCK_M=block_m, BLOCK_N=ranges.block_n, HEAD_D=D, HEAD_DV=v.shape[-1], GATHER=gather,
-        WINDOW=win.active, **_launch_args("dkdv", q),
+        WINDOW=_window_mode(win), **_launch_args("dkdv", q),
     )
 
 
@@ -123,17 +133,19 @@ class _BlockRun:
         self.t = t
 
     def _rows(self, q, k_all, v_all, o, do, lse, delta, x: _Extra, scale, backward: bool):
-        t, w = self.t, self.t.window
+        t = self.t
+        name = "dq" if backward else "forward"
+        block_m, block_n, sub = t.passes[name]
         B, N, H, D = q.shape
-        blocks.rows_kernel[(t.n_q_blocks * t.sub, B * H)](
+        blocks.rows_kernel[(t.n_q_blocks * sub, B * H)](
             q, k_all, v_all, o, do, lse, delta,
             t.q_offsets, t.ent, t.counts, t.rows_per_entry, *t.ent_strides, *t.counts_strides,
-            w.coords, w.lo, w.hi, w.dil, w.dilated,
+            *t.window.args(),
             x.k, x.v, x.mask, x.n, x.has_mask,
-            N, k_all.shape[1], H, t.max_kv, t.sub,
+            N, k_all.shape[1], H, t.max_kv, sub,
             scale * common.LOG2E, scale,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v_all.shape[-1], WINDOW=w.active,
-            **_launch_args("dq" if backward else "forward", q, backward),
+            BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=v_all.shape[-1], WINDOW=_window_mode(t.window),
+            **_launch_args(name, q, backward),
         )
 
     def forward(self, q, k_all, v_all, x, scale):
@@ -166,12 +178,12 @@ class _BoxRun:
         B, N, H, D = q.shape
         window.box_rows_kernel[(t.q_tiles.shape[0], B * H)](
             q, k, v, o, do, lse, delta,
-            t.q_tiles, t.pos_of_token, w.lo, w.hi, w.dil, w.dilated, t.grid[1], t.grid[2],
+            t.q_tiles, t.pos_of_token, t.grid[1], t.grid[2], *w.args(),
             x.k, x.v, x.mask, x.n, x.has_mask,
             N, H,
             scale * common.LOG2E, scale,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v.shape[-1],
-            **_launch_args("dq" if backward else "forward", q, backward),
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v.shape[-1], MASKED=t.q_masked,
+            DILATED=w.dilated, **_launch_args("dq" if backward else "forward", q, backward),
         )
 
     def forward(self, q, k, v, x, scale):
@@ -189,11 +201,11 @@ class _BoxRun:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         window.box_keys_kernel[(t.k_tiles.shape[0], B * H)](
             q, k, v, do, lse, delta, dk, dv,
-            t.k_tiles, t.pos_of_token, w.coords, w.lo, w.hi, w.dil, w.dilated, t.grid[1], t.grid[2],
+            t.k_tiles, t.pos_of_token, t.grid[1], t.grid[2], *w.args(),
             N, H,
             scale * common.LOG2E, scale,
-            BLOCK_M=t.keys_block_m, BLOCK_N=t.keys_block_n, HEAD_D=D, HEAD_DV=v.shape[-1],
-            **_launch_args("dkdv", q),
+            BLOCK_M=t.keys_block_m, BLOCK_N=t.keys_block_n, HEAD_D=D, HEAD_DV=v.shape[-1], MASKED=t.k_masked,
+            DILATED=w.dilated, **_launch_args("dkdv", q),
         )
         return dq, dk, dv
 
@@ -222,7 +234,7 @@ class _RoutedRun:
             routed.routed_rows_kernel[(t.n_tasks, B * H)](
                 q, k_all, v_all, do, lse, delta, acc, m, l,
                 t.tasks[:, :, r], *t.tasks_strides, t.pos, *t.pos_strides, t.ranges,
-                t.q_offsets, 0,
+                _no_mask(q), 0,
                 N, k_all.shape[1], H, scale * common.LOG2E, **shared,
             )
 
@@ -308,7 +320,7 @@ def plan_attention(
         ``[B, N, heads, Dv]`` in plan order, q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    choice = default_tiles(max(q.shape[-1], v.shape[-1]))
+    choice = launch_tiles(max(q.shape[-1], v.shape[-1]), q.device)
     k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
     tables, levels = plan_tables(plan, choice)
     k_all, v_all, _ = pyramid(k, v, plan.k_offsets, levels)

@@ -26,7 +26,10 @@ from .blocks import RANGE_POOL, RANGE_ROWS, RANGE_SIZE, RANGE_START, RANGE_WIDTH
 from .common import attend, count_tile, key_bias, load_rows, pooled_bias, scores, store_rows
 
 #: Task table columns: key range, first index in the query list, queries.
-TASK_RANGE, TASK_FIRST, TASK_COUNT, TASK_WIDTH = 0, 1, 2, 3
+TASK_RANGE = tl.constexpr(0)
+TASK_FIRST = tl.constexpr(1)
+TASK_COUNT = tl.constexpr(2)
+TASK_WIDTH = tl.constexpr(3)
 
 
 @triton.jit
@@ -103,7 +106,7 @@ def _routed_rows_kernel(
 
 routed_rows_kernel = triton.autotune(
     tiles.configs(), key=["BLOCK_M", "BLOCK_N", "HEAD_D", "HEAD_DV", "PRECISION", "BACKWARD"],
-    prune_configs_by={"early_config_prune": tiles.prune},
+    prune_configs_by=tiles.pruner(lambda args: "routed"),
     # Benchmark runs fold a range in again; put the state back after each.
     restore_value=["ACC", "M", "L"],
 )(_routed_rows_kernel)

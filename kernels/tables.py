@@ -61,11 +61,12 @@ class BlockTables:
         counts: ``[B'|1, H'|1, n_q_blocks, 4]`` entries per level.
         rows_per_entry: ``[4]`` key rows reserved per entry of each level (the most any key
             block has at that level).
-        block_m, sub: the forward/``dq`` launch's ``BLOCK_M`` and tiles per query block.
+        passes: ``{"forward" | "dq": (BLOCK_M, BLOCK_N, tiles per query block)}``.
         levels: per level used, :class:`KeyRanges` and its slice of the inverted lists:
             ``rowptr`` (``[B' * H' * 4 * n_k_blocks + 1]``, query blocks of (plan batch, plan
             head, level, key block)) and ``list_qb``.
-        window: the plan's coordinate window, tested per pair (a hand-built window).
+        window: the plan's coordinate window (:class:`WindowArgs`), tested per pair (a
+            hand-built window; the launches then use the ``window`` tiles).
     """
 
     def __init__(self, plan: AttentionPlan, rows: torch.Tensor, choice: TileChoice):
@@ -77,9 +78,13 @@ class BlockTables:
         self.q_block_max = int(plan.q_offsets.diff().max())
         self.k_block_max = int(sizes.max())
         self.max_kv = plan.max_kv
-        self.block_m = rows_block_m(choice.rows, self.q_block_max)
-        self.block_n = choice.rows.block_n
-        self.sub = _cdiv(self.q_block_max, self.block_m)
+        self.window = WindowArgs(plan, dev)
+        # (BLOCK_M, BLOCK_N, tiles per query block) of the forward and dq launches.
+        self.passes = {}
+        for name, kind in (("forward", choice.forward), ("dq", choice.dq)):
+            kind = choice.window if self.window.active else kind
+            block_m = rows_block_m(kind, self.q_block_max)
+            self.passes[name] = (block_m, kind.block_n, _cdiv(self.q_block_max, block_m))
 
         valid = plan.kv_index >= 0
         kb = plan.kv_index.clamp(min=0)
@@ -90,7 +95,7 @@ class BlockTables:
         self.ent = torch.stack(
             [rows[li_s, kb_s, 0], torch.where(valid_s, rows[li_s, kb_s, 1], 0), sizes[kb_s]], -1
         ).to(I32).contiguous()
-        assert self.ent.shape[-1] == ENT_WIDTH
+        assert self.ent.shape[-1] == ENT_WIDTH.value
         self.ent_strides = broadcast_strides(self.ent)
         self.counts = torch.stack([(valid & (li == g)).sum(-1) for g in range(len(LEVELS))], -1).to(I32).contiguous()
         self.counts_strides = broadcast_strides(self.counts)
@@ -110,25 +115,69 @@ class BlockTables:
         self.rowptr_strides = (Hp * n_ranges if Bp > 1 else 0, n_ranges if Hp > 1 else 0)
         self.levels = [(ranges, self.rowptr[g * nkb:]) for g, ranges in _key_ranges(plan, rows, choice)]
         self.keys_block_m = choice.keys.block_m
-        self.window = WindowArgs(plan, dev)
 
 
 class WindowArgs:
-    """A plan's coordinate window as kernel arguments (placeholders when there is none, or
-    when ``plan`` is ``None``)."""
+    """A plan's coordinate window as the packed operands of :func:`~.common.window_ok`
+    (placeholders when there is none, or when ``plan`` is ``None``).
+
+    Per axis ``a`` with dilation ``d``, a coordinate ``x`` is the lattice index ``x // d`` and
+    the lattice ``x % d``. Lattice indices are packed into bit fields of one int32, each one
+    bit wider than the largest index it holds, with a guard bit above each field
+    (``guard``); lattices into one mixed-radix int. Per plan position: ``code`` and ``group``
+    of its coordinates, ``lo_code``/``hi_code`` (guard bits set) and ``lo_group`` of its
+    window, clipped to the grid and onto its lattice (a window empty on some axis gets a low
+    end above every key).
+
+    Raises:
+        NotImplementedError: a grid too large for the fields to fit in 31 bits.
+    """
 
     def __init__(self, plan: AttentionPlan | None, dev):
         w = None if plan is None else plan.window
         self.active = w is not None
         if w is None:
-            self.coords = self.lo = self.hi = self.dil = torch.zeros(3, dtype=I32, device=dev)
-            self.dilated = 0
+            self.code = self.group = self.lo_code = self.hi_code = self.lo_group = torch.zeros(1, dtype=I32, device=dev)
+            self.guard = 0
+            self.dilated = False
             return
-        self.coords = w.coords.to(I32).contiguous()
-        self.lo = w.lo.to(I32).contiguous()
-        self.hi = w.hi.to(I32).contiguous()
-        self.dil = torch.tensor(w.dilation, dtype=I32, device=dev)
-        self.dilated = int(any(d > 1 for d in w.dilation))
+        coords, lo, hi = w.coords.long(), w.lo.long(), w.hi.long()
+        d = torch.tensor(w.dilation, device=dev)
+        n_axis = coords.max(0).values + 1
+        lo = torch.where(lo < 0, torch.remainder(lo, d), lo)  # the first lattice point inside the grid
+        hi = torch.minimum(hi, n_axis - 1)
+        lo_group = torch.remainder(lo, d)
+        lo_index = lo.div(d, rounding_mode="floor")
+        hi_index = (hi - lo_group).div(d, rounding_mode="floor")
+        n_index = (n_axis + d - 1).div(d, rounding_mode="floor")
+        empty = (hi_index < lo_index).any(-1, keepdim=True)
+        lo_index = torch.where(empty, n_index, lo_index)
+        hi_index = torch.where(empty, 0, hi_index)
+        widths = [int(n).bit_length() for n in n_index.tolist()]  # holds 0..n_index (the empty mark)
+        offsets = [0, widths[0] + 1, widths[0] + widths[1] + 2]
+        if sum(widths) + 3 > 31:
+            raise NotImplementedError(
+                f"a coordinate window over a grid of {tuple(n_axis.tolist())} lattice points per axis is too "
+                "large for the kernels' packed window test (at most 31 bits of fields and guards)")
+
+        def pack(x):
+            return sum(x[..., a] << offsets[a] for a in range(3))
+
+        self.guard = sum(1 << (offsets[a] + widths[a]) for a in range(3))
+        self.code = pack(coords.div(d, rounding_mode="floor")).to(I32).contiguous()
+        self.lo_code = pack(lo_index).to(I32).contiguous()
+        self.hi_code = (pack(hi_index) | self.guard).to(I32).contiguous()
+
+        def mix(x):
+            return (x[..., 0] * d[1] + x[..., 1]) * d[2] + x[..., 2]
+
+        self.group = mix(torch.remainder(coords, d)).to(I32).contiguous()
+        self.lo_group = mix(lo_group).to(I32).contiguous()
+        self.dilated = any(x > 1 for x in w.dilation)
+
+    def args(self) -> tuple:
+        """The kernels' ``CODE, GROUP, LO_CODE, HI_CODE, LO_GROUP, GUARD`` arguments."""
+        return self.code, self.group, self.lo_code, self.hi_code, self.lo_group, self.guard
 
 
 def box_supported(plan: AttentionPlan) -> bool:
@@ -142,11 +191,11 @@ class BoxTables:
 
     Attributes:
         q_tiles: ``[n_q_blocks * q_sub, TILE_WIDTH]``: ``BLOCK_M`` query tiles of every query
-            block with the box bounding their windows (clipped to the grid) and the
-            intersection of their windows.
+            block with the box bounding their windows (clipped to the grid).
         k_tiles: ``[n_k_blocks * k_sub, TILE_WIDTH]``: ``BLOCK_N`` key tiles of every key
-            block with the box of queries whose windows can meet them, and the box bounding
-            the tile's own keys.
+            block with the box of the queries whose windows can meet them.
+        q_masked, k_masked: whether some box holds a pair outside a window (the launches
+            then test pairs).
         pos_of_token: ``[T * H * W]`` plan position of each grid token.
     """
 
@@ -163,42 +212,52 @@ class BoxTables:
         self.pos_of_token = torch.empty(n, dtype=I32, device=dev)
         self.pos_of_token[token] = positions.to(I32)
         size = torch.tensor(w.grid, device=dev)
-        lo, hi, coords = w.lo.long(), w.hi.long(), w.coords.long()
+        lo, hi, coords = w.lo.long().clamp(min=0), w.hi.long().minimum(size - 1), w.coords.long()
+        dilated = any(x > 1 for x in w.dilation)
 
         q_block_max = int(plan.q_offsets.diff().max())
-        self.block_m = rows_block_m(choice.rows, q_block_max)
-        self.block_n = choice.rows.block_n
+        self.block_m = rows_block_m(choice.window, q_block_max)
+        self.block_n = choice.window.block_n
         self.q_sub = _cdiv(q_block_max, self.block_m)
         tile_q, start_q, count_q = _tiles_of(plan.q_offsets, self.block_m, self.q_sub)
-        box_lo = _segment(lo.clamp(min=0), tile_q, start_q.numel(), "amin")
-        box_hi = _segment(hi.minimum(size - 1), tile_q, start_q.numel(), "amax")
-        inner_lo = _segment(lo, tile_q, start_q.numel(), "amax")
-        inner_hi = _segment(hi, tile_q, start_q.numel(), "amin")
-        self.q_tiles = _tile_table(start_q, count_q, box_lo, box_hi, inner_lo, inner_hi)
+        n_q = start_q.numel()
+        box_lo, box_hi = _segment(lo, tile_q, n_q, "amin"), _segment(hi, tile_q, n_q, "amax")
+        self.q_tiles = _tile_table(start_q, count_q, box_lo, box_hi)
+        # Every query of a tile sees its whole box iff they share one window.
+        same = (_segment(lo, tile_q, n_q, "amax") == box_lo) & (_segment(hi, tile_q, n_q, "amin") == box_hi)
+        self.q_masked = dilated or not bool((same.all(-1) | (count_q == 0)).all())
 
         k_block_max = int(plan.k_offsets.diff().max())
         self.keys_block_n = keys_block_n(choice.keys, k_block_max)
         self.keys_block_m = choice.keys.block_m
         self.k_sub = _cdiv(k_block_max, self.keys_block_n)
         tile_k, start_k, count_k = _tiles_of(plan.k_offsets, self.keys_block_n, self.k_sub)
-        key_lo = _segment(coords, tile_k, start_k.numel(), "amin")
-        key_hi = _segment(coords, tile_k, start_k.numel(), "amax")
-        # Per axis and coordinate c, the widest window of a query at c: a query can see a key
-        # tile only if, on every axis, that window meets the tile's span.
-        qbox_lo, qbox_hi = [], []
+        n_k = start_k.numel()
+        key_lo, key_hi = _segment(coords, tile_k, n_k, "amin"), _segment(coords, tile_k, n_k, "amax")
+        # Per axis and coordinate c, the widest and the narrowest window of the queries at c: a
+        # query can see a key tile only if, on every axis, its window meets the tile's span,
+        # and sees all of it if, on every axis, its window holds the span.
+        qbox_lo, qbox_hi, holds = [], [], torch.ones(n_k, dtype=torch.bool, device=dev)
         for axis in range(3):
             length = int(w.grid[axis])
             c = coords[:, axis]
-            widest_lo = torch.full((length,), length, dtype=torch.long, device=dev).scatter_reduce(
-                0, c, lo[:, axis], "amin", include_self=True)
-            widest_hi = torch.full((length,), -1, dtype=torch.long, device=dev).scatter_reduce(
-                0, c, hi[:, axis], "amax", include_self=True)
-            meets = (widest_lo[None, :] <= key_hi[:, axis, None]) & (widest_hi[None, :] >= key_lo[:, axis, None])
             along = torch.arange(length, device=dev)
-            qbox_lo.append(torch.where(meets, along, length).amin(1))
-            qbox_hi.append(torch.where(meets, along, -1).amax(1))
-        self.k_tiles = _tile_table(start_k, count_k, torch.stack(qbox_lo, 1), torch.stack(qbox_hi, 1),
-                                   key_lo, key_hi)
+
+            def per_coordinate(values, how, fill):
+                out = torch.full((length,), fill, dtype=torch.long, device=dev)
+                return out.scatter_reduce(0, c, values[:, axis], how, include_self=True)
+
+            widest_lo, widest_hi = per_coordinate(lo, "amin", length), per_coordinate(hi, "amax", -1)
+            meets = (widest_lo[None, :] <= key_hi[:, axis, None]) & (widest_hi[None, :] >= key_lo[:, axis, None])
+            first, last = torch.where(meets, along, length).amin(1), torch.where(meets, along, -1).amax(1)
+            qbox_lo.append(first)
+            qbox_hi.append(last)
+            narrow_lo, narrow_hi = per_coordinate(lo, "amax", -1), per_coordinate(hi, "amin", length)
+            inside = (along[None, :] < first[:, None]) | (along[None, :] > last[:, None]) | (
+                (narrow_lo[None, :] <= key_lo[:, axis, None]) & (narrow_hi[None, :] >= key_hi[:, axis, None]))
+            holds &= inside.all(1)
+        self.k_tiles = _tile_table(start_k, count_k, torch.stack(qbox_lo, 1), torch.stack(qbox_hi, 1))
+        self.k_masked = dilated or not bool((holds | (count_k == 0)).all())
 
 
 def _tiles_of(offsets: torch.Tensor, block: int, sub: int):
@@ -224,15 +283,14 @@ def _segment(values: torch.Tensor, segment: torch.Tensor, n: int, how: str) -> t
     return out.scatter_reduce(0, segment[:, None].expand(-1, 3), values, how, include_self=True)
 
 
-def _tile_table(start, count, box_lo, box_hi, inner_lo, inner_hi) -> torch.Tensor:
+def _tile_table(start, count, box_lo, box_hi) -> torch.Tensor:
     """Rows of :data:`~.window.TILE_WIDTH` columns (empty tiles and empty boxes get count or
-    extent 0; an empty intersection stays as first > last)."""
+    extent 0)."""
     extent = (box_hi - box_lo + 1).clamp(min=0)
     real = count > 0
     box = torch.stack([torch.where(real[:, None], box_lo, 0), torch.where(real[:, None], extent, 0)], -1)
-    inner = torch.stack([inner_lo, inner_hi], -1).clamp(-(2**30), 2**30)
-    table = torch.cat([start[:, None], count[:, None], box.flatten(1), inner.flatten(1)], 1)
-    assert table.shape[1] == TILE_WIDTH
+    table = torch.cat([start[:, None], count[:, None], box.flatten(1)], 1)
+    assert table.shape[1] == TILE_WIDTH.value
     return table.to(I32).contiguous()
 
 
@@ -306,14 +364,14 @@ class RoutedTables:
         count = (per_round.gather(-1, rng) - chunk * bm).clamp(0, bm)
         count = torch.where(t < ends[..., -1:], count, 0)
         self.tasks = torch.stack([rng, first, count], -1).to(I32).contiguous()
-        assert self.tasks.shape[-1] == TASK_WIDTH
+        assert self.tasks.shape[-1] == TASK_WIDTH.value
         self.tasks_strides = broadcast_strides(self.tasks)
 
         self.ranges = torch.cat([
             torch.stack([rows[g, :, 0], rows[g, :, 1], torch.full_like(sizes, p), sizes], -1)
             for g, p in enumerate(LEVELS)
         ]).to(I32).contiguous()
-        assert self.ranges.shape[-1] == RANGE_WIDTH
+        assert self.ranges.shape[-1] == RANGE_WIDTH.value
         self.levels = [(ranges, self.rowptr[..., g * nkb:]) for g, ranges in _key_ranges(plan, rows, choice)]
 
     def extra_round(self, n_extra: int) -> "ExtraRound":
@@ -328,7 +386,7 @@ class ExtraRound:
     def __init__(self, dev, n: int, n_extra: int, block_m: int):
         first = torch.arange(0, n, block_m, device=dev)
         count = (n - first).clamp(max=block_m)
-        self.tasks = torch.stack([torch.zeros_like(first), first, count], -1).to(I32).view(1, 1, -1, TASK_WIDTH)
+        self.tasks = torch.stack([torch.zeros_like(first), first, count], -1).to(I32).view(1, 1, -1, TASK_WIDTH.value)
         self.pos = torch.arange(n, dtype=I32, device=dev).view(1, 1, n)
         self.ranges = torch.tensor([[0, n_extra, 1, n_extra]], dtype=I32, device=dev)
 

@@ -1,25 +1,32 @@
 """Tile sizes the kernels launch with, and the autotune configurations around them.
 
-Tiles are a function of the head dims and the plan's block sizes only (never of a benchmark),
-so :func:`~vdiff_sparse.kernels.work.work` knows the work a launch does before it runs; the
-autotuner varies only ``num_warps`` and ``num_stages`` (:func:`configs`).
+Tiles are a function of the GPU generation, the head dims and the plan's block sizes only
+(never of a benchmark), so :func:`~vdiff_sparse.kernels.work.work` knows the work a launch does
+before it runs; the autotuner varies only ``num_warps`` and ``num_stages`` among the options
+listed with each tile shape.
 
-Rules (:func:`choose_tiles`), for the kernels of :mod:`.blocks`, :mod:`.window` and
-:mod:`.routed`:
+Kinds of launch (:class:`TileChoice`):
 
-* ``rows`` (query-major forward and ``dq``): ``BLOCK_M`` queries per program, ``BLOCK_N`` keys
-  per step. ``BLOCK_M`` drops to the smaller size when every query block fits in it (a
-  64-token GNA tile would leave half of a 128-row tile empty).
-* ``keys`` (key-major ``dk``/``dv``): ``BLOCK_N`` keys per program, ``BLOCK_M`` queries per
-  step. A pooled level's key ranges are short (``ceil(block_k / p)`` rows): its launch uses the
-  smallest power of two >= 16 that holds them, up to ``BLOCK_N``.
-* ``routed`` (per-token routed plans, forward and ``dq``): ``BLOCK_M`` gathered queries of one
-  key range per program, ``BLOCK_N`` keys per step. Small ``BLOCK_M``: a range's queries are
-  cut into tiles, the last one padded.
+* ``forward``, ``dq``: query-major kernels of block plans (:mod:`.blocks`): ``BLOCK_M`` queries
+  per program, ``BLOCK_N`` keys per step.
+* ``window``: query-major kernels with a per-pair coordinate window test (:mod:`.window`, and
+  :mod:`.blocks` for hand-built windows), forward and ``dq``.
+* ``keys``: key-major ``dk``/``dv`` (:mod:`.blocks`, :mod:`.window`): ``BLOCK_N`` keys per
+  program, ``BLOCK_M`` queries per step.
+* ``routed``: per-token routed forward and ``dq`` (:mod:`.routed`): ``BLOCK_M`` gathered
+  queries of one key range per program, ``BLOCK_N`` keys per step.
 
-The sizes per head dim were chosen by compiling every variant for sm_90 and sm_80 and reading
-the registers and local memory (``bench/kernel_resources.py``, result in
-``bench/results/kernel_resources.json``): none spills. Head dim 256 uses smaller tiles.
+Rules on top of the table: a query-major launch whose query blocks all fit in ``small_m``
+rows uses ``BLOCK_M = small_m`` (a 64-token GNA tile would leave half of a 128-row tile empty);
+a key-major launch uses the smallest power of two >= 16 that holds its key ranges, up to
+``BLOCK_N`` (a x8 level of 128-token blocks has 16-row ranges). A shape smaller than the
+table's runs with the table's smaller options (:func:`launch_options`).
+
+Every shape, switch and option in :data:`GPU_TILES` compiles without register spills for its
+GPU generation in bf16 and fp16 (``bench/kernel_resources.py``, the table in
+``bench/results/kernel_resources.json``; the test ``tests/test_kernel_resources.py``). Ampere
+(sm_80) has fewer registers to spare than Hopper (sm_90), whose wgmma keeps operands in shared
+memory: it gets narrower key steps. Head dim 256 uses smaller tiles.
 """
 
 from __future__ import annotations
@@ -36,44 +43,76 @@ MIN_TILE = 16
 
 @dataclass(frozen=True)
 class Tiles:
-    """``BLOCK_M`` (queries) x ``BLOCK_N`` (keys) of one kernel kind; ``small_m`` is the
-    ``BLOCK_M`` used when every query block fits in it (``rows`` only)."""
+    """``BLOCK_M`` (queries) x ``BLOCK_N`` (keys) of one kind of launch, its ``(num_warps,
+    num_stages)`` options, and ``small_m`` (query-major kinds) with its options."""
 
     block_m: int
     block_n: int
+    options: tuple = ((4, 2),)
     small_m: int | None = None
+    small_options: tuple = ((4, 2),)
 
 
 @dataclass(frozen=True)
 class TileChoice:
-    """The base tiles of the three kernel kinds (before the per-plan rules)."""
+    """The tiles of every kind of launch for one GPU generation and head dim."""
 
-    rows: Tiles
+    forward: Tiles
+    dq: Tiles
+    window: Tiles
     keys: Tiles
     routed: Tiles
 
 
-#: What the kernels launch with on a GPU, by the larger of the query and value head dims.
+def _choice(forward, dq, window, keys, routed) -> TileChoice:
+    return TileChoice(forward=forward, dq=dq, window=window, keys=keys, routed=routed)
+
+
+#: By compute capability major (9: Hopper, 8: Ampere/Ada) and head dim (the larger of q's and
+#: v's, rounded up to a listed one).
 GPU_TILES = {
-    64: TileChoice(rows=Tiles(128, 64, small_m=64), keys=Tiles(64, 128), routed=Tiles(64, 64)),
-    128: TileChoice(rows=Tiles(128, 64, small_m=64), keys=Tiles(64, 64), routed=Tiles(64, 64)),
-    256: TileChoice(rows=Tiles(64, 32, small_m=32), keys=Tiles(32, 32), routed=Tiles(32, 32)),
+    9: {
+        64: _choice(Tiles(128, 64, ((4, 2), (8, 2)), 64), Tiles(128, 64, ((8, 2),), 64),
+                    Tiles(128, 32, ((4, 2), (8, 2)), 64), Tiles(32, 128, ((4, 2), (8, 2))), Tiles(64, 64, ((4, 2),))),
+        128: _choice(Tiles(128, 64, ((8, 2), (8, 3)), 64, ((4, 2),)), Tiles(128, 32, ((8, 2), (8, 3)), 64),
+                     Tiles(128, 32, ((8, 2), (8, 3)), 64), Tiles(32, 64, ((8, 2), (8, 3))), Tiles(64, 64, ((4, 2),))),
+        256: _choice(Tiles(64, 32, ((4, 2),), 32), Tiles(64, 32, ((4, 2),), 32), Tiles(64, 16, ((4, 2),), 32),
+                     Tiles(16, 32, ((4, 2),)), Tiles(32, 32, ((4, 2),))),
+    },
+    8: {
+        64: _choice(Tiles(128, 64, ((4, 2), (8, 2)), 64), Tiles(128, 32, ((8, 2),), 64),
+                    Tiles(128, 32, ((4, 2), (8, 2)), 64), Tiles(32, 64, ((4, 2),)), Tiles(64, 64, ((4, 2),))),
+        128: _choice(Tiles(128, 32, ((8, 2), (8, 3)), 64), Tiles(128, 32, ((8, 2), (8, 3)), 64),
+                     Tiles(64, 32, ((4, 2),), 64), Tiles(32, 64, ((8, 2),)), Tiles(64, 32, ((4, 2),))),
+        256: _choice(Tiles(64, 32, ((4, 2),), 32), Tiles(64, 16, ((4, 2),), 32), Tiles(32, 16, ((4, 2),), 16),
+                     Tiles(16, 32, ((4, 2),)), Tiles(32, 32, ((4, 2),))),
+    },
 }
-#: Under the interpreter (small test problems, ~ms per tile pair): one small size everywhere.
-INTERPRETER_TILES = TileChoice(rows=Tiles(32, 32, small_m=16), keys=Tiles(32, 32), routed=Tiles(32, 32))
+#: Under the interpreter (small test problems, ~ms per tile pair): small tiles everywhere.
+_T = Tiles(32, 32, ((1, 1),), 16, ((1, 1),))
+INTERPRETER_TILES = _choice(_T, _T, _T, Tiles(32, 32, ((1, 1),)), Tiles(32, 32, ((1, 1),)))
+#: The GPU generation :func:`~vdiff_sparse.kernels.work.work` reports by default.
+HOPPER = 9
 
 
-def gpu_tiles(head_dim: int) -> TileChoice:
-    """The GPU tiles for a head dim (the next size up in :data:`GPU_TILES`)."""
-    for dim in sorted(GPU_TILES):
+def gpu_tiles(head_dim: int, major: int = HOPPER) -> TileChoice:
+    """The tiles of a GPU of compute capability ``major`` (Hopper's from 9 on, Ampere's below)
+    for a head dim (the next listed size up)."""
+    table = GPU_TILES[HOPPER if major >= HOPPER else 8]
+    for dim in sorted(table):
         if head_dim <= dim:
-            return GPU_TILES[dim]
-    raise ValueError(f"head dim {head_dim} is above the largest supported ({max(GPU_TILES)})")
+            return table[dim]
+    raise ValueError(f"head dim {head_dim} is above the largest supported ({max(table)})")
 
 
-def default_tiles(head_dim: int) -> TileChoice:
-    """What a launch uses now: the interpreter's tiles under ``TRITON_INTERPRET=1``, else the GPU's."""
-    return INTERPRETER_TILES if INTERPRET else gpu_tiles(head_dim)
+def launch_tiles(head_dim: int, device) -> TileChoice:
+    """What a launch on ``device`` uses: the interpreter's tiles under ``TRITON_INTERPRET=1``,
+    else those of the device's GPU generation."""
+    if INTERPRET:
+        return INTERPRETER_TILES
+    import torch
+
+    return gpu_tiles(head_dim, torch.cuda.get_device_capability(device)[0])
 
 
 def rows_block_m(tiles: Tiles, q_block_max: int) -> int:
@@ -88,47 +127,51 @@ def keys_block_n(tiles: Tiles, range_rows: int) -> int:
     return min(tiles.block_n, max(MIN_TILE, triton.next_power_of_2(max(1, range_rows))))
 
 
+def launch_options(tiles: Tiles, block_m: int, block_n: int) -> tuple:
+    """The ``(num_warps, num_stages)`` the autotuner tries for a launch of ``tiles`` at
+    ``block_m`` x ``block_n`` (the table's shape, or a smaller one the rules picked)."""
+    if (block_m, block_n) == (tiles.block_m, tiles.block_n):
+        return tiles.options
+    return tiles.small_options
+
+
 # --- autotune ---------------------------------------------------------------------------------
 
-#: (num_warps, num_stages) tried per tile area; every one compiles without spills.
-_LAUNCH = {
-    "small": [(2, 2), (4, 2)],
-    "medium": [(4, 2), (4, 3)],
-    "large": [(8, 2), (8, 3)],
-}
-
-
-def _size(block_m: int, block_n: int, head_dim: int) -> str:
-    area = block_m * max(block_n, head_dim)
-    if area <= 32 * 64:
-        return "small"
-    return "medium" if area <= 64 * 128 else "large"
-
-
-def launch_options(block_m: int, block_n: int, head_dim: int) -> list[tuple[int, int]]:
-    """The ``(num_warps, num_stages)`` the autotuner tries for one tile shape."""
-    return _LAUNCH[_size(block_m, block_n, head_dim)]
-
-
 def configs() -> list[triton.Config]:
-    """Every ``(num_warps, num_stages)`` of :data:`_LAUNCH` (pruned per tile by :func:`prune`);
-    one config under the interpreter, which cannot benchmark."""
+    """Every ``(num_warps, num_stages)`` any table lists (each launch keeps its own, see
+    :func:`pruner`); one config under the interpreter, which cannot benchmark."""
     if INTERPRET:
         return [triton.Config({}, num_warps=1, num_stages=1)]
-    seen = sorted({opt for opts in _LAUNCH.values() for opt in opts})
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in seen]
+    options = set()
+    for table in GPU_TILES.values():
+        for choice in table.values():
+            for tiles in (choice.forward, choice.dq, choice.window, choice.keys, choice.routed):
+                options.update(tiles.options)
+                options.update(tiles.small_options)
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in sorted(options)]
 
 
-def prune(configs, named_args, **kwargs):
-    """Keep the configurations of this launch's tile shape."""
-    if INTERPRET:
-        return configs
-    args = {**named_args, **kwargs}
-    wanted = launch_options(args["BLOCK_M"], args["BLOCK_N"], max(args["HEAD_D"], args["HEAD_DV"]))
-    return [c for c in configs if (c.num_warps, c.num_stages) in wanted]
+def pruner(kind):
+    """The autotuner's config filter of a kernel: ``kind(args)`` names the launch's kind of
+    tiles (a :class:`TileChoice` field) from its arguments; the configurations kept are the
+    options of its tile shape on the launch's GPU."""
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        import torch
+
+        args = {**named_args, **kwargs}
+        major = torch.cuda.get_device_capability(args["Q"].device)[0]
+        tiles = getattr(gpu_tiles(max(args["HEAD_D"], args["HEAD_DV"]), major), kind(args))
+        wanted = launch_options(tiles, args["BLOCK_M"], args["BLOCK_N"])
+        kept = [c for c in configs if (c.num_warps, c.num_stages) in wanted]
+        return kept or configs[:1]
+
+    return {"early_config_prune": prune}
 
 
 __all__ = [
-    "GPU_TILES", "INTERPRETER_TILES", "MIN_TILE", "TileChoice", "Tiles", "configs", "default_tiles",
-    "gpu_tiles", "keys_block_n", "launch_options", "prune", "rows_block_m",
+    "GPU_TILES", "HOPPER", "INTERPRETER_TILES", "MIN_TILE", "TileChoice", "Tiles", "configs", "gpu_tiles",
+    "keys_block_n", "launch_options", "launch_tiles", "pruner", "rows_block_m",
 ]

@@ -24,7 +24,7 @@ import torch
 from vdiff_sparse.plan import LEVELS, AttentionPlan
 
 from .tables import BlockTables, BoxTables, RoutedTables, plan_tables
-from .tiles import TileChoice, gpu_tiles, keys_block_n
+from .tiles import HOPPER, TileChoice, gpu_tiles, keys_block_n
 
 
 def _cdiv(a, b):
@@ -45,12 +45,13 @@ def _part(useful: float, executed: float, union: float | None = None) -> dict:
 
 
 def work(plan: AttentionPlan, head_dim: int = 128, *, value_head_dim: int | None = None, batch: int | None = None,
-         heads: int | None = None, text_keys: int = 0, tiles: TileChoice | None = None) -> dict:
+         heads: int | None = None, text_keys: int = 0, gpu: int = HOPPER, tiles: TileChoice | None = None) -> dict:
     """Useful and executed query-key pairs of the forward and backward kernels for ``plan``.
 
     Args:
         plan: any plan the Triton backend runs.
-        head_dim, value_head_dim: of q/k and of v; select the GPU tiles.
+        head_dim, value_head_dim: of q/k and of v; with ``gpu`` (compute capability major,
+            default Hopper) they select the tiles (:data:`~.tiles.GPU_TILES`).
         batch, heads: of the call (default: the plan's own batch and head dims; a dim the plan
             shares counts once).
         text_keys: extra keys every query attends (counted as real keys).
@@ -62,7 +63,7 @@ def work(plan: AttentionPlan, head_dim: int = 128, *, value_head_dim: int | None
         ``backward`` adds the parts ``dq`` and ``dkdv``: each computes every pair once.
     """
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
-    choice = gpu_tiles(max(head_dim, value_head_dim)) if tiles is None else tiles
+    choice = gpu_tiles(max(head_dim, value_head_dim), gpu) if tiles is None else tiles
     tables, _ = plan_tables(plan, choice)
     plan_b = max(plan.kv_index.shape[0], 1 if plan.token_keep is None else plan.token_keep.shape[0])
     plan_h = max(plan.kv_index.shape[1], 1 if plan.token_keep is None else plan.token_keep.shape[1])
@@ -73,26 +74,25 @@ def work(plan: AttentionPlan, head_dim: int = 128, *, value_head_dim: int | None
     useful = plan.density() * n * n * calls + n * text_keys * calls
 
     if isinstance(tables, RoutedTables):
-        fwd, dkdv = _routed(tables, text_keys, choice)
+        fwd, dq, dkdv = _routed(tables, text_keys, choice)
         per_plan = True
     elif isinstance(tables, BoxTables):
-        fwd, dkdv = _box(tables, text_keys, choice)
+        fwd, dq, dkdv = _box(tables, text_keys, choice)
         per_plan = False
     else:
-        fwd, dkdv = _blocks(plan, tables, text_keys, choice)
+        fwd, dq, dkdv = _blocks(plan, tables, text_keys, choice)
         per_plan = True
     # Per-plan counts are summed over the plan's own (batch, head) entries: scale to the call.
     scale = calls / (plan_b * plan_h) if per_plan else calls
-    fwd, dkdv = fwd * scale, dkdv * scale
+    fwd, dq, dkdv = fwd * scale, dq * scale, dkdv * scale
     union_f = union_k = None
     if isinstance(tables, BoxTables):
         unions = box_unions(plan, tables)
         if unions is not None:
             union_f, union_k = (u * calls + n * text_keys * calls for u in unions)
-    dq = _part(useful, fwd, union_f)
-    dk = _part(useful, dkdv, union_k)
-    backward = _part(2 * useful, fwd + dkdv, None if union_f is None else union_f + union_k)
-    return {"forward": _part(useful, fwd, union_f), "backward": {**backward, "dq": dq, "dkdv": dk}}
+    backward = _part(2 * useful, dq + dkdv, None if union_f is None else union_f + union_k)
+    return {"forward": _part(useful, fwd, union_f),
+            "backward": {**backward, "dq": _part(useful, dq, union_f), "dkdv": _part(useful, dkdv, union_k)}}
 
 
 def _text_dkdv(q_offsets: torch.Tensor, text_keys: int, choice: TileChoice) -> float:
@@ -103,15 +103,17 @@ def _text_dkdv(q_offsets: torch.Tensor, text_keys: int, choice: TileChoice) -> f
     return float(q_pad * _padded(text_keys, keys_block_n(choice.keys, text_keys)))
 
 
-def _blocks(plan: AttentionPlan, t: BlockTables, text_keys: int, choice: TileChoice) -> tuple[float, float]:
-    """Forward (= ``dq``) and ``dk``/``dv`` pairs of :mod:`.blocks`, summed over the plan's
+def _blocks(plan: AttentionPlan, t: BlockTables, text_keys: int, choice: TileChoice) -> tuple[float, float, float]:
+    """Forward, ``dq`` and ``dk``/``dv`` pairs of :mod:`.blocks`, summed over the plan's
     (batch, head) entries."""
     counts = t.counts.long()  # [B', H', nqb, 4]
     per_entry = t.rows_per_entry.long()
-    keys = _padded(counts * per_entry, t.block_n).sum(-1) + _padded(text_keys, t.block_n)  # [B', H', nqb]
     q_sizes = plan.q_offsets.diff()
-    rows_pad = _padded(q_sizes, t.block_m)
-    forward = float((keys * rows_pad).sum())
+    rows = []
+    for name in ("forward", "dq"):
+        block_m, block_n, _ = t.passes[name]
+        keys = _padded(counts * per_entry, block_n).sum(-1) + _padded(text_keys, block_n)  # [B', H', nqb]
+        rows.append(float((keys * _padded(q_sizes, block_m)).sum()))
 
     valid = plan.kv_index >= 0
     kb = plan.kv_index.clamp(min=0)
@@ -124,11 +126,11 @@ def _blocks(plan: AttentionPlan, t: BlockTables, text_keys: int, choice: TileCho
         sel = valid & (level == ranges.p)
         dkdv += float((torch.where(sel, k_pad[kb], 0) * q_pad).sum())
     dkdv += _text_dkdv(plan.q_offsets, text_keys, choice) * counts.shape[0] * counts.shape[1]
-    return forward, dkdv
+    return rows[0], rows[1], dkdv
 
 
-def _routed(t: RoutedTables, text_keys: int, choice: TileChoice) -> tuple[float, float]:
-    """Forward (= ``dq``) and ``dk``/``dv`` pairs of :mod:`.routed`, summed over the plan's
+def _routed(t: RoutedTables, text_keys: int, choice: TileChoice) -> tuple[float, float, float]:
+    """Forward, ``dq`` (the same tasks) and ``dk``/``dv`` pairs of :mod:`.routed`, summed over the plan's
     (batch, head) entries."""
     tasks = t.tasks[:, :, : t.rounds].long()
     k_pad = _padded(t.ranges[:, 1].long(), t.block_n)
@@ -146,11 +148,11 @@ def _routed(t: RoutedTables, text_keys: int, choice: TileChoice) -> tuple[float,
         k_pad = _padded(ranges.table[:, 1].long(), ranges.block_n)
         dkdv += float((_padded(runs[..., g * nkb:(g + 1) * nkb], t.keys_block_m) * k_pad).sum())
     dkdv += _text_dkdv(t.q_offsets, text_keys, choice) * n_entries
-    return forward, dkdv
+    return forward, forward, dkdv
 
 
-def _box(t: BoxTables, text_keys: int, choice: TileChoice) -> tuple[float, float]:
-    """Forward (= ``dq``) and ``dk``/``dv`` pairs of :mod:`.window` for one (batch, head)."""
+def _box(t: BoxTables, text_keys: int, choice: TileChoice) -> tuple[float, float, float]:
+    """Forward, ``dq`` (the same tiles) and ``dk``/``dv`` pairs of :mod:`.window` for one (batch, head)."""
     q_tiles, k_tiles = t.q_tiles.long(), t.k_tiles.long()
     real = q_tiles[:, 1] > 0
     box = q_tiles[:, 3] * q_tiles[:, 5] * q_tiles[:, 7]
@@ -159,7 +161,7 @@ def _box(t: BoxTables, text_keys: int, choice: TileChoice) -> tuple[float, float
     real = k_tiles[:, 1] > 0
     box = k_tiles[:, 3] * k_tiles[:, 5] * k_tiles[:, 7]
     dkdv = float(torch.where(real, _padded(box, t.keys_block_m), 0).sum() * t.keys_block_n)
-    return forward, dkdv + _text_dkdv(t.q_offsets, text_keys, choice)
+    return forward, forward, dkdv + _text_dkdv(t.q_offsets, text_keys, choice)
 
 
 # --- the union bound of window plans ---------------------------------------------------------

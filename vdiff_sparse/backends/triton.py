@@ -74,13 +74,14 @@ class TritonBackend(Backend):
         return _kernels().plan_attention(q, k, v, plan, extra, scale)
 
     def work(self, plan, head_dim: int = 128, *, value_head_dim: int | None = None, batch: int | None = None,
-             heads: int | None = None, text_keys: int = 0, tiles=None) -> dict:
+             heads: int | None = None, text_keys: int = 0, gpu: int = 9, tiles=None) -> dict:
         """Query-key pairs the kernels compute for ``plan`` against those it asks for.
 
         Args:
             plan: any plan the backend runs.
-            head_dim, value_head_dim: of q/k and of v (``head_dim`` if ``None``); they set the
-                tiles a GPU launch uses (:data:`vdiff_sparse.kernels.tiles.GPU_TILES`).
+            head_dim, value_head_dim: of q/k and of v (``head_dim`` if ``None``); with ``gpu``
+                (compute capability major; 9 = Hopper) they set the tiles a launch uses
+                (:data:`vdiff_sparse.kernels.tiles.GPU_TILES`).
             batch, heads: of the call (default: the plan's own batch and head dims).
             text_keys: extra keys every query attends (all counted as real).
             tiles: a :class:`~vdiff_sparse.kernels.tiles.TileChoice` instead of the GPU's
@@ -96,7 +97,7 @@ class TritonBackend(Backend):
             kernel reads). See :func:`vdiff_sparse.kernels.work.work`.
         """
         return _kernels("work").work(plan, head_dim, value_head_dim=value_head_dim, batch=batch, heads=heads,
-                                     text_keys=text_keys, tiles=tiles)
+                                     text_keys=text_keys, gpu=gpu, tiles=tiles)
 
 
 __all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "TritonBackend"]
