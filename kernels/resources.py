@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import triton
 
 from . import blocks, routed, window
-from .tiles import MIN_TILE, gpu_tiles, launch_options
+from .tiles import HOPPER, MAX_REGISTERS, MIN_TILE, Tiles, gpu_tiles, launch_options
 
 # Pointer arguments by kind (others: the dtype of q, k, v); every other argument is an int32
 # except the two scales.
@@ -73,29 +73,36 @@ def _key_widths(block_n: int) -> list[int]:
     return widths
 
 
-def variants(head_dim: int, dtype: str) -> list[Variant]:
-    """Every (kernel, constexprs, launch option) a GPU launch can use at ``head_dim`` (= value
-    head dim) in ``dtype``."""
-    choice = gpu_tiles(head_dim)
+def _row_shapes(tiles: Tiles) -> list[tuple[int, int]]:
+    shapes = [(tiles.block_m, tiles.block_n)]
+    if tiles.small_m is not None and tiles.small_m != tiles.block_m:
+        shapes.append((tiles.small_m, tiles.block_n))
+    return shapes
+
+
+def variants(head_dim: int, dtype: str, major: int = HOPPER) -> list[Variant]:
+    """Every (kernel, constexprs, launch option) a launch on a GPU of compute capability
+    ``major`` can use at ``head_dim`` (= value head dim) in ``dtype``."""
+    choice = gpu_tiles(head_dim, major)
+    specs = []  # (kernel, tiles of its kind, BLOCK_M, BLOCK_N, switches)
+    for kind, switches in (("forward", [dict(WINDOW=0, BACKWARD=False)]), ("dq", [dict(WINDOW=0, BACKWARD=True)]),
+                           ("window", [dict(WINDOW=w, BACKWARD=b) for b in (False, True) for w in (1, 2)])):
+        tiles = getattr(choice, kind)
+        specs += [("rows", tiles, m, n, sw) for m, n in _row_shapes(tiles) for sw in switches]
+    box = [dict(MASKED=m, DILATED=d) for m, d in ((False, False), (True, False), (True, True))]
+    specs += [("box_rows", choice.window, m, n, dict(sw, BACKWARD=b))
+              for m, n in _row_shapes(choice.window) for b in (False, True) for sw in box]
+    keys = [dict(GATHER=False, WINDOW=w) for w in (0, 1, 2)] + [dict(GATHER=True, WINDOW=0)]
+    for n in _key_widths(choice.keys.block_n):
+        specs += [("keys", choice.keys, choice.keys.block_m, n, sw) for sw in keys]
+        specs += [("box_keys", choice.keys, choice.keys.block_m, n, sw) for sw in box]
+    specs += [("routed_rows", choice.routed, choice.routed.block_m, choice.routed.block_n, dict(BACKWARD=b))
+              for b in (False, True)]
     base = dict(HEAD_D=head_dim, HEAD_DV=head_dim, UPCAST=False, PRECISION="tf32", COUNT_WORK=False)
-    specs = []
-    for block_m in sorted({choice.rows.block_m, choice.rows.small_m or choice.rows.block_m}):
-        tile = dict(BLOCK_M=block_m, BLOCK_N=choice.rows.block_n)
-        for backward in (False, True):
-            for win in (False, True):
-                specs.append(("rows", dict(tile, WINDOW=win, BACKWARD=backward)))
-            specs.append(("box_rows", dict(tile, BACKWARD=backward)))
-    for block_n in _key_widths(choice.keys.block_n):
-        tile = dict(BLOCK_M=choice.keys.block_m, BLOCK_N=block_n)
-        specs += [("keys", dict(tile, GATHER=False, WINDOW=False)), ("keys", dict(tile, GATHER=False, WINDOW=True)),
-                  ("keys", dict(tile, GATHER=True, WINDOW=False)), ("box_keys", dict(tile))]
-    for backward in (False, True):
-        specs.append(("routed_rows", dict(BLOCK_M=choice.routed.block_m, BLOCK_N=choice.routed.block_n,
-                                          BACKWARD=backward)))
     out = []
-    for kernel, switches in specs:
-        constexprs = {**base, **switches}
-        for warps, stages in launch_options(constexprs["BLOCK_M"], constexprs["BLOCK_N"], head_dim):
+    for kernel, tiles, block_m, block_n, switches in specs:
+        constexprs = {**base, **switches, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        for warps, stages in launch_options(tiles, block_m, block_n):
             out.append(Variant(kernel, constexprs, warps, stages, dtype))
     return out
 
@@ -121,6 +128,11 @@ def _signature(fn, dtype: str, constexprs: dict):
         if kind.startswith("*"):  # torch allocations are 16-byte aligned, as a launch sees them
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs
+
+
+def cache_keys() -> dict[str, str]:
+    """Triton's cache key of each kernel (a hash of its source and of the functions it calls)."""
+    return {name: fn.cache_key for name, fn in KERNELS.items()}
 
 
 def cuobjdump() -> str | None:
@@ -155,7 +167,8 @@ def compile_variant(variant: Variant, arch: int) -> dict:
     signature, attrs = _signature(fn, variant.dtype, variant.constexprs)
     source = ASTSource(fn, signature, constexprs=variant.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+                              options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages,
+                                           maxnreg=MAX_REGISTERS))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         path = f.name
@@ -172,4 +185,4 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             "spills": stack > 0 or local > 0}
 
 
-__all__ = ["KERNELS", "Variant", "compile_variant", "cuobjdump", "variants", "why_not_available"]
+__all__ = ["KERNELS", "Variant", "cache_keys", "compile_variant", "cuobjdump", "variants", "why_not_available"]

@@ -39,6 +39,9 @@ from .common import INTERPRET
 
 #: The smallest tile side ``tl.dot`` accepts.
 MIN_TILE = 16
+#: Registers per thread ptxas may use (the hardware's limit). Left to itself, ptxas may aim at
+#: a higher occupancy and spill a few values to local memory instead.
+MAX_REGISTERS = 255
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ GPU_TILES = {
     9: {
         64: _choice(Tiles(128, 64, ((4, 2), (8, 2)), 64), Tiles(128, 64, ((8, 2),), 64),
                     Tiles(128, 32, ((4, 2), (8, 2)), 64), Tiles(32, 128, ((4, 2), (8, 2))), Tiles(64, 64, ((4, 2),))),
-        128: _choice(Tiles(128, 64, ((8, 2), (8, 3)), 64, ((4, 2),)), Tiles(128, 32, ((8, 2), (8, 3)), 64),
+        128: _choice(Tiles(128, 64, ((8, 3),), 64, ((4, 2),)), Tiles(128, 32, ((8, 2), (8, 3)), 64),
                      Tiles(128, 32, ((8, 2), (8, 3)), 64), Tiles(32, 64, ((8, 2), (8, 3))), Tiles(64, 64, ((4, 2),))),
         256: _choice(Tiles(64, 32, ((4, 2),), 32), Tiles(64, 32, ((4, 2),), 32), Tiles(64, 16, ((4, 2),), 32),
                      Tiles(16, 32, ((4, 2),)), Tiles(32, 32, ((4, 2),))),
@@ -148,7 +151,7 @@ def configs() -> list[triton.Config]:
             for tiles in (choice.forward, choice.dq, choice.window, choice.keys, choice.routed):
                 options.update(tiles.options)
                 options.update(tiles.small_options)
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in sorted(options)]
+    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=MAX_REGISTERS) for w, s in sorted(options)]
 
 
 def pruner(kind):
@@ -172,6 +175,6 @@ def pruner(kind):
 
 
 __all__ = [
-    "GPU_TILES", "HOPPER", "INTERPRETER_TILES", "MIN_TILE", "TileChoice", "Tiles", "configs", "gpu_tiles",
+    "GPU_TILES", "HOPPER", "INTERPRETER_TILES", "MAX_REGISTERS", "MIN_TILE", "TileChoice", "Tiles", "configs", "gpu_tiles",
     "keys_block_n", "launch_options", "launch_tiles", "pruner", "rows_block_m",
 ]

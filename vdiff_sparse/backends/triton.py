@@ -18,7 +18,7 @@ from .base import Backend
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernel modules in dependency order (each imports only those before it).
-_KERNEL_MODULES = ("common", "tiles", "blocks", "window", "routed", "tables", "ops", "work")
+_KERNEL_MODULES = ("common", "tiles", "blocks", "window", "routed", "tables", "ops", "work", "resources")
 
 
 def _interpreting() -> bool:
@@ -72,6 +72,13 @@ class TritonBackend(Backend):
         if reason is not None:
             raise NotImplementedError(f"backend 'triton' cannot run this problem: {reason}")
         return _kernels().plan_attention(q, k, v, plan, extra, scale)
+
+    def count_work(self, device="cpu"):
+        """Context manager: while active, the kernels count the query-key pairs of every tile
+        they compute (a debug aid, e.g. to check :meth:`work`); yields a counter whose
+        ``totals()`` gives ``{"forward", "dq", "dkdv"}``. The counting kernels are separate
+        variants, slower: not for timing."""
+        return _kernels().count_work(device)
 
     def work(self, plan, head_dim: int = 128, *, value_head_dim: int | None = None, batch: int | None = None,
              heads: int | None = None, text_keys: int = 0, gpu: int = 9, tiles=None) -> dict:
