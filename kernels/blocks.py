@@ -5,8 +5,9 @@ query tile reads exactly its block's entries; a key tile the query blocks that l
   block. The block's entries come sorted by pool level; the entries of one level are laid end
   to end, ``rows_per_entry[level]`` key rows each (the largest key block at that level), and
   walked in ``BLOCK_N`` steps, so short pooled entries share a tile (a x8 entry of a 128-token
-  block is 16 rows: four to a 64-wide tile) and a row's loop ends at its own entries. Then the
-  extra (text) keys.
+  block is 16 rows: four to a 64-wide tile) and a row's loop ends at its own entries. A shorter
+  (ragged, last) key block comes last in its level, so the walk stops at its last row. Then
+  the extra (text) keys.
 * :func:`_keys_kernel` — ``dk``/``dv`` of one ``BLOCK_N`` tile of one key range (a key block
   at one pool level, or the extra keys): walks the query blocks that list the range, in
   ``BLOCK_M`` steps; or (``GATHER``) a list of query positions (the per-token routed plans of
@@ -54,9 +55,10 @@ def _rows_kernel(
 ):
     """Program ``(query block * SUB + sub-tile, batch * H + head)``.
 
-    ``ENT`` ``[B'|1, H'|1, n_q_blocks, MAX_KV, ENT_WIDTH]`` entries sorted by pool level,
-    ``COUNTS`` ``[B'|1, H'|1, n_q_blocks, 4]`` entries per level (pool factor ``2**g``),
-    ``ROWS_PER_ENTRY`` ``[4]``; strides 0 where the plan broadcasts. Forward writes ``O`` and
+    ``ENT`` ``[B'|1, H'|1, n_q_blocks, MAX_KV, ENT_WIDTH]`` entries sorted by pool level (and
+    by rows, descending, within one), ``COUNTS`` ``[B'|1, H'|1, n_q_blocks, 4, 2]`` entries and
+    slots to walk per level (pool factor ``2**g``), ``ROWS_PER_ENTRY`` ``[4]``; strides 0 where the
+    plan broadcasts. Forward writes ``O`` and
     ``LSE``; backward writes ``dq`` to ``O``.
     """
     pid = tl.program_id(0)
@@ -80,13 +82,12 @@ def _rows_kernel(
             win_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[:, None]
             win_group = load_group(LO_GROUP, q_rows, q_ok, WINDOW == 2)[:, None]
         ent = ENT + b64 * stride_eb + h64 * stride_eh + qb.to(tl.int64) * MAX_KV * ENT_WIDTH
-        counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 4
+        counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 8
         first = 0
         for g in range(4):
-            n_entries = tl.load(counts + g)
+            n_entries = tl.load(counts + g * 2)
+            total = tl.load(counts + g * 2 + 1)
             per_entry = tl.load(ROWS_PER_ENTRY + g)
-            p = 1 << g
-            total = n_entries * per_entry
             for n0 in range(0, total, BLOCK_N):
                 slot = n0 + tl.arange(0, BLOCK_N)
                 in_range = slot < total
@@ -94,13 +95,12 @@ def _rows_kernel(
                 offs = slot % per_entry
                 start = tl.load(ent + e * ENT_WIDTH + ENT_START, mask=in_range, other=0)
                 n_rows = tl.load(ent + e * ENT_WIDTH + ENT_ROWS, mask=in_range, other=0)
-                k_ok = in_range & (offs < n_rows)
                 size = tl.load(ent + e * ENT_WIDTH + ENT_SIZE, mask=in_range, other=1)
-                bias = pooled_bias(offs, k_ok, p, size)
+                k_ok = in_range & (offs < n_rows)
                 k_rows = (start + offs).to(tl.int64)
                 k = load_rows(k_base, k_rows, k_ok, H * HEAD_D, HEAD_D, UPCAST)
                 v = load_rows(v_base, k_rows, k_ok, H * HEAD_DV, HEAD_DV, UPCAST)
-                s = scores(q, k, bias, qk_scale, PRECISION)
+                s = scores(q, k, pooled_bias(offs, k_ok, 1 << g, size), qk_scale, PRECISION)
                 if WINDOW:
                     k_code = tl.load(CODE + k_rows, mask=k_ok, other=0)[None, :]
                     k_group = load_group(GROUP, k_rows, k_ok, WINDOW == 2)[None, :]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import triton
 
 from . import blocks, routed, window
-from .tiles import HOPPER, MAX_REGISTERS, MIN_TILE, Tiles, gpu_tiles, launch_options
+from .tiles import HOPPER, MIN_TILE, Tiles, gpu_tiles, launch_options
 
 # Pointer arguments by kind (others: the dtype of q, k, v); every other argument is an int32
 # except the two scales.
@@ -48,11 +48,13 @@ class Variant:
     constexprs: dict = field(hash=False)
     num_warps: int
     num_stages: int
+    maxnreg: int | None
     dtype: str
 
     def label(self) -> str:
         switches = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
-        return f"{self.kernel}[{switches}] {self.dtype} w{self.num_warps} s{self.num_stages}"
+        cap = "" if self.maxnreg is None else f" r{self.maxnreg}"
+        return f"{self.kernel}[{switches}] {self.dtype} w{self.num_warps} s{self.num_stages}{cap}"
 
 
 KERNELS = {
@@ -102,8 +104,8 @@ def variants(head_dim: int, dtype: str, major: int = HOPPER) -> list[Variant]:
     out = []
     for kernel, tiles, block_m, block_n, switches in specs:
         constexprs = {**base, **switches, "BLOCK_M": block_m, "BLOCK_N": block_n}
-        for warps, stages in launch_options(tiles, block_m, block_n):
-            out.append(Variant(kernel, constexprs, warps, stages, dtype))
+        for warps, stages, maxnreg in launch_options(tiles, block_m, block_n):
+            out.append(Variant(kernel, constexprs, warps, stages, maxnreg, dtype))
     return out
 
 
@@ -168,7 +170,7 @@ def compile_variant(variant: Variant, arch: int) -> dict:
     source = ASTSource(fn, signature, constexprs=variant.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages,
-                                           maxnreg=MAX_REGISTERS))
+                                           maxnreg=variant.maxnreg))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         path = f.name

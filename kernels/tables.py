@@ -57,10 +57,12 @@ class BlockTables:
 
     Attributes:
         ent: ``[B'|1, H'|1, n_q_blocks, max_kv, ENT_WIDTH]`` entries of each query block,
-            sorted by pool level then key block (unused slots at the end, 0 rows).
-        counts: ``[B'|1, H'|1, n_q_blocks, 4]`` entries per level.
+            sorted by pool level, then rows (descending), then key block (unused slots at the
+            end, 0 rows).
+        counts: ``[B'|1, H'|1, n_q_blocks, 4, 2]`` entries and slots walked per level.
         rows_per_entry: ``[4]`` key rows reserved per entry of each level (the most any key
-            block has at that level).
+            block has at that level; only a level's last entry may have fewer, or the walk
+            also computes the gap).
         passes: ``{"forward" | "dq": (BLOCK_M, BLOCK_N, tiles per query block)}``.
         levels: per level used, :class:`KeyRanges` and its slice of the inverted lists:
             ``rowptr`` (``[B' * H' * 4 * n_k_blocks + 1]``, query blocks of (plan batch, plan
@@ -89,17 +91,27 @@ class BlockTables:
         valid = plan.kv_index >= 0
         kb = plan.kv_index.clamp(min=0)
         li = level_index(torch.where(valid, plan.levels(), 1))
-        # Entries sorted by (level, key block); unused slots last.
-        order = torch.where(valid, li * nkb + kb, len(LEVELS) * nkb).argsort(-1)
-        kb_s, li_s, valid_s = kb.gather(-1, order), li.gather(-1, order), valid.gather(-1, order)
-        self.ent = torch.stack(
-            [rows[li_s, kb_s, 0], torch.where(valid_s, rows[li_s, kb_s, 1], 0), sizes[kb_s]], -1
-        ).to(I32).contiguous()
+        n_rows = torch.where(valid, rows[li, kb, 1], 0)
+        # Entries sorted by level, then rows (descending: a ragged block last), then key block;
+        # unused slots last.
+        order = torch.where(valid, (li * (self.k_block_max + 1) + self.k_block_max - n_rows) * nkb + kb,
+                            len(LEVELS) * (self.k_block_max + 1) * nkb).argsort(-1)
+        kb_s, li_s, rows_s = kb.gather(-1, order), li.gather(-1, order), n_rows.gather(-1, order)
+        self.ent = torch.stack([rows[li_s, kb_s, 0], rows_s, sizes[kb_s]], -1).to(I32).contiguous()
         assert self.ent.shape[-1] == ENT_WIDTH.value
         self.ent_strides = broadcast_strides(self.ent)
-        self.counts = torch.stack([(valid & (li == g)).sum(-1) for g in range(len(LEVELS))], -1).to(I32).contiguous()
-        self.counts_strides = broadcast_strides(self.counts)
+        # Per level: entries, and slots walked: rows_per_entry for each entry but the last
+        # (the shortest), which ends the walk at its last row.
         self.rows_per_entry = torch.tensor([_cdiv(self.k_block_max, p) for p in LEVELS], dtype=I32, device=dev)
+        counts = []
+        for g in range(len(LEVELS)):
+            at_level = valid & (li == g)
+            n = at_level.sum(-1)
+            shortest = torch.where(at_level, n_rows, self.k_block_max).amin(-1)
+            slots = torch.where(n > 0, (n - 1) * int(self.rows_per_entry[g]) + shortest, 0)
+            counts.append(torch.stack([n, slots], -1))
+        self.counts = torch.stack(counts, -2).to(I32).contiguous()
+        self.counts_strides = broadcast_strides(self.counts)
 
         # Inverted lists: the valid entries sorted by (plan batch, plan head, level, key block).
         n_ranges = len(LEVELS) * nkb

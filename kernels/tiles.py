@@ -39,21 +39,23 @@ from .common import INTERPRET
 
 #: The smallest tile side ``tl.dot`` accepts.
 MIN_TILE = 16
-#: Registers per thread ptxas may use (the hardware's limit). Left to itself, ptxas may aim at
-#: a higher occupancy and spill a few values to local memory instead.
+#: ``maxnreg`` of the options that need it: left to itself, ptxas may aim at a higher
+#: occupancy for a small program and spill a few values instead of using more registers; with
+#: the hardware's limit as the cap it does not (for large programs the cap can make it spill).
 MAX_REGISTERS = 255
 
 
 @dataclass(frozen=True)
 class Tiles:
     """``BLOCK_M`` (queries) x ``BLOCK_N`` (keys) of one kind of launch, its ``(num_warps,
-    num_stages)`` options, and ``small_m`` (query-major kinds) with its options."""
+    num_stages, maxnreg)`` options (``maxnreg`` ``None`` or :data:`MAX_REGISTERS`), and
+    ``small_m`` (query-major kinds) with its options."""
 
     block_m: int
     block_n: int
-    options: tuple = ((4, 2),)
+    options: tuple = ((4, 2, None),)
     small_m: int | None = None
-    small_options: tuple = ((4, 2),)
+    small_options: tuple = ((4, 2, None),)
 
 
 @dataclass(frozen=True)
@@ -67,33 +69,44 @@ class TileChoice:
     routed: Tiles
 
 
-def _choice(forward, dq, window, keys, routed) -> TileChoice:
-    return TileChoice(forward=forward, dq=dq, window=window, keys=keys, routed=routed)
+def _choice(**kinds) -> TileChoice:
+    return TileChoice(**kinds)
 
+
+# Launch options (num_warps, num_stages, maxnreg).
+W4, W4S3, W8, W8S3 = (4, 2, None), (4, 3, None), (8, 2, None), (8, 3, None)
+W4CAP = (4, 2, MAX_REGISTERS)
 
 #: By compute capability major (9: Hopper, 8: Ampere/Ada) and head dim (the larger of q's and
 #: v's, rounded up to a listed one).
 GPU_TILES = {
     9: {
-        64: _choice(Tiles(128, 64, ((4, 2), (8, 2)), 64), Tiles(128, 64, ((8, 2),), 64),
-                    Tiles(128, 32, ((4, 2), (8, 2)), 64), Tiles(32, 128, ((4, 2), (8, 2))), Tiles(64, 64, ((4, 2),))),
-        128: _choice(Tiles(128, 64, ((8, 3),), 64, ((4, 2),)), Tiles(128, 32, ((8, 2), (8, 3)), 64),
-                     Tiles(128, 32, ((8, 2), (8, 3)), 64), Tiles(32, 64, ((8, 2), (8, 3))), Tiles(64, 64, ((4, 2),))),
-        256: _choice(Tiles(64, 32, ((4, 2),), 32), Tiles(64, 32, ((4, 2),), 32), Tiles(64, 16, ((4, 2),), 32),
-                     Tiles(16, 32, ((4, 2),)), Tiles(32, 32, ((4, 2),))),
+        64: _choice(forward=Tiles(128, 64, (W4, W8), 64, (W4CAP,)), dq=Tiles(128, 64, (W8,), 64, (W4CAP,)),
+                    window=Tiles(128, 32, (W4, W8), 64, (W4CAP,)), keys=Tiles(32, 128, (W4, W8), None, (W4CAP,)),
+                    routed=Tiles(64, 64, (W4,))),
+        128: _choice(forward=Tiles(128, 64, (W8S3,), 64, (W4CAP,)), dq=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)),
+                     window=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)), keys=Tiles(32, 64, (W8, W8S3), None, (W4CAP,)),
+                     routed=Tiles(64, 64, (W4,))),
+        256: _choice(forward=Tiles(64, 32, (W4,), 32, (W4CAP,)), dq=Tiles(64, 32, (W4,), 32, (W4CAP,)),
+                     window=Tiles(64, 16, (W4,), 32, (W4CAP,)), keys=Tiles(16, 32, (W4,), None, (W4CAP,)),
+                     routed=Tiles(32, 32, (W4,))),
     },
     8: {
-        64: _choice(Tiles(128, 64, ((4, 2), (8, 2)), 64), Tiles(128, 32, ((8, 2),), 64),
-                    Tiles(128, 32, ((4, 2), (8, 2)), 64), Tiles(32, 64, ((4, 2),)), Tiles(64, 64, ((4, 2),))),
-        128: _choice(Tiles(128, 32, ((8, 2), (8, 3)), 64), Tiles(128, 32, ((8, 2), (8, 3)), 64),
-                     Tiles(64, 32, ((4, 2),), 64), Tiles(32, 64, ((8, 2),)), Tiles(64, 32, ((4, 2),))),
-        256: _choice(Tiles(64, 32, ((4, 2),), 32), Tiles(64, 16, ((4, 2),), 32), Tiles(32, 16, ((4, 2),), 16),
-                     Tiles(16, 32, ((4, 2),)), Tiles(32, 32, ((4, 2),))),
+        64: _choice(forward=Tiles(128, 64, (W4, W8), 64, (W4CAP,)), dq=Tiles(128, 32, (W8,), 64, (W4CAP,)),
+                    window=Tiles(128, 32, (W4, W8), 64, (W4CAP,)), keys=Tiles(32, 64, (W4,), None, (W4CAP,)),
+                    routed=Tiles(64, 64, (W4,))),
+        128: _choice(forward=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)), dq=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)),
+                     window=Tiles(64, 32, (W4,), None), keys=Tiles(32, 64, (W8,), None, (W4CAP,)),
+                     routed=Tiles(64, 32, (W4,))),
+        256: _choice(forward=Tiles(64, 32, (W4,), 32, (W4CAP,)), dq=Tiles(64, 16, (W4,), 32, (W4CAP,)),
+                     window=Tiles(32, 16, (W4,), 16, (W4CAP,)), keys=Tiles(16, 32, (W4,), None, (W4CAP,)),
+                     routed=Tiles(32, 32, (W4,))),
     },
 }
 #: Under the interpreter (small test problems, ~ms per tile pair): small tiles everywhere.
-_T = Tiles(32, 32, ((1, 1),), 16, ((1, 1),))
-INTERPRETER_TILES = _choice(_T, _T, _T, Tiles(32, 32, ((1, 1),)), Tiles(32, 32, ((1, 1),)))
+_T = Tiles(32, 32, ((1, 1, None),), 16, ((1, 1, None),))
+INTERPRETER_TILES = _choice(forward=_T, dq=_T, window=_T, keys=Tiles(32, 32, ((1, 1, None),)),
+                            routed=Tiles(32, 32, ((1, 1, None),)))
 #: The GPU generation :func:`~vdiff_sparse.kernels.work.work` reports by default.
 HOPPER = 9
 
@@ -131,7 +144,7 @@ def keys_block_n(tiles: Tiles, range_rows: int) -> int:
 
 
 def launch_options(tiles: Tiles, block_m: int, block_n: int) -> tuple:
-    """The ``(num_warps, num_stages)`` the autotuner tries for a launch of ``tiles`` at
+    """The ``(num_warps, num_stages, maxnreg)`` the autotuner tries for a launch of ``tiles`` at
     ``block_m`` x ``block_n`` (the table's shape, or a smaller one the rules picked)."""
     if (block_m, block_n) == (tiles.block_m, tiles.block_n):
         return tiles.options
@@ -151,7 +164,7 @@ def configs() -> list[triton.Config]:
             for tiles in (choice.forward, choice.dq, choice.window, choice.keys, choice.routed):
                 options.update(tiles.options)
                 options.update(tiles.small_options)
-    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=MAX_REGISTERS) for w, s in sorted(options)]
+    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=r) for w, s, r in sorted(options, key=str)]
 
 
 def pruner(kind):
@@ -168,7 +181,7 @@ def pruner(kind):
         major = torch.cuda.get_device_capability(args["Q"].device)[0]
         tiles = getattr(gpu_tiles(max(args["HEAD_D"], args["HEAD_DV"]), major), kind(args))
         wanted = launch_options(tiles, args["BLOCK_M"], args["BLOCK_N"])
-        kept = [c for c in configs if (c.num_warps, c.num_stages) in wanted]
+        kept = [c for c in configs if (c.num_warps, c.num_stages, c.maxnreg) in wanted]
         return kept or configs[:1]
 
     return {"early_config_prune": prune}

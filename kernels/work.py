@@ -106,13 +106,12 @@ def _text_dkdv(q_offsets: torch.Tensor, text_keys: int, choice: TileChoice) -> f
 def _blocks(plan: AttentionPlan, t: BlockTables, text_keys: int, choice: TileChoice) -> tuple[float, float, float]:
     """Forward, ``dq`` and ``dk``/``dv`` pairs of :mod:`.blocks`, summed over the plan's
     (batch, head) entries."""
-    counts = t.counts.long()  # [B', H', nqb, 4]
-    per_entry = t.rows_per_entry.long()
+    level_rows = t.counts[..., 1].long()  # [B', H', nqb, 4]: key slots walked per level
     q_sizes = plan.q_offsets.diff()
     rows = []
     for name in ("forward", "dq"):
         block_m, block_n, _ = t.passes[name]
-        keys = _padded(counts * per_entry, block_n).sum(-1) + _padded(text_keys, block_n)  # [B', H', nqb]
+        keys = _padded(level_rows, block_n).sum(-1) + _padded(text_keys, block_n)  # [B', H', nqb]
         rows.append(float((keys * _padded(q_sizes, block_m)).sum()))
 
     valid = plan.kv_index >= 0
@@ -125,7 +124,7 @@ def _blocks(plan: AttentionPlan, t: BlockTables, text_keys: int, choice: TileCho
         k_pad = _padded(k_rows, ranges.block_n)
         sel = valid & (level == ranges.p)
         dkdv += float((torch.where(sel, k_pad[kb], 0) * q_pad).sum())
-    dkdv += _text_dkdv(plan.q_offsets, text_keys, choice) * counts.shape[0] * counts.shape[1]
+    dkdv += _text_dkdv(plan.q_offsets, text_keys, choice) * level_rows.shape[0] * level_rows.shape[1]
     return rows[0], rows[1], dkdv
 
 
