@@ -81,25 +81,25 @@ W4CAP = (4, 2, MAX_REGISTERS)
 #: v's, rounded up to a listed one).
 GPU_TILES = {
     9: {
-        64: _choice(forward=Tiles(128, 64, (W4, W8), 64, (W4CAP,)), dq=Tiles(128, 64, (W8,), 64, (W4CAP,)),
-                    window=Tiles(128, 32, (W4, W8), 64, (W4CAP,)), keys=Tiles(32, 128, (W4, W8), None, (W4CAP,)),
+        64: _choice(forward=Tiles(128, 64, (W8,), 64, (W4CAP,)), dq=Tiles(128, 64, (W8,), 64, (W4CAP,)),
+                    window=Tiles(128, 32, (W8,), 64, (W4CAP,)), keys=Tiles(32, 128, (W8,), None, (W4CAP,)),
                     routed=Tiles(64, 64, (W4,))),
         128: _choice(forward=Tiles(128, 64, (W8S3,), 64, (W4CAP,)), dq=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)),
                      window=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)), keys=Tiles(32, 64, (W8, W8S3), None, (W4CAP,)),
                      routed=Tiles(64, 64, (W4,))),
-        256: _choice(forward=Tiles(64, 32, (W4,), 32, (W4CAP,)), dq=Tiles(64, 32, (W4,), 32, (W4CAP,)),
-                     window=Tiles(64, 16, (W4,), 32, (W4CAP,)), keys=Tiles(16, 32, (W4,), None, (W4CAP,)),
+        256: _choice(forward=Tiles(64, 32, (W8,), 32, (W4CAP,)), dq=Tiles(64, 16, (W8,), 32, (W4CAP,)),
+                     window=Tiles(64, 16, (W8,), 32, (W4CAP,)), keys=Tiles(16, 32, (W8,), None, (W4CAP,)),
                      routed=Tiles(32, 32, (W4,))),
     },
     8: {
-        64: _choice(forward=Tiles(128, 64, (W4, W8), 64, (W4CAP,)), dq=Tiles(128, 32, (W8,), 64, (W4CAP,)),
-                    window=Tiles(128, 32, (W4, W8), 64, (W4CAP,)), keys=Tiles(32, 64, (W4,), None, (W4CAP,)),
+        64: _choice(forward=Tiles(128, 64, (W8,), 64, (W8,)), dq=Tiles(128, 32, (W8,), 64, (W8,)),
+                    window=Tiles(128, 32, (W8,), 64, (W8,)), keys=Tiles(32, 64, (W8,), None, (W4CAP,)),
                     routed=Tiles(64, 64, (W4,))),
         128: _choice(forward=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)), dq=Tiles(128, 32, (W8, W8S3), 64, (W4CAP,)),
                      window=Tiles(64, 32, (W4,), None), keys=Tiles(32, 64, (W8,), None, (W4CAP,)),
                      routed=Tiles(64, 32, (W4,))),
-        256: _choice(forward=Tiles(64, 32, (W4,), 32, (W4CAP,)), dq=Tiles(64, 16, (W4,), 32, (W4CAP,)),
-                     window=Tiles(32, 16, (W4,), 16, (W4CAP,)), keys=Tiles(16, 32, (W4,), None, (W4CAP,)),
+        256: _choice(forward=Tiles(64, 32, (W8,), 32, (W4CAP,)), dq=Tiles(64, 16, (W4,), 32, (W4CAP,)),
+                     window=Tiles(32, 16, (W4CAP,), 16, (W4CAP,)), keys=Tiles(16, 32, (W8,), None, (W4CAP,)),
                      routed=Tiles(32, 32, (W4,))),
     },
 }
