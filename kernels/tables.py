@@ -102,13 +102,14 @@ class BlockTables:
         self.ent_strides = broadcast_strides(self.ent)
         # Per level: entries, and slots walked: rows_per_entry for each entry but the last
         # (the shortest), which ends the walk at its last row.
-        self.rows_per_entry = torch.tensor([_cdiv(self.k_block_max, p) for p in LEVELS], dtype=I32, device=dev)
+        per_entry = [_cdiv(self.k_block_max, p) for p in LEVELS]
+        self.rows_per_entry = torch.tensor(per_entry, dtype=I32, device=dev)
         counts = []
         for g in range(len(LEVELS)):
             at_level = valid & (li == g)
             n = at_level.sum(-1)
             shortest = torch.where(at_level, n_rows, self.k_block_max).amin(-1)
-            slots = torch.where(n > 0, (n - 1) * int(self.rows_per_entry[g]) + shortest, 0)
+            slots = torch.where(n > 0, (n - 1) * per_entry[g] + shortest, 0)
             counts.append(torch.stack([n, slots], -1))
         self.counts = torch.stack(counts, -2).to(I32).contiguous()
         self.counts_strides = broadcast_strides(self.counts)
@@ -155,7 +156,7 @@ class WindowArgs:
             return
         coords, lo, hi = w.coords.long(), w.lo.long(), w.hi.long()
         d = torch.tensor(w.dilation, device=dev)
-        n_axis = coords.max(0).values + 1
+        n_axis = torch.tensor(w.grid, device=dev) if w.grid is not None else coords.max(0).values + 1
         lo = torch.where(lo < 0, torch.remainder(lo, d), lo)  # the first lattice point inside the grid
         hi = torch.minimum(hi, n_axis - 1)
         lo_group = torch.remainder(lo, d)

@@ -31,6 +31,7 @@ memory: it gets narrower key steps. Head dim 256 uses smaller tiles.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import triton
@@ -75,7 +76,7 @@ def _choice(**kinds) -> TileChoice:
 
 # Launch options (num_warps, num_stages, maxnreg).
 W4, W4S3, W8, W8S3 = (4, 2, None), (4, 3, None), (8, 2, None), (8, 3, None)
-W4CAP = (4, 2, MAX_REGISTERS)
+W4CAP, W8CAP = (4, 2, MAX_REGISTERS), (8, 2, MAX_REGISTERS)
 
 #: By compute capability major (9: Hopper, 8: Ampere/Ada) and head dim (the larger of q's and
 #: v's, rounded up to a listed one).
@@ -103,6 +104,9 @@ GPU_TILES = {
                      routed=Tiles(32, 32, (W4,))),
     },
 }
+# Head dim 32 as 64, but ptxas spills a few values of Ampere's small window tile unless capped.
+GPU_TILES[9][32] = GPU_TILES[9][64]
+GPU_TILES[8][32] = dataclasses.replace(GPU_TILES[8][64], window=Tiles(128, 32, (W8,), 64, (W8CAP,)))
 #: Under the interpreter (small test problems, ~ms per tile pair): small tiles everywhere.
 _T = Tiles(32, 32, ((1, 1, None),), 16, ((1, 1, None),))
 INTERPRETER_TILES = _choice(forward=_T, dq=_T, window=_T, keys=Tiles(32, 32, ((1, 1, None),)),
