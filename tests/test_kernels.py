@@ -255,7 +255,7 @@ def test_gna_tiles_sharing_a_window(seed):
     from vdiff_sparse.backends.triton import _kernels
     from vdiff_sparse.methods.gna import plan_gna
 
-    plan = plan_gna((5, 6, 7), window=(4, 4, 4), stride=(2, 2, 2))
+    plan = plan_gna((4, 6, 6), window=(4, 4, 4), stride=(2, 3, 3))
     assert plan.window is not None and plan.window.grid is not None
     assert not _kernels("tables").BoxTables(plan, _kernels("tiles").INTERPRETER_TILES).q_masked
     check(plan, H=2, seed=seed)
