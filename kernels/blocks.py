@@ -24,8 +24,8 @@ import triton.language as tl
 
 from . import tiles
 from .common import (
-    attend, count_tile, dkdv_step, extra_keys, finish_rows, key_bias, load_group, load_rows, pooled_bias,
-    query_tile_t, scores, scores_t, start_rows, store_rows, window_ok,
+    attend, count_tile, dkdv_step, finish_rows, load_group, load_range, load_rows, load_windows, pooled_bias,
+    range_keys, query_tile_t, scores, scores_t, start_rows, store_rows, window_ok,
 )
 
 #: Entry table columns: first row in the stacked keys, rows, tokens of the key block.
@@ -33,12 +33,6 @@ ENT_START = tl.constexpr(0)
 ENT_ROWS = tl.constexpr(1)
 ENT_SIZE = tl.constexpr(2)
 ENT_WIDTH = tl.constexpr(3)
-#: Key range table columns: first row, rows, pool factor, tokens of the key block.
-RANGE_START = tl.constexpr(0)
-RANGE_ROWS = tl.constexpr(1)
-RANGE_POOL = tl.constexpr(2)
-RANGE_SIZE = tl.constexpr(3)
-RANGE_WIDTH = tl.constexpr(4)
 
 
 @triton.jit
@@ -78,9 +72,8 @@ def _rows_kernel(
         k_base = K + (b64 * NK * H + h64) * HEAD_D
         v_base = V + (b64 * NK * H + h64) * HEAD_DV
         if WINDOW:
-            win_lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)[:, None]
-            win_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[:, None]
-            win_group = load_group(LO_GROUP, q_rows, q_ok, WINDOW == 2)[:, None]
+            win_lo, win_hi, win_group = load_windows(LO_CODE, HI_CODE, LO_GROUP, q_rows, q_ok, WINDOW == 2)
+            win_lo, win_hi, win_group = win_lo[:, None], win_hi[:, None], win_group[:, None]
         ent = ENT + b64 * stride_eb + h64 * stride_eh + qb.to(tl.int64) * MAX_KV * ENT_WIDTH
         counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 8
         first = 0
@@ -109,10 +102,9 @@ def _rows_kernel(
                 acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
                 count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
             first += n_entries
-        acc, m_i, l_i = extra_keys(acc, m_i, l_i, q, do, EK, EV, EMASK, N_EXTRA, has_emask, b64, h64, H,
-                                   qk_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BACKWARD, UPCAST,
-                                   PRECISION, COUNT_WORK)
-        finish_rows(O, LSE, b64, h64, q_rows, q_ok, acc, m_i, l_i, sm_scale, N, H, HEAD_D, HEAD_DV, BACKWARD)
+        finish_rows(O, LSE, acc, m_i, l_i, q, do, q_rows, q_ok, EK, EV, EMASK, N_EXTRA, has_emask, b64, h64, N, H,
+                    qk_scale, sm_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BACKWARD, UPCAST, PRECISION,
+                    COUNT_WORK)
 
 
 @triton.jit
@@ -128,7 +120,8 @@ def _keys_kernel(
     COUNT_WORK: tl.constexpr,
 ):
     """Program ``(range * SUB + sub-tile, batch * H + head)``: ``dk``, ``dv`` of key rows
-    ``[start + sub * BLOCK_N, ...)`` of range ``RANGES[range]`` (``RANGE_WIDTH`` columns).
+    ``[start + sub * BLOCK_N, ...)`` of range ``RANGES[range]`` (``[n, RANGE_WIDTH]``, see
+    :func:`~.common.load_range`).
 
     The queries: ``ROWPTR[(b', h') offset + range]`` and the next entry bound the range's items
     in ``ITEMS``: query block ids (each walked from ``Q_OFF[qb]`` to ``Q_OFF[qb + 1]``), or with
@@ -139,22 +132,10 @@ def _keys_kernel(
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
     r = pid // SUB
-    start = tl.load(RANGES + r * RANGE_WIDTH + RANGE_START)
-    n_rows = tl.load(RANGES + r * RANGE_WIDTH + RANGE_ROWS)
-    p = tl.load(RANGES + r * RANGE_WIDTH + RANGE_POOL)
-    size = tl.load(RANGES + r * RANGE_WIDTH + RANGE_SIZE)
+    start, n_rows, p, size = load_range(RANGES, r)
     n0 = (pid % SUB) * BLOCK_N
     if n0 < n_rows:
-        offs = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs < n_rows
-        k_rows = (start + offs).to(tl.int64)
-        k_ok = in_range
-        if has_kmask:
-            k_ok = k_ok & (tl.load(KMASK + b64 * NK + k_rows, mask=in_range, other=0) != 0)
-        if p > 1:
-            bias = pooled_bias(offs, k_ok, p, size)
-        else:
-            bias = key_bias(k_ok)
+        k_rows, in_range, bias = range_keys(start, n_rows, p, size, n0, KMASK, has_kmask, b64, NK, BLOCK_N)
         k_base = K + (b64 * NK * H + h64) * HEAD_D
         v_base = V + (b64 * NK * H + h64) * HEAD_DV
         k = load_rows(k_base, k_rows, in_range, H * HEAD_D, HEAD_D, UPCAST)
@@ -190,10 +171,9 @@ def _keys_kernel(
                                                  HEAD_D, HEAD_DV, UPCAST)
                 st = scores_t(k, q, bias, qk_scale, PRECISION)
                 if WINDOW:
-                    win_lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)[None, :]
-                    win_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[None, :]
-                    win_group = load_group(LO_GROUP, q_rows, q_ok, WINDOW == 2)[None, :]
-                    ok = window_ok(k_code, k_group, win_lo, win_hi, win_group, GUARD, WINDOW == 2)
+                    win_lo, win_hi, win_group = load_windows(LO_CODE, HI_CODE, LO_GROUP, q_rows, q_ok, WINDOW == 2)
+                    ok = window_ok(k_code, k_group, win_lo[None, :], win_hi[None, :], win_group[None, :], GUARD,
+                                   WINDOW == 2)
                     st = tl.where(ok, st, float("-inf"))
                 dk, dv = dkdv_step(dk, dv, st, v, q, do, lse, delta, PRECISION)
                 count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)

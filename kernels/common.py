@@ -31,6 +31,14 @@ LOG2E = 1.0 / math.log(2.0)
 _MAX = tl.standard._elementwise_max
 _SUM = tl.standard._sum_combine
 
+#: Key range table columns: first row in the stacked keys, rows, pool factor, tokens of the
+#: key block.
+RANGE_START = tl.constexpr(0)
+RANGE_ROWS = tl.constexpr(1)
+RANGE_POOL = tl.constexpr(2)
+RANGE_SIZE = tl.constexpr(3)
+RANGE_WIDTH = tl.constexpr(4)
+
 
 @triton.jit
 def count_tile(WORK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COUNT_WORK: tl.constexpr):
@@ -58,6 +66,27 @@ def pooled_bias(offs, valid, p, size):
     ``-inf`` where not ``valid``."""
     count = tl.maximum(tl.minimum(p, size - offs * p), 1)
     return tl.where(valid, tl.log2(count.to(tl.float32)), float("-inf"))
+
+
+@triton.jit
+def load_range(RANGES, r):
+    """``(first row, rows, pool factor, tokens)`` of key range ``r``."""
+    row = RANGES + r * RANGE_WIDTH
+    return tl.load(row + RANGE_START), tl.load(row + RANGE_ROWS), tl.load(row + RANGE_POOL), tl.load(row + RANGE_SIZE)
+
+
+@triton.jit
+def range_keys(start, n_rows, p, size, n0, KMASK, has_kmask, b64, NK, BLOCK_N: tl.constexpr):
+    """Keys ``n0 ... n0 + BLOCK_N`` of a key range: rows (int64), lanes inside the range, and
+    their bias (pooled count; ``-inf`` outside the range and, when ``has_kmask``, where the
+    ``[B, NK]`` mask drops the key)."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    in_range = offs < n_rows
+    k_rows = (start + offs).to(tl.int64)
+    k_ok = in_range
+    if has_kmask:
+        k_ok = k_ok & (tl.load(KMASK + b64 * NK + k_rows, mask=in_range, other=0) != 0)
+    return k_rows, in_range, pooled_bias(offs, k_ok, p, size)
 
 
 @triton.jit
@@ -130,6 +159,7 @@ def query_tile_t(Q, DO, LSE, DELTA, b64, h64, q_rows, q_ok, N, H,
 
 @triton.jit
 def store_rows(base, rows, valid, row_stride, x, DIM: tl.constexpr):
+    """Store ``x`` ``[len(rows), DIM]`` to rows ``rows`` where ``valid``, in ``base``'s dtype."""
     cols = tl.arange(0, DIM)
     tl.store(base + rows[:, None] * row_stride + cols[None, :], x.to(base.dtype.element_ty), mask=valid[:, None])
 
@@ -168,10 +198,46 @@ def start_rows(Q, DO, LSE, DELTA, b64, h64, q_rows, q_ok, N, H,
 
 
 @triton.jit
-def finish_rows(O, LSE, b64, h64, q_rows, q_ok, acc, m_i, l_i, sm_scale, N, H,
-                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BACKWARD: tl.constexpr):
-    """Store a query tile's result: ``dq`` (scaled) in backward; forward the output and the
-    base-2 log-sum-exp (a query with no key at all gets output 0 and log-sum-exp 0)."""
+def attend_range(acc, m_i, l_i, q, do, K, V, start, n_rows, p, size, KMASK, has_kmask, b64, h64, NK, H, qk_scale,
+                 WORK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BACKWARD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 COUNT_WORK: tl.constexpr):
+    """Attend a query tile to one key range (rows ``start ...`` of ``K``/``V`` ``[B, NK, H, D]``,
+    pooled by ``p`` from ``size`` tokens), ``BLOCK_N`` keys at a time."""
+    k_base = K + (b64 * NK * H + h64) * HEAD_D
+    v_base = V + (b64 * NK * H + h64) * HEAD_DV
+    for n0 in range(0, n_rows, BLOCK_N):
+        k_rows, in_range, bias = range_keys(start, n_rows, p, size, n0, KMASK, has_kmask, b64, NK, BLOCK_N)
+        k = load_rows(k_base, k_rows, in_range, H * HEAD_D, HEAD_D, UPCAST)
+        v = load_rows(v_base, k_rows, in_range, H * HEAD_DV, HEAD_DV, UPCAST)
+        s = scores(q, k, bias, qk_scale, PRECISION)
+        acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
+        count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def load_windows(LO_CODE, HI_CODE, LO_GROUP, q_rows, q_ok, DILATED: tl.constexpr):
+    """The packed window operands ``(lo, hi, group)`` of queries ``q_rows`` (see
+    :func:`window_ok`)."""
+    lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)
+    hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)
+    return lo, hi, load_group(LO_GROUP, q_rows, q_ok, DILATED)
+
+
+@triton.jit
+def finish_rows(O, LSE, acc, m_i, l_i, q, do, q_rows, q_ok, EK, EV, EMASK, N_EXTRA, has_emask,
+                b64, h64, N, H, qk_scale, sm_scale, WORK,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                BACKWARD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                COUNT_WORK: tl.constexpr):
+    """End a query tile's pass: attend the extra (text) keys ``[B, N_EXTRA, H, D]`` (their
+    ``[B, N_EXTRA]`` mask, when ``has_emask``, drops padding), then store ``dq`` (scaled) in
+    backward; forward the output and the base-2 log-sum-exp (a query with no key at all gets
+    output 0 and log-sum-exp 0)."""
+    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, do, EK, EV, 0, N_EXTRA, 1, N_EXTRA, EMASK, has_emask,
+                                 b64, h64, N_EXTRA, H, qk_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV,
+                                 BACKWARD, UPCAST, PRECISION, COUNT_WORK)
     if BACKWARD:
         store_rows(O + (b64 * N * H + h64) * HEAD_D, q_rows, q_ok, H * HEAD_D, acc * sm_scale, HEAD_D)
     else:
@@ -180,30 +246,6 @@ def finish_rows(O, LSE, b64, h64, q_rows, q_ok, acc, m_i, l_i, sm_scale, N, H,
         store_rows(O + (b64 * N * H + h64) * HEAD_DV, q_rows, q_ok, H * HEAD_DV, out, HEAD_DV)
         tl.store(LSE + (b64 * H + h64) * N + q_rows, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), 0.0),
                  mask=q_ok)
-
-
-@triton.jit
-def extra_keys(acc, m_i, l_i, q, do, EK, EV, EMASK, N_EXTRA, has_mask, b64, h64, H, qk_scale, WORK,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-               BACKWARD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-               COUNT_WORK: tl.constexpr):
-    """Attend a query tile to the extra (text) keys ``[B, N_EXTRA, H, D]``, whose ``[B,
-    N_EXTRA]`` mask (when ``has_mask``) drops padding."""
-    ek = EK + (b64 * N_EXTRA * H + h64) * HEAD_D
-    ev = EV + (b64 * N_EXTRA * H + h64) * HEAD_DV
-    for n0 in range(0, N_EXTRA, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs < N_EXTRA
-        real = in_range
-        if has_mask:
-            real = real & (tl.load(EMASK + b64 * N_EXTRA + offs, mask=in_range, other=0) != 0)
-        rows = offs.to(tl.int64)
-        k = load_rows(ek, rows, in_range, H * HEAD_D, HEAD_D, UPCAST)
-        v = load_rows(ev, rows, in_range, H * HEAD_DV, HEAD_DV, UPCAST)
-        s = scores(q, k, key_bias(real), qk_scale, PRECISION)
-        acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
-        count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
-    return acc, m_i, l_i
 
 
 @triton.jit

@@ -126,11 +126,24 @@ def _extra_dkdv(q, x: _Extra, do, lse, delta, scale, q_offsets, n_q_blocks: int,
     return dek, dev_
 
 
-class _BlockRun:
+class _QueryMajorRun:
+    """A family whose forward is one query-major launch (``_rows``) writing O and the LSE."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def forward(self, q, k_all, v_all, x, scale):
+        B, N, H, _ = q.shape
+        out = q.new_empty(B, N, H, v_all.shape[-1])
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        self._rows(q, k_all, v_all, out, q, lse, lse, x, scale, backward=False)
+        return out, lse
+
+
+class _BlockRun(_QueryMajorRun):
     """:mod:`.blocks`: query-major forward and ``dq``, key-major ``dk``/``dv`` per level."""
 
-    def __init__(self, t: BlockTables):
-        self.t = t
+    t: BlockTables
 
     def _rows(self, q, k_all, v_all, o, do, lse, delta, x: _Extra, scale, backward: bool):
         t = self.t
@@ -148,13 +161,6 @@ class _BlockRun:
             **_launch_args(name, q, backward),
         )
 
-    def forward(self, q, k_all, v_all, x, scale):
-        B, N, H, _ = q.shape
-        out = q.new_empty(B, N, H, v_all.shape[-1])
-        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        self._rows(q, k_all, v_all, out, q, lse, lse, x, scale, backward=False)
-        return out, lse
-
     def backward(self, q, k_all, v_all, x, out, lse, do, delta, scale):
         t = self.t
         dq = torch.empty_like(q)
@@ -167,11 +173,10 @@ class _BlockRun:
         return dq, dk, dv
 
 
-class _BoxRun:
+class _BoxRun(_QueryMajorRun):
     """:mod:`.window`: every tile walks the box its windows span."""
 
-    def __init__(self, t: BoxTables):
-        self.t = t
+    t: BoxTables
 
     def _rows(self, q, k, v, o, do, lse, delta, x: _Extra, scale, backward: bool):
         t, w = self.t, self.t.window
@@ -185,13 +190,6 @@ class _BoxRun:
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v.shape[-1], MASKED=t.q_masked,
             DILATED=w.dilated, **_launch_args("dq" if backward else "forward", q, backward),
         )
-
-    def forward(self, q, k, v, x, scale):
-        B, N, H, _ = q.shape
-        out = q.new_empty(B, N, H, v.shape[-1])
-        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        self._rows(q, k, v, out, q, lse, lse, x, scale, backward=False)
-        return out, lse
 
     def backward(self, q, k, v, x, out, lse, do, delta, scale):
         t, w = self.t, self.t.window

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import triton
 
 from . import blocks, routed, window
+from .common import INTERPRET
 from .tiles import HOPPER, MIN_TILE, Tiles, gpu_tiles, launch_options
 
 # Pointer arguments by kind (others: the dtype of q, k, v); every other argument is an int32
@@ -146,13 +147,13 @@ def cuobjdump() -> str | None:
 def why_not_available() -> str | None:
     """Why variants cannot be compiled here (``None`` when they can)."""
     try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        import triton.backends.nvidia.compiler  # noqa: F401
     except ImportError as err:
         return f"the installed Triton has no CUDA backend ({err})"
     if cuobjdump() is None:
         return "cuobjdump is missing from the installed Triton's CUDA backend"
-    if isinstance(blocks._rows_kernel, type(None)) or not hasattr(blocks._rows_kernel, "arg_names"):
-        return "the kernel modules were imported under TRITON_INTERPRET=1"
+    if INTERPRET:
+        return "the kernel modules were imported under TRITON_INTERPRET=1 (the interpreter's kernels do not compile)"
     return None
 
 

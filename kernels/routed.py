@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .blocks import RANGE_POOL, RANGE_ROWS, RANGE_SIZE, RANGE_START, RANGE_WIDTH
-from .common import attend, count_tile, key_bias, load_rows, pooled_bias, scores, store_rows
+from .common import attend_range, load_range, load_rows, store_rows
 
 #: Task table columns: key range, first index in the query list, queries.
 TASK_RANGE = tl.constexpr(0)
@@ -74,28 +73,10 @@ def _routed_rows_kernel(
             l_i = tl.load(L + stat, mask=q_ok, other=0.0)
             acc_base = ACC + (b64 * N * H + h64) * HEAD_DV
             acc = load_rows(acc_base, q_rows, q_ok, H * HEAD_DV, HEAD_DV, False)
-        start = tl.load(RANGES + r * RANGE_WIDTH + RANGE_START)
-        n_rows = tl.load(RANGES + r * RANGE_WIDTH + RANGE_ROWS)
-        p = tl.load(RANGES + r * RANGE_WIDTH + RANGE_POOL)
-        size = tl.load(RANGES + r * RANGE_WIDTH + RANGE_SIZE)
-        k_base = K + (b64 * NK * H + h64) * HEAD_D
-        v_base = V + (b64 * NK * H + h64) * HEAD_DV
-        for n0 in range(0, n_rows, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            in_range = offs < n_rows
-            k_rows = (start + offs).to(tl.int64)
-            k_ok = in_range
-            if has_kmask:
-                k_ok = k_ok & (tl.load(KMASK + b64 * NK + k_rows, mask=in_range, other=0) != 0)
-            if p > 1:
-                bias = pooled_bias(offs, k_ok, p, size)
-            else:
-                bias = key_bias(k_ok)
-            k = load_rows(k_base, k_rows, in_range, H * HEAD_D, HEAD_D, UPCAST)
-            v = load_rows(v_base, k_rows, in_range, H * HEAD_DV, HEAD_DV, UPCAST)
-            s = scores(q, k, bias, qk_scale, PRECISION)
-            acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
-            count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
+        start, n_rows, p, size = load_range(RANGES, r)
+        acc, m_i, l_i = attend_range(acc, m_i, l_i, q, do, K, V, start, n_rows, p, size, KMASK, has_kmask, b64, h64,
+                                     NK, H, qk_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BACKWARD, UPCAST,
+                                     PRECISION, COUNT_WORK)
         if BACKWARD:
             store_rows(acc_base, q_rows, q_ok, H * HEAD_D, acc, HEAD_D)
         else:

@@ -16,7 +16,8 @@ import torch
 
 from vdiff_sparse.plan import LEVELS, AttentionPlan
 
-from .blocks import ENT_WIDTH, RANGE_WIDTH
+from .blocks import ENT_WIDTH
+from .common import RANGE_WIDTH
 from .routed import TASK_WIDTH
 from .tiles import TileChoice, keys_block_n, rows_block_m
 from .window import TILE_WIDTH
@@ -203,9 +204,9 @@ class BoxTables:
     """A GNA window plan as the tables of :mod:`.window` (shared by every batch and head).
 
     Attributes:
-        q_tiles: ``[n_q_blocks * q_sub, TILE_WIDTH]``: ``BLOCK_M`` query tiles of every query
+        q_tiles: ``[n_q_blocks * tiles per block, TILE_WIDTH]``: ``BLOCK_M`` query tiles of every query
             block with the box bounding their windows (clipped to the grid).
-        k_tiles: ``[n_k_blocks * k_sub, TILE_WIDTH]``: ``BLOCK_N`` key tiles of every key
+        k_tiles: ``[n_k_blocks * tiles per block, TILE_WIDTH]``: ``BLOCK_N`` key tiles of every key
             block with the box of the queries whose windows can meet them.
         q_masked, k_masked: whether some box holds a pair outside a window (the launches
             then test pairs).
@@ -228,11 +229,9 @@ class BoxTables:
         lo, hi, coords = w.lo.long().clamp(min=0), w.hi.long().minimum(size - 1), w.coords.long()
         dilated = any(x > 1 for x in w.dilation)
 
-        q_block_max = int(plan.q_offsets.diff().max())
-        self.block_m = rows_block_m(choice.window, q_block_max)
+        self.block_m = rows_block_m(choice.window, int(plan.q_offsets.diff().max()))
         self.block_n = choice.window.block_n
-        self.q_sub = _cdiv(q_block_max, self.block_m)
-        tile_q, start_q, count_q = _tiles_of(plan.q_offsets, self.block_m, self.q_sub)
+        tile_q, start_q, count_q = _tiles_of(plan.q_offsets, self.block_m)
         n_q = start_q.numel()
         box_lo, box_hi = _segment(lo, tile_q, n_q, "amin"), _segment(hi, tile_q, n_q, "amax")
         self.q_tiles = _tile_table(start_q, count_q, box_lo, box_hi)
@@ -240,11 +239,9 @@ class BoxTables:
         same = (_segment(lo, tile_q, n_q, "amax") == box_lo) & (_segment(hi, tile_q, n_q, "amin") == box_hi)
         self.q_masked = dilated or not bool((same.all(-1) | (count_q == 0)).all())
 
-        k_block_max = int(plan.k_offsets.diff().max())
-        self.keys_block_n = keys_block_n(choice.keys, k_block_max)
+        self.keys_block_n = keys_block_n(choice.keys, int(plan.k_offsets.diff().max()))
         self.keys_block_m = choice.keys.block_m
-        self.k_sub = _cdiv(k_block_max, self.keys_block_n)
-        tile_k, start_k, count_k = _tiles_of(plan.k_offsets, self.keys_block_n, self.k_sub)
+        tile_k, start_k, count_k = _tiles_of(plan.k_offsets, self.keys_block_n)
         n_k = start_k.numel()
         key_lo, key_hi = _segment(coords, tile_k, n_k, "amin"), _segment(coords, tile_k, n_k, "amax")
         # Per axis and coordinate c, the widest and the narrowest window of the queries at c: a
@@ -273,12 +270,13 @@ class BoxTables:
         self.k_masked = dilated or not bool((holds | (count_k == 0)).all())
 
 
-def _tiles_of(offsets: torch.Tensor, block: int, sub: int):
-    """Cut every block of ``offsets`` into tiles of ``block`` positions, ``sub`` per block:
-    the tile of each position ``[N]`` and each tile's first position and size ``[n * sub]``
-    (size 0 for tiles past a block's end)."""
+def _tiles_of(offsets: torch.Tensor, block: int):
+    """Cut every block of ``offsets`` into tiles of ``block`` positions, as many per block as
+    the largest needs: the tile of each position ``[N]`` and each tile's first position and
+    size (0 for tiles past a block's end)."""
     dev = offsets.device
     sizes = offsets.diff()
+    sub = _cdiv(int(sizes.max()), block)
     n_blocks = sizes.numel()
     within = torch.arange(sub, device=dev) * block
     start = (offsets[:-1, None] + within).flatten()

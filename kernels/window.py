@@ -22,8 +22,8 @@ import triton.language as tl
 
 from . import tiles
 from .common import (
-    attend, count_tile, dkdv_step, extra_keys, finish_rows, key_bias, load_group, load_rows, query_tile_t,
-    scores, scores_t, start_rows, store_rows, window_ok,
+    attend, count_tile, dkdv_step, finish_rows, key_bias, load_group, load_rows, load_windows,
+    query_tile_t, scores, scores_t, start_rows, store_rows, window_ok,
 )
 
 #: Tile table columns: first plan position, positions, then per axis (t, h, w) the box's first
@@ -48,6 +48,14 @@ def _box_walk(tile, idx, valid, GH, GW, POS_OF_TOKEN):
 
 
 @triton.jit
+def _tile_program(TILES, H):
+    """This program's tile row, batch and head (int64), and the tile's count of rows."""
+    tile = TILES + tl.program_id(0).to(tl.int64) * TILE_WIDTH
+    bh = tl.program_id(1)
+    return tile, (bh // H).to(tl.int64), (bh % H).to(tl.int64), tl.load(tile + TILE_COUNT)
+
+
+@triton.jit
 def _box_size(tile):
     box = tile + TILE_BOX
     return tl.load(box + 1) * tl.load(box + 3) * tl.load(box + 5)
@@ -68,11 +76,7 @@ def _box_rows_kernel(
     (shared by every batch and head); ``CODE``/``GROUP`` per plan position and
     ``LO_CODE``/``HI_CODE``/``LO_GROUP`` per query: the packed window operands of
     :func:`~.common.window_ok`."""
-    tile = TILES + tl.program_id(0).to(tl.int64) * TILE_WIDTH
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    count = tl.load(tile + TILE_COUNT)
+    tile, b64, h64, count = _tile_program(TILES, H)
     if count > 0:
         q_ok = tl.arange(0, BLOCK_M) < count
         q_rows = (tl.load(tile + TILE_START) + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -81,9 +85,8 @@ def _box_rows_kernel(
         k_base = K + (b64 * N * H + h64) * HEAD_D
         v_base = V + (b64 * N * H + h64) * HEAD_DV
         if MASKED:
-            q_lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)[:, None]
-            q_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[:, None]
-            q_group = load_group(LO_GROUP, q_rows, q_ok, DILATED)[:, None]
+            q_lo, q_hi, q_group = load_windows(LO_CODE, HI_CODE, LO_GROUP, q_rows, q_ok, DILATED)
+            q_lo, q_hi, q_group = q_lo[:, None], q_hi[:, None], q_group[:, None]
         n_box = _box_size(tile)
         for n0 in range(0, n_box, BLOCK_N):
             idx = n0 + tl.arange(0, BLOCK_N)
@@ -98,10 +101,9 @@ def _box_rows_kernel(
                 s = tl.where(window_ok(k_code, k_group, q_lo, q_hi, q_group, GUARD, DILATED), s, float("-inf"))
             acc, m_i, l_i = attend(acc, m_i, l_i, s, k, v, do, BACKWARD, PRECISION)
             count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
-        acc, m_i, l_i = extra_keys(acc, m_i, l_i, q, do, EK, EV, EMASK, N_EXTRA, has_emask, b64, h64, H,
-                                   qk_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BACKWARD, UPCAST,
-                                   PRECISION, COUNT_WORK)
-        finish_rows(O, LSE, b64, h64, q_rows, q_ok, acc, m_i, l_i, sm_scale, N, H, HEAD_D, HEAD_DV, BACKWARD)
+        finish_rows(O, LSE, acc, m_i, l_i, q, do, q_rows, q_ok, EK, EV, EMASK, N_EXTRA, has_emask, b64, h64, N, H,
+                    qk_scale, sm_scale, WORK, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BACKWARD, UPCAST, PRECISION,
+                    COUNT_WORK)
 
 
 @triton.jit
@@ -116,11 +118,7 @@ def _box_keys_kernel(
 ):
     """Program ``(key tile, batch * H + head)``; ``TILES`` as in :func:`_box_rows_kernel`, for
     key tiles, whose box is of the queries whose windows can meet the tile."""
-    tile = TILES + tl.program_id(0).to(tl.int64) * TILE_WIDTH
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    count = tl.load(tile + TILE_COUNT)
+    tile, b64, h64, count = _tile_program(TILES, H)
     if count > 0:
         k_ok = tl.arange(0, BLOCK_N) < count
         k_rows = (tl.load(tile + TILE_START) + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -141,10 +139,9 @@ def _box_keys_kernel(
                                              HEAD_D, HEAD_DV, UPCAST)
             st = scores_t(k, q, bias, qk_scale, PRECISION)
             if MASKED:
-                q_lo = tl.load(LO_CODE + q_rows, mask=q_ok, other=0)[None, :]
-                q_hi = tl.load(HI_CODE + q_rows, mask=q_ok, other=0)[None, :]
-                q_group = load_group(LO_GROUP, q_rows, q_ok, DILATED)[None, :]
-                st = tl.where(window_ok(k_code, k_group, q_lo, q_hi, q_group, GUARD, DILATED), st, float("-inf"))
+                q_lo, q_hi, q_group = load_windows(LO_CODE, HI_CODE, LO_GROUP, q_rows, q_ok, DILATED)
+                ok = window_ok(k_code, k_group, q_lo[None, :], q_hi[None, :], q_group[None, :], GUARD, DILATED)
+                st = tl.where(ok, st, float("-inf"))
             dk, dv = dkdv_step(dk, dv, st, v, q, do, lse, delta, PRECISION)
             count_tile(WORK, BLOCK_M, BLOCK_N, COUNT_WORK)
         store_rows(DK + (b64 * N * H + h64) * HEAD_D, k_rows, k_ok, H * HEAD_D, dk * sm_scale, HEAD_D)
