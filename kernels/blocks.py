@@ -51,9 +51,8 @@ def _rows_kernel(
 
     ``ENT`` ``[B'|1, H'|1, n_q_blocks, MAX_KV, ENT_WIDTH]`` entries sorted by pool level (and
     by rows, descending, within one), ``COUNTS`` ``[B'|1, H'|1, n_q_blocks, 4, 2]`` entries and
-    slots to walk per level (pool factor ``2**g``), ``ROWS_PER_ENTRY`` ``[4]``; strides 0 where the
-    plan broadcasts. Forward writes ``O`` and
-    ``LSE``; backward writes ``dq`` to ``O``.
+    slots to walk per level (pool factor ``2**g``), ``ROWS_PER_ENTRY`` ``[4]``; strides 0 where
+    the plan broadcasts. Forward writes ``O`` and ``LSE``; backward writes ``dq`` to ``O``.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -75,7 +74,7 @@ def _rows_kernel(
             win_lo, win_hi, win_group = load_windows(LO_CODE, HI_CODE, LO_GROUP, q_rows, q_ok, WINDOW == 2)
             win_lo, win_hi, win_group = win_lo[:, None], win_hi[:, None], win_group[:, None]
         ent = ENT + b64 * stride_eb + h64 * stride_eh + qb.to(tl.int64) * MAX_KV * ENT_WIDTH
-        counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 8
+        counts = COUNTS + b64 * stride_cb + h64 * stride_ch + qb.to(tl.int64) * 8  # [4 levels, 2]
         first = 0
         for g in range(4):
             n_entries = tl.load(counts + g * 2)
