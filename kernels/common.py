@@ -6,6 +6,11 @@ are contiguous ``[B, length, H, dim]``: row ``r`` of (batch ``b``, head ``h``) s
 ``((b * length + r) * H + h) * dim``; per-query statistics (``LSE``, ``DELTA``) are
 ``[B, H, N]`` float32.
 
+Differences from the float64 reference: inputs are multiplied in their own dtype with float32
+accumulation (the interpreter upcasts to float32 first); float32 inputs use IEEE dot products.
+A plan row must not list the same key block twice at the same level (the reference would count
+it once, these kernels twice); no method makes such plans.
+
 With ``COUNT_WORK`` (a debug switch, off in every launch the library makes) each tile adds the
 query-key pairs it computes, masked lanes included, to an int64 counter: the tests compare
 that count with :func:`vdiff_sparse.kernels.work.work`.

@@ -7,8 +7,8 @@ kernels actually compute, and the efficiency targets on real plans.
   at ``block_k`` 64 and 128; VMoBA per-token routing; text keys; a hand-built window) forward
   and backward and requires the count of each pass to equal ``work()`` at the interpreter's
   tiles, and the output to match the float64 reference.
-* ``work()`` at the GPU tiles on real plans of video-like inputs (16x32x32, the issue's grid)
-  at each method's default settings: efficiency >= 0.85 forward and backward; GNA with stride 1
+* ``work()`` at the GPU tiles on real plans of video-like inputs (a 16x32x32 grid, 16K
+  tokens) at each method's default settings: efficiency >= 0.85 forward and backward; GNA with stride 1
   within 1.15x of its tiles' union.
 * The union of windows, against a brute-force count.
 """
@@ -209,18 +209,14 @@ GRID = (16, 32, 32)
 
 
 @pytest.fixture(scope="module")
-def video_qk():
+def default_plans():
+    """Each method at its default settings on video-like q, k (the processors' GNA preset
+    fitted to the grid, PSA with a float32 estimate so the plan is the same on every machine)."""
+    import vdiff_sparse as vs
+    from vdiff_sparse.processors.base import fit_gna
     from vdiff_sparse.video_attention_data import video_attention_qkv
 
     q, k, _ = video_attention_qkv(GRID, heads=4, head_dim=64)
-    return q, k
-
-
-def default_plans(q, k):
-    """Each method at its default settings (the processors' GNA preset fitted to the grid,
-    PSA with a float32 estimate so the plan is the same on every machine)."""
-    import vdiff_sparse as vs
-    from vdiff_sparse.processors.base import fit_gna
 
     window, stride, dilation = fit_gna(GRID, (18, 24, 24), (16, 8, 8), 1)
     return {
@@ -237,10 +233,9 @@ def default_plans(q, k):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_efficiency_targets(video_qk, head_dim):
-    q, k = video_qk
+def test_efficiency_targets(default_plans, head_dim):
     failures = []
-    for name, plan in default_plans(q, k).items():
+    for name, plan in default_plans.items():
         got = backend().work(plan, head_dim)
         for part in ("forward", "backward"):
             if got[part]["efficiency"] < 0.85:
@@ -249,7 +244,7 @@ def test_efficiency_targets(video_qk, head_dim):
 
 
 @pytest.mark.slow
-def test_neighborhood_attention_within_its_union(video_qk):
+def test_neighborhood_attention_within_its_union():
     """GNA with stride 1 (a 12.5% window): executed <= 1.15 x the union of each tile's windows."""
     import vdiff_sparse as vs
 

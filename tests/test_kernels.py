@@ -6,7 +6,7 @@ for this module's tests (a fixture), so other test modules keep choosing the tor
 The interpreter costs ~1 ms per tile pair: problems here are small (N ~ 100-300, 32x32 tiles).
 The work count of the kernels is tested in ``test_kernel_work.py``.
 
-Covered (the kernel issue's list): dense, hand-built and real method plans (GNA incl. causal axes,
+Covered: dense, hand-built and real method plans (GNA incl. causal axes,
 dilation and block-aligned configs; PSA levels 1/2/4/8 for b_k 32/64/128; VMoBA routing incl. the
 skip of tiles no query routed to), ragged blocks, fp32/fp16/bf16, head dims 32/64/128, text keys
 with padding masks, forward and dq/dk/dv plus text key gradients.
@@ -133,7 +133,8 @@ def test_random_blocks_ragged(D, seed):
 @pytest.mark.parametrize("level", [1, 2, 4, 8], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("b_k", [32, 64, 128], ids=lambda b: f"bk{b}")
 def test_pool_levels(b_k, level, seed):
-    """Every (key block, pool factor) pair, ragged last block (DESIGN 4.2.8)."""
+    """Every (key block, pool factor) pair, ragged last block (packing pooled rows into tiles
+    is easy to get wrong when a pooled block is shorter than half a tile)."""
     gen = torch.Generator().manual_seed(seed)
     N = 2 * b_k + 37
     qo, ko = uniform_offsets(N, 48), uniform_offsets(N, b_k)
