@@ -6,8 +6,8 @@ sm_90 (H100/H200, with Hopper's tiles) and sm_80 (A100, with Ampere's), in bfloa
 float16, at head dims 32, 64, 128 and 256, on this CPU machine
 (Triton's CUDA backend and the ``cuobjdump`` in its wheel; no GPU needed), and records
 ``cuobjdump --dump-resource-usage``: registers per thread, stack and local memory (spills), and
-shared memory. Also the Triton cache key of each kernel, so the tests can tell whether the
-table describes the kernels of the checkout.
+shared memory. Also a hash of the kernels' code and tile table (``resources.code_key``), so the
+tests can tell whether the table describes the kernels of the checkout.
 
     python bench/kernel_resources.py             # bench/results/kernel_resources.json (~30 min)
     python bench/kernel_resources.py --jobs 2    # compile in 2 processes
@@ -76,7 +76,7 @@ def main() -> None:
         **run_metadata(command_line()),
         "what": "cuobjdump --dump-resource-usage of every kernel variant the launches can use: registers per "
                 "thread, stack and local bytes per thread (spills when > 0), shared bytes (static + dynamic)",
-        "kernel_cache_keys": resources.cache_keys(),
+        "kernel_code_key": resources.code_key(),
         "summary": summary,
         "spilling": len(spilled),
         "errors": len(failed),

@@ -16,6 +16,7 @@ kernels cannot be compiled).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -23,10 +24,12 @@ import tempfile
 from dataclasses import dataclass, field
 
 import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-from . import blocks, routed, window
+from . import blocks, common, routed, window
 from .common import INTERPRET
-from .tiles import HOPPER, MIN_TILE, Tiles, gpu_tiles, launch_options
+from .tiles import GPU_TILES, HOPPER, MIN_TILE, Tiles, gpu_tiles, launch_options
 
 # Pointer arguments by kind (others: the dtype of q, k, v); every other argument is an int32
 # except the two scales.
@@ -133,9 +136,19 @@ def _signature(fn, dtype: str, constexprs: dict):
     return signature, attrs
 
 
-def cache_keys() -> dict[str, str]:
-    """Triton's cache key of each kernel (a hash of its source and of the functions it calls)."""
-    return {name: fn.cache_key for name, fn in KERNELS.items()}
+def code_key() -> str:
+    """A hash of what decides the variants and their machine code: the source of every
+    ``@triton.jit`` function of the kernel modules, their constexpr globals, and the tile table
+    (Triton's own cache key also changes when a function merely moves down its file)."""
+    digest = hashlib.sha256()
+    for module in (common, blocks, window, routed):
+        for name, value in sorted(vars(module).items()):
+            if isinstance(value, JITFunction) and value.fn.__module__ == module.__name__:
+                digest.update(f"{module.__name__}.{name}:{value.src}".encode())
+            elif isinstance(value, tl.constexpr):
+                digest.update(f"{module.__name__}.{name}={value.value!r}".encode())
+    digest.update(repr(GPU_TILES).encode())
+    return digest.hexdigest()
 
 
 def cuobjdump() -> str | None:
@@ -188,4 +201,4 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             "spills": stack > 0 or local > 0}
 
 
-__all__ = ["KERNELS", "Variant", "cache_keys", "compile_variant", "cuobjdump", "variants", "why_not_available"]
+__all__ = ["KERNELS", "Variant", "code_key", "compile_variant", "cuobjdump", "variants", "why_not_available"]

@@ -4,9 +4,10 @@ Triton's CUDA backend compiles without a GPU and the ``cuobjdump`` in its wheel 
 registers and local memory (:mod:`vdiff_sparse.kernels.resources`).
 
 * The committed table (``bench/results/kernel_resources.json``, from
-  ``bench/kernel_resources.py``: every variant the launches can use, ~700 compilations) must
-  describe the kernels of this checkout (same Triton cache keys), list every variant the launch
-  rules give at head dims 64 and 128 in bf16 and fp16 for both GPUs, and show no spills.
+  ``bench/kernel_resources.py``: every variant the launches can use, ~770 compilations) must
+  describe the kernels of this checkout (same code hash and Triton version), list every variant
+  the launch rules give at head dims 64 and 128 in bf16 and fp16 for both GPUs, and show no
+  spills.
 * A few compilations here, at head dim 128 for each GPU: per kernel the variant with every
   switch on, at its largest tile and deepest pipeline, must not spill either.
 """
@@ -36,9 +37,13 @@ def resources(monkeypatch):
 
 
 def test_committed_table_is_current_and_spill_free(resources):
+    import triton
+
     table = json.loads(TABLE.read_text())
-    assert table["kernel_cache_keys"] == resources.cache_keys(), (
-        "the kernels changed since bench/results/kernel_resources.json was made: rerun bench/kernel_resources.py")
+    rerun = "rerun bench/kernel_resources.py"
+    assert table["kernel_code_key"] == resources.code_key(), (
+        f"the kernels or their tiles changed since bench/results/kernel_resources.json was made: {rerun}")
+    assert table["versions"]["triton"] == triton.__version__, f"the table was made with another Triton: {rerun}"
     recorded = {(row["arch"], row["head_dim"], row["label"]): row for row in table["variants"]}
     for arch in (90, 80):
         for head_dim in (64, 128):
