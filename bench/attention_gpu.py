@@ -15,7 +15,10 @@ For each method (``dense`` = a density-1 plan, ``gna``, ``psa``, ``vmoba``) and 
    FlexAttention compiled with the plan's block mask (PSA's pooled entries at full resolution:
    FlexAttention cannot pool, so it does more work there), the torch backend and the Triton
    kernels, on q/k/v already in plan order;
-4. TFLOP/s from the plan's FLOP-equivalent density (forward ``4·B·H·N²·D·density``, backward
+4. beside every Triton time, its work efficiency (``TritonBackend.work``: the share of the
+   query-key pairs its tiles compute that the plan asks for, forward and backward, at this
+   GPU's tiles);
+5. TFLOP/s from the plan's FLOP-equivalent density (forward ``4·B·H·N²·D·density``, backward
    2.5x that) and the targets: density 1 at >= 70% of SDPA throughput, sparse time <=
    1.25·density·dense + selection, faster than FlexAttention, selection <= 5% of attention.
 
@@ -425,6 +428,20 @@ def time_dense(q, k, v, n, grid, args, device) -> dict:
     return row
 
 
+def triton_work(backend, plan, q, device: str) -> dict:
+    """``TritonBackend.work`` for this call: the tiles of this GPU's generation (the
+    interpreter's under ``--smoke``), pairs summed over the call's batch and heads."""
+    tiles = None
+    gpu = 9
+    if device == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_capability()[0]
+    else:
+        from vdiff_sparse.kernels.tiles import INTERPRETER_TILES as tiles
+    return backend.work(plan, q.shape[-1], batch=q.shape[0], heads=q.shape[2], gpu=gpu, tiles=tiles)
+
+
 def time_method(method, q, k, v, n, grid, args, device, dense: dict) -> list[dict]:
     """Selection, the Triton-vs-torch check and the timings of one method at one size."""
     import torch
@@ -436,6 +453,7 @@ def time_method(method, q, k, v, n, grid, args, device, dense: dict) -> list[dic
               "stats": {key: val for key, val in plan.stats().items() if key != "method"}}
     leaves = [plan.permute(t.detach()).requires_grad_(True) for t in (q, k, v)]
     triton_be, torch_be = get_backend("triton"), get_backend("torch")
+    work = triton_work(triton_be, plan, q, device)
     with torch.no_grad():
         out_t = triton_be.forward(*leaves, plan)
         try:  # the torch backend is the slow one: running out of memory is no kernel error
@@ -465,6 +483,11 @@ def time_method(method, q, k, v, n, grid, args, device, dense: dict) -> list[dic
     rows = {}
     for name, fn in impls.items():
         row = dict(record, impl=name)
+        if name == "triton":
+            # Beside every Triton time: the share of the pairs its tiles compute that the plan asks for.
+            row["work_efficiency_forward"] = work["forward"]["efficiency"]
+            row["work_efficiency_backward"] = work["backward"]["efficiency"]
+            row["work"] = work
         try:
             row["forward_ms"] = time_impl(fn, False, leaves, device, args.rep_ms)
             row["tflops_forward"] = flops / row["forward_ms"] / 1e9
@@ -541,7 +564,7 @@ def main(argv=None) -> int:
                 kernel_error = "error" in row and row.get("impl", "triton") == "triton"
                 failed |= kernel_error or not row.get("triton_vs_torch_ok", True)
                 report.doc["results"].append(row)
-                print({key: val for key, val in row.items() if key not in ("stats", "selection_top_ops_ms")},
+                print({key: val for key, val in row.items() if key not in ("stats", "selection_top_ops_ms", "work")},
                       flush=True)
             report.write()
             if device == "cuda":

@@ -1,186 +1,272 @@
-"""Host side of the Triton kernels: plan tables, launches, autograd and the torch custom op.
+"""Launches, autograd and the entry point :func:`plan_attention`.
 
-:func:`plan_attention` is the entry point: it stacks the pooled key/value pyramid the plan
-needs (:mod:`.pooling`, differentiable), turns the plan into small int32 tables the kernels
-read (:class:`PlanTables`), and runs :class:`PlanAttentionFunction` — forward, then ``dq`` and
-``dk``/``dv`` kernels in backward. Gradients of pooled rows flow back to the un-pooled keys
-through autograd of the pooling.
+:func:`plan_attention` stacks the pooled key/value pyramid the plan needs (:mod:`.pooling`,
+differentiable), builds the tables of the kernel family that runs the plan
+(:func:`~.tables.plan_tables`: per-token routing :mod:`.routed`, a coordinate window over a
+grid :mod:`.window`, anything else :mod:`.blocks`) and runs :class:`PlanAttentionFunction`:
+forward, then ``dq`` and ``dk``/``dv`` kernels in backward. Gradients of pooled rows flow back
+to the un-pooled keys through autograd of the pooling.
+
+:func:`count_work` switches on the kernels' work counters (a debug aid for the tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
-import triton
 
-from vdiff_sparse.plan import LEVELS, AttentionPlan, ExtraKeys
+from vdiff_sparse.plan import AttentionPlan, ExtraKeys
 
-from . import attention as _k
+from . import blocks, common, routed, window
 from .pooling import pyramid
+from .tables import BlockTables, BoxTables, KeyRanges, RoutedTables, WindowArgs, plan_tables
+from .tiles import TileChoice, keys_block_n, launch_tiles
 
-_LEVEL_INDEX = {p: i for i, p in enumerate(LEVELS)}
-
-
-def _broadcast_strides(t: torch.Tensor) -> tuple[int, int]:
-    """Strides of dims 0 and 1 of a contiguous plan tensor, 0 where the dim broadcasts."""
-    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+PASSES = ("forward", "dq", "dkdv")
 
 
-def _window_needed(plan: AttentionPlan) -> torch.Tensor:
-    """``[n_q_blocks, n_k_blocks]`` bool: some query of the block has a key of the key block
-    outside its window (pairs fully inside skip the in-kernel test)."""
-    w = plan.window
-    n = plan.num_tokens
-    dev = plan.q_offsets.device
-    if any(d > 1 for d in w.dilation):
-        return torch.ones(plan.num_q_blocks, plan.num_k_blocks, dtype=torch.bool, device=dev)
-    big = torch.iinfo(torch.int64).max
-    qb = plan.query_block_of_position()[:, None].expand(n, 3)
-    kb = torch.repeat_interleave(torch.arange(plan.num_k_blocks, device=dev), plan.k_offsets.diff())
-    kb = kb[:, None].expand(n, 3)
+class WorkCounter:
+    """Query-key pairs of the tiles the kernels computed, per pass (``forward``, ``dq``,
+    ``dkdv``), while :func:`count_work` is active."""
 
-    def reduce(index, src, nblocks, how, fill):
-        out = torch.full((nblocks, 3), fill, dtype=torch.int64, device=dev)
-        return out.scatter_reduce(0, index, src.long(), how, include_self=False)
+    def __init__(self, device):
+        self.counters = {name: torch.zeros(1, dtype=torch.int64, device=device) for name in PASSES}
 
-    lo_max = reduce(qb, w.lo, plan.num_q_blocks, "amax", -big)
-    hi_min = reduce(qb, w.hi, plan.num_q_blocks, "amin", big)
-    k_min = reduce(kb, w.coords, plan.num_k_blocks, "amin", big)
-    k_max = reduce(kb, w.coords, plan.num_k_blocks, "amax", -big)
-    inside = (lo_max[:, None] <= k_min[None]) & (hi_min[:, None] >= k_max[None])
-    return ~inside.all(-1)
+    def totals(self) -> dict[str, int]:
+        return {name: int(c.item()) for name, c in self.counters.items()}
 
 
-class PlanTables:
-    """The plan as int32 tables for the kernels (built once per call, on the plan's device).
-
-    * ``ent`` ``[B'|1, H'|1, n_q_blocks, max_kv, 5]``: per entry the first row in the stacked
-      keys, number of rows (0 = unused slot), pool factor, tokens, whether the GNA window test
-      is needed;
-    * ``ranges`` ``[len(LEVELS) * n_k_blocks, 4]``: the same facts per (level, key block);
-    * ``rowptr``/``list_qb``/``list_j``: for each (plan batch, plan head, range) the query
-      blocks and entry slots that use it (the inverted lists for the ``dk``/``dv`` kernel).
-    """
-
-    def __init__(self, plan: AttentionPlan, rows: torch.Tensor):
-        dev = plan.kv_index.device
-        i32 = torch.int32
-        nkb, nqb = plan.num_k_blocks, plan.num_q_blocks
-        sizes = plan.k_offsets.diff()
-        self.n_q_blocks = nqb
-        self.q_offsets = plan.q_offsets.to(i32).contiguous()
-        self.q_block_max = int(plan.q_offsets.diff().max())
-        self.k_block_max = int(sizes.max())
-        self.max_kv = plan.max_kv
-
-        valid = plan.kv_index >= 0
-        kb = plan.kv_index.clamp(min=0)
-        level = torch.where(valid, plan.levels(), 1)
-        li = torch.log2(level.double()).round().long()
-        n_rows = torch.where(valid, rows[li, kb, 1], 0)
-        if plan.window is not None:
-            qb = torch.arange(nqb, device=dev)[:, None].expand_as(kb[0, 0])
-            windowed = _window_needed(plan)[qb.expand_as(kb), kb]
-        else:
-            windowed = torch.zeros_like(valid)
-        self.ent = torch.stack(
-            [rows[li, kb, 0], n_rows, level, sizes[kb], windowed.long()], -1
-        ).to(i32).contiguous()
-        self.ent_strides = _broadcast_strides(self.ent)
-
-        if plan.token_keep is not None:
-            self.keep = plan.token_keep.to(torch.int8).contiguous()
-            self.keep_strides = _broadcast_strides(self.keep)
-        else:
-            self.keep = torch.zeros(1, dtype=torch.int8, device=dev)
-            self.keep_strides = (0, 0)
-
-        if plan.window is not None:
-            w = plan.window
-            self.coords = w.coords.to(i32).contiguous()
-            self.lo = w.lo.to(i32).contiguous()
-            self.hi = w.hi.to(i32).contiguous()
-            self.dil = torch.tensor(w.dilation, dtype=i32, device=dev)
-        else:
-            self.coords = self.lo = self.hi = self.dil = torch.ones(3, dtype=i32, device=dev)
-
-        n_ranges = len(LEVELS) * nkb
-        level_of_range = torch.tensor(LEVELS, device=dev).repeat_interleave(nkb)
-        self.ranges = torch.stack(
-            [rows[..., 0].reshape(-1), rows[..., 1].reshape(-1), level_of_range, sizes.repeat(len(LEVELS))], -1
-        ).to(i32).contiguous()
-        self.n_ranges = n_ranges
-
-        # Inverted lists: sort the valid entries by (plan batch, plan head, range).
-        Bp, Hp = plan.kv_index.shape[:2]
-        bh = torch.arange(Bp * Hp, device=dev).view(Bp, Hp, 1, 1).expand_as(kb)
-        key = (bh * n_ranges + li * nkb + kb)[valid]
-        order = torch.argsort(key, stable=True)
-        qb_of = torch.arange(nqb, device=dev).view(1, 1, nqb, 1).expand_as(kb)[valid]
-        j_of = torch.arange(plan.max_kv, device=dev).view(1, 1, 1, -1).expand_as(kb)[valid]
-        counts = torch.bincount(key, minlength=Bp * Hp * n_ranges)
-        self.rowptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(i32)
-        self.list_qb = qb_of[order].to(i32).contiguous()
-        self.list_j = j_of[order].to(i32).contiguous()
-        if self.list_qb.numel() == 0:
-            self.list_qb = self.list_j = torch.zeros(1, dtype=i32, device=dev)
-        self.rowptr_strides = (Hp * n_ranges if Bp > 1 else 0, n_ranges if Hp > 1 else 0)
-        self.has_keep = plan.token_keep is not None
-        # The kernels' WINDOW switch: 0 none, 1 a window, 2 a dilated one (needs a modulo).
-        self.window_mode = 0 if plan.window is None else 2 if any(d > 1 for d in plan.window.dilation) else 1
+_counter: WorkCounter | None = None
 
 
-def _precision(q: torch.Tensor) -> str:
-    # TF32 would cost float32 inputs ~1e-3 relative error; 16-bit inputs ignore this.
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+@contextlib.contextmanager
+def count_work(device="cpu"):
+    """Count the pairs of every tile the kernels compute inside the block (masked lanes
+    included); yields the :class:`WorkCounter`. The counting kernels are separate variants:
+    for tests, not for timing."""
+    global _counter
+    previous, _counter = _counter, WorkCounter(device)
+    try:
+        yield _counter
+    finally:
+        _counter = previous
 
 
-def _extra_args(extra: ExtraKeys | None, q: torch.Tensor):
-    if extra is None:
-        dummy = q.new_zeros(1)
-        return dummy, dummy, torch.zeros(1, dtype=torch.int8, device=q.device), 0
-    mask = extra.mask if extra.mask is not None else torch.zeros(1, dtype=torch.bool, device=q.device)
-    return extra.k.contiguous(), extra.v.contiguous(), mask.to(torch.int8).contiguous(), extra.k.shape[1]
+def _launch_args(pass_name: str, q: torch.Tensor, backward: bool | None = None) -> dict:
+    """Keyword arguments every launch takes: the work counter, the interpreter's upcast, the
+    dot precision (TF32 would cost float32 inputs ~1e-3 relative error; 16-bit inputs ignore
+    it) and ``BACKWARD`` for the kernels that have both passes."""
+    work = _counter.counters[pass_name] if _counter is not None else q.new_zeros(1, dtype=torch.int64)
+    args = dict(WORK=work, COUNT_WORK=_counter is not None, UPCAST=common.INTERPRET,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if backward is not None:
+        args["BACKWARD"] = backward
+    return args
 
 
-def _rows(kernel, q, k_all, v_all, out, do, lse, delta, t: PlanTables, extra, scale, backward):
+def _no_mask(q: torch.Tensor) -> torch.Tensor:
+    """Placeholder of a key mask argument (never read)."""
+    return torch.zeros(1, dtype=torch.int8, device=q.device)
+
+
+@dataclass
+class _Extra:
+    """The extra keys as kernel arguments (placeholders when there are none)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    n: int
+    has_mask: int
+
+    @classmethod
+    def of(cls, ek, ev, emask, q):
+        if ek is None:
+            dummy = q.new_zeros(1)
+            return cls(dummy, dummy, _no_mask(q), 0, 0)
+        mask = _no_mask(q) if emask is None else emask.to(torch.int8).contiguous()
+        return cls(ek, ev, mask, ek.shape[1], int(emask is not None))
+
+
+def _window_mode(win: WindowArgs) -> int:
+    """The ``WINDOW`` switch of :mod:`.blocks`: 0 none, 1 a window, 2 a dilated one."""
+    return 0 if not win.active else 2 if win.dilated else 1
+
+
+def _keys(q, k, v, do, lse, delta, dk, dv, scale, *, ranges: KeyRanges, rowptr, rowptr_strides, items,
+          gather: bool, win: WindowArgs, block_m: int, q_offsets, kmask=None):
+    """``dk``/``dv`` of every key range of one level (:func:`blocks._keys_kernel`)."""
     B, N, H, D = q.shape
-    ek, ev, emask, n_extra = _extra_args(extra, q)
-
-    def grid(meta):
-        return (t.n_q_blocks * triton.cdiv(t.q_block_max, meta["BLOCK_M"]), B * H)
-
-    kernel[grid](
-        q, k_all, v_all, out, do, lse, delta,
-        t.q_offsets, t.ent, *t.ent_strides,
-        t.keep, *t.keep_strides,
-        t.coords, t.lo, t.hi, t.dil,
-        ek, ev, emask,
-        N, k_all.shape[1], n_extra, H, t.max_kv, t.q_block_max,
-        scale * _k.LOG2E, scale,
-        HEAD_D=D, HEAD_DV=v_all.shape[-1], HAS_KEEP=t.has_keep, WINDOW=t.window_mode,
-        HAS_EXTRA=n_extra > 0, EXTRA_MASK=extra is not None and extra.mask is not None,
-        BACKWARD=backward, UPCAST=_k.INTERPRET, PRECISION=_precision(q),
-    )
-
-
-def _keys(q, k, v, do, lse, delta, dk, dv, t: PlanTables, scale, *, ranges, n_ranges, block_max,
-          mask=None, all_queries=False):
-    B, N, H, D = q.shape
-
-    def grid(meta):
-        return (n_ranges * triton.cdiv(block_max, meta["BLOCK_N"]), B * H)
-
-    _k._keys_bwd[grid](
+    blocks.keys_kernel[(ranges.table.shape[0] * ranges.sub, B * H)](
         q, k, v, do, lse, delta, dk, dv,
-        t.q_offsets, t.n_q_blocks, ranges, t.rowptr, t.list_qb, t.list_j, *t.rowptr_strides,
-        t.ent, *t.ent_strides, t.keep, *t.keep_strides, t.max_kv,
-        t.coords, t.lo, t.hi, t.dil, mask if mask is not None else t.keep,
-        N, k.shape[1], H, n_ranges, block_max,
-        scale * _k.LOG2E, scale,
-        HEAD_D=D, HEAD_DV=v.shape[-1], HAS_KEEP=t.has_keep and not all_queries,
-        WINDOW=0 if all_queries else t.window_mode, ALL_QUERIES=all_queries,
-        COL_MASK=mask is not None, UPCAST=_k.INTERPRET, PRECISION=_precision(q),
+        ranges.table, ranges.sub, q_offsets, rowptr, items, *rowptr_strides,
+        *win.args(),
+        _no_mask(q) if kmask is None else kmask, int(kmask is not None),
+        N, k.shape[1], H,
+        scale * common.LOG2E, scale,
+        BLOCK_M=block_m, BLOCK_N=ranges.block_n, HEAD_D=D, HEAD_DV=v.shape[-1], GATHER=gather,
+        WINDOW=_window_mode(win), **_launch_args("dkdv", q),
     )
+
+
+def _extra_dkdv(q, x: _Extra, do, lse, delta, scale, q_offsets, n_q_blocks: int, choice: TileChoice):
+    """``dk``/``dv`` of the extra keys: one range that every query block uses."""
+    dev = q.device
+    n = x.n
+    ranges = KeyRanges(torch.tensor([[0, n]], device=dev), torch.tensor([n], device=dev), 1, n,
+                       keys_block_n(choice.keys, n))
+    dek, dev_ = torch.empty_like(x.k), torch.empty_like(x.v)
+    _keys(q, x.k, x.v, do, lse, delta, dek, dev_, scale, ranges=ranges,
+          rowptr=torch.tensor([0, n_q_blocks], dtype=torch.int32, device=dev), rowptr_strides=(0, 0),
+          items=torch.arange(n_q_blocks, dtype=torch.int32, device=dev), gather=False,
+          win=WindowArgs(None, dev), block_m=choice.keys.block_m, q_offsets=q_offsets,
+          kmask=x.mask if x.has_mask else None)
+    return dek, dev_
+
+
+class _QueryMajorRun:
+    """A family whose forward is one query-major launch (``_rows``) writing O and the LSE."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def forward(self, q, k_all, v_all, x, scale):
+        B, N, H, _ = q.shape
+        out = q.new_empty(B, N, H, v_all.shape[-1])
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        self._rows(q, k_all, v_all, out, q, lse, lse, x, scale, backward=False)
+        return out, lse
+
+
+class _BlockRun(_QueryMajorRun):
+    """:mod:`.blocks`: query-major forward and ``dq``, key-major ``dk``/``dv`` per level."""
+
+    t: BlockTables
+
+    def _rows(self, q, k_all, v_all, o, do, lse, delta, x: _Extra, scale, backward: bool):
+        t = self.t
+        name = "dq" if backward else "forward"
+        block_m, block_n, sub = t.passes[name]
+        B, N, H, D = q.shape
+        blocks.rows_kernel[(t.n_q_blocks * sub, B * H)](
+            q, k_all, v_all, o, do, lse, delta,
+            t.q_offsets, t.ent, t.counts, t.rows_per_entry, *t.ent_strides, *t.counts_strides,
+            *t.window.args(),
+            x.k, x.v, x.mask, x.n, x.has_mask,
+            N, k_all.shape[1], H, t.max_kv, sub,
+            scale * common.LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=v_all.shape[-1], WINDOW=_window_mode(t.window),
+            **_launch_args(name, q, backward),
+        )
+
+    def backward(self, q, k_all, v_all, x, out, lse, do, delta, scale):
+        t = self.t
+        dq = torch.empty_like(q)
+        self._rows(q, k_all, v_all, dq, do, lse, delta, x, scale, backward=True)
+        dk, dv = torch.empty_like(k_all), torch.empty_like(v_all)
+        for ranges, rowptr in t.levels:
+            _keys(q, k_all, v_all, do, lse, delta, dk, dv, scale, ranges=ranges, rowptr=rowptr,
+                  rowptr_strides=t.rowptr_strides, items=t.list_qb, gather=False, win=t.window,
+                  block_m=t.keys_block_m, q_offsets=t.q_offsets)
+        return dq, dk, dv
+
+
+class _BoxRun(_QueryMajorRun):
+    """:mod:`.window`: every tile walks the box its windows span."""
+
+    t: BoxTables
+
+    def _rows(self, q, k, v, o, do, lse, delta, x: _Extra, scale, backward: bool):
+        t, w = self.t, self.t.window
+        B, N, H, D = q.shape
+        window.box_rows_kernel[(t.q_tiles.shape[0], B * H)](
+            q, k, v, o, do, lse, delta,
+            t.q_tiles, t.pos_of_token, t.grid[1], t.grid[2], *w.args(),
+            x.k, x.v, x.mask, x.n, x.has_mask,
+            N, H,
+            scale * common.LOG2E, scale,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v.shape[-1], MASKED=t.q_masked,
+            DILATED=w.dilated, **_launch_args("dq" if backward else "forward", q, backward),
+        )
+
+    def backward(self, q, k, v, x, out, lse, do, delta, scale):
+        t, w = self.t, self.t.window
+        B, N, H, D = q.shape
+        dq = torch.empty_like(q)
+        self._rows(q, k, v, dq, do, lse, delta, x, scale, backward=True)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        window.box_keys_kernel[(t.k_tiles.shape[0], B * H)](
+            q, k, v, do, lse, delta, dk, dv,
+            t.k_tiles, t.pos_of_token, t.grid[1], t.grid[2], *w.args(),
+            N, H,
+            scale * common.LOG2E, scale,
+            BLOCK_M=t.keys_block_m, BLOCK_N=t.keys_block_n, HEAD_D=D, HEAD_DV=v.shape[-1], MASKED=t.k_masked,
+            DILATED=w.dilated, **_launch_args("dkdv", q),
+        )
+        return dq, dk, dv
+
+
+class _RoutedRun:
+    """:mod:`.routed`: one launch per round, the extra keys first; ``dk``/``dv`` per range
+    over the gathered queries that chose it."""
+
+    def __init__(self, t: RoutedTables):
+        self.t = t
+
+    def _rounds(self, q, k_all, v_all, do, lse, delta, acc, m, l, x: _Extra, scale, backward: bool):
+        t = self.t
+        B, N, H, D = q.shape
+        shared = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v_all.shape[-1],
+                      **_launch_args("dq" if backward else "forward", q, backward))
+        if x.n > 0:
+            extra = t.extra_round(x.n)
+            routed.routed_rows_kernel[(extra.tasks.shape[2], B * H)](
+                q, x.k, x.v, do, lse, delta, acc, m, l,
+                extra.tasks, 0, 0, extra.pos, 0, 0, extra.ranges,
+                x.mask, x.has_mask,
+                N, x.n, H, scale * common.LOG2E, **shared,
+            )
+        for r in range(t.rounds):
+            routed.routed_rows_kernel[(t.n_tasks, B * H)](
+                q, k_all, v_all, do, lse, delta, acc, m, l,
+                t.tasks[:, :, r], *t.tasks_strides, t.pos, *t.pos_strides, t.ranges,
+                _no_mask(q), 0,
+                N, k_all.shape[1], H, scale * common.LOG2E, **shared,
+            )
+
+    def forward(self, q, k_all, v_all, x, scale):
+        B, N, H, _ = q.shape
+        acc = torch.zeros(B, N, H, v_all.shape[-1], dtype=torch.float32, device=q.device)
+        m = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+        l = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
+        self._rounds(q, k_all, v_all, q, m, l, acc, m, l, x, scale, backward=False)
+        has = l > 0
+        denominator = torch.where(has, l, 1.0).transpose(1, 2).unsqueeze(-1)
+        out = (acc / denominator).to(q.dtype)
+        lse = torch.where(has, m + torch.log2(torch.where(has, l, 1.0)), 0.0)
+        return out, lse.contiguous()
+
+    def backward(self, q, k_all, v_all, x, out, lse, do, delta, scale):
+        t = self.t
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        state = lse.new_zeros(1)
+        self._rounds(q, k_all, v_all, do, lse, delta, dq_acc, state, state, x, scale, backward=True)
+        dk, dv = torch.empty_like(k_all), torch.empty_like(v_all)
+        for ranges, rowptr in t.levels:
+            _keys(q, k_all, v_all, do, lse, delta, dk, dv, scale, ranges=ranges, rowptr=rowptr,
+                  rowptr_strides=t.rowptr_strides, items=t.pos, gather=True, win=WindowArgs(None, q.device),
+                  block_m=t.keys_block_m, q_offsets=t.q_offsets)
+        return (dq_acc * scale).to(q.dtype), dk, dv
+
+
+def _runner(tables):
+    if isinstance(tables, RoutedTables):
+        return _RoutedRun(tables)
+    if isinstance(tables, BoxTables):
+        return _BoxRun(tables)
+    return _BlockRun(tables)
 
 
 class PlanAttentionFunction(torch.autograd.Function):
@@ -188,40 +274,26 @@ class PlanAttentionFunction(torch.autograd.Function):
     extra keys ``ek``/``ev`` ``[B, Ne, H, D]``; ``q`` ``[B, N, H, D]`` -> ``[B, N, H, Dv]``."""
 
     @staticmethod
-    def forward(ctx, q, k_all, v_all, ek, ev, emask, tables: PlanTables, scale: float):
-        B, N, H, _ = q.shape
-        extra = None if ek is None else ExtraKeys(ek, ev, emask)
-        out = q.new_empty(B, N, H, v_all.shape[-1])
-        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        _rows(_k._rows_fwd, q, k_all, v_all, out, q, lse, lse, tables, extra, scale, backward=False)
+    def forward(ctx, q, k_all, v_all, ek, ev, emask, tables, choice: TileChoice, scale: float):
+        run = _runner(tables)
+        out, lse = run.forward(q, k_all, v_all, _Extra.of(ek, ev, emask, q), scale)
         ctx.save_for_backward(q, k_all, v_all, ek, ev, emask, out, lse)
-        ctx.tables, ctx.scale = tables, scale
+        ctx.run, ctx.choice, ctx.scale = run, choice, scale
+        ctx.q_blocks = (tables.q_offsets, tables.n_q_blocks)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k_all, v_all, ek, ev, emask, out, lse = ctx.saved_tensors
-        t, scale = ctx.tables, ctx.scale
-        extra = None if ek is None else ExtraKeys(ek, ev, emask)
+        x = _Extra.of(ek, ev, emask, q)
         do = dout.contiguous()
         delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
-        dq = torch.empty_like(q)
-        _rows(_k._rows_dq, q, k_all, v_all, dq, do, lse, delta, t, extra, scale, backward=True)
-        dk = torch.empty_like(k_all)
-        dv = torch.empty_like(v_all)
-        _keys(q, k_all, v_all, do, lse, delta, dk, dv, t, scale,
-              ranges=t.ranges, n_ranges=t.n_ranges, block_max=t.k_block_max)
+        dq, dk, dv = ctx.run.backward(q, k_all, v_all, x, out, lse, do, delta, ctx.scale)
         dek = dev = None
         if ek is not None:
-            n_extra = ek.shape[1]
-            dek = torch.empty_like(ek)
-            dev = torch.empty_like(ev)
-            whole = torch.tensor([[0, n_extra, 1, n_extra]], dtype=torch.int32, device=q.device)
-            mask = None if emask is None else emask.to(torch.int8).contiguous()
-            _keys(q, ek, ev, do, lse, delta, dek, dev, t, scale, ranges=whole, n_ranges=1,
-                  block_max=n_extra, mask=mask, all_queries=True)
-        return dq, dk, dv, dek, dev, None, None, None
+            dek, dev = _extra_dkdv(q, x, do, lse, delta, ctx.scale, *ctx.q_blocks, ctx.choice)
+        return dq, dk, dv, dek, dev, None, None, None, None
 
 
 def plan_attention(
@@ -237,7 +309,8 @@ def plan_attention(
     Args:
         q, k, v: ``[B, N, heads, D]`` / ``[B, N, heads, Dv]`` in plan order, on the GPU (or
             on the CPU under ``TRITON_INTERPRET=1``).
-        plan: any plan, its tensors on q's device.
+        plan: any plan, its tensors on q's device (per-token routing together with a
+            coordinate window is not supported).
         extra: always-attended keys ``[B, Ne, heads, D]`` and optional ``[B, Ne]`` mask.
         scale: logit scale, ``D ** -0.5`` if ``None``.
 
@@ -245,15 +318,14 @@ def plan_attention(
         ``[B, N, heads, Dv]`` in plan order, q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    valid = plan.kv_index >= 0
-    used = {int(p) for p in plan.levels()[valid].unique().tolist()}
+    choice = launch_tiles(max(q.shape[-1], v.shape[-1]), q.device)
     k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
-    k_all, v_all, rows = pyramid(k, v, plan.k_offsets, tuple(sorted(used)))
-    tables = PlanTables(plan, rows)
+    tables, levels = plan_tables(plan, choice)
+    k_all, v_all, _ = pyramid(k, v, plan.k_offsets, levels)
     ek = ev = emask = None
     if extra is not None and extra.k.shape[1] > 0:
         ek, ev, emask = extra.k.to(q.dtype).contiguous(), extra.v.to(q.dtype).contiguous(), extra.mask
-    return PlanAttentionFunction.apply(q.contiguous(), k_all, v_all, ek, ev, emask, tables, scale)
+    return PlanAttentionFunction.apply(q.contiguous(), k_all, v_all, ek, ev, emask, tables, choice, scale)
 
 
-__all__ = ["PlanAttentionFunction", "PlanTables", "plan_attention"]
+__all__ = ["PASSES", "PlanAttentionFunction", "WorkCounter", "count_work", "plan_attention"]

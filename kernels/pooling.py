@@ -56,6 +56,34 @@ def pool(x: torch.Tensor, k_offsets: torch.Tensor, p: int) -> torch.Tensor:
     return acc.to(x.dtype)
 
 
+def pyramid_rows(k_offsets: torch.Tensor, levels: tuple[int, ...], num_keys: int) -> torch.Tensor:
+    """Where each (level, key block) sits in the stacked keys of :func:`pyramid`.
+
+    Args:
+        k_offsets: ``[n_k_blocks + 1]`` key block boundaries.
+        levels: pool factors stacked (1 is always first, as the keys themselves).
+        num_keys: rows of the full-resolution keys (``k_offsets[-1]``).
+
+    Returns:
+        ``[len(LEVELS), n_k_blocks, 2]`` int64: first row and number of rows; levels not in
+        ``levels`` have no rows.
+    """
+    sizes = k_offsets.diff()
+    rows = torch.zeros(len(LEVELS), sizes.numel(), 2, dtype=torch.int64, device=k_offsets.device)
+    rows[0, :, 0] = k_offsets[:-1]
+    rows[0, :, 1] = sizes
+    base = torch.zeros((), dtype=torch.int64, device=k_offsets.device) + num_keys
+    for li, p in enumerate(LEVELS):
+        if p == 1 or p not in levels:
+            continue
+        per_block = (sizes + p - 1) // p
+        ends = torch.cumsum(per_block, 0)
+        rows[li, :, 0] = base + ends - per_block
+        rows[li, :, 1] = per_block
+        base = base + ends[-1]
+    return rows
+
+
 def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: tuple[int, ...]):
     """Stack full-resolution and pooled keys/values for the pool factors in ``levels``.
 
@@ -66,23 +94,13 @@ def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: t
 
     Returns:
         ``(k_all, v_all, rows)``: the stacked tensors (``k`` and ``v`` themselves when no
-        pooled level is used) and ``rows`` ``[len(LEVELS), n_k_blocks, 2]`` int64, the first
-        row and the number of rows of each (level, key block) in the stack.
+        pooled level is used) and ``rows`` (:func:`pyramid_rows`).
     """
-    sizes = k_offsets.diff()
-    nkb = sizes.numel()
-    rows = torch.zeros(len(LEVELS), nkb, 2, dtype=torch.int64, device=k.device)
-    rows[0, :, 0] = k_offsets[:-1]
-    rows[0, :, 1] = sizes
+    rows = pyramid_rows(k_offsets, levels, k.shape[1])
     ks, vs = [k], [v]
-    base = k.shape[1]
-    for li, p in enumerate(LEVELS):
+    for p in LEVELS:
         if p == 1 or p not in levels:
             continue
-        per_block = (sizes + p - 1) // p
-        rows[li, :, 0] = base + torch.cumsum(per_block, 0) - per_block
-        rows[li, :, 1] = per_block
-        base += int(per_block.sum())
         ks.append(pool(k, k_offsets, p))
         vs.append(pool(v, k_offsets, p))
     if len(ks) == 1:
@@ -90,4 +108,4 @@ def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: t
     return torch.cat(ks, 1), torch.cat(vs, 1), rows
 
 
-__all__ = ["pool", "pool_groups", "pyramid"]
+__all__ = ["pool", "pool_groups", "pyramid", "pyramid_rows"]

@@ -4,8 +4,9 @@ Without CUDA the kernels run under the Triton interpreter on CPU tensors. The fl
 for this module's tests (a fixture), so other test modules keep choosing the torch backend for
 ``backend="auto"``; the backend reloads its kernel module if it was imported in the other mode.
 The interpreter costs ~1 ms per tile pair: problems here are small (N ~ 100-300, 32x32 tiles).
+The work count of the kernels is tested in ``test_kernel_work.py``.
 
-Covered (the kernel issue's list): dense, hand-built and real method plans (GNA incl. causal axes,
+Covered: dense, hand-built and real method plans (GNA incl. causal axes,
 dilation and block-aligned configs; PSA levels 1/2/4/8 for b_k 32/64/128; VMoBA routing incl. the
 skip of tiles no query routed to), ragged blocks, fp32/fp16/bf16, head dims 32/64/128, text keys
 with padding masks, forward and dq/dk/dv plus text key gradients.
@@ -132,7 +133,8 @@ def test_random_blocks_ragged(D, seed):
 @pytest.mark.parametrize("level", [1, 2, 4, 8], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("b_k", [32, 64, 128], ids=lambda b: f"bk{b}")
 def test_pool_levels(b_k, level, seed):
-    """Every (key block, pool factor) pair, ragged last block (DESIGN 4.2.8)."""
+    """Every (key block, pool factor) pair, ragged last block (packing pooled rows into tiles
+    is easy to get wrong when a pooled block is shorter than half a tile)."""
     gen = torch.Generator().manual_seed(seed)
     N = 2 * b_k + 37
     qo, ko = uniform_offsets(N, 48), uniform_offsets(N, b_k)
@@ -248,32 +250,29 @@ def test_gna_block_aligned_has_no_window(seed):
     check(plan, H=1, seed=seed)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [dict(window=(3, 5, 5)), dict(window=(3, 5, 5), stride=(1, 2, 1), causal=(True, False, False))],
-    ids=["plain", "causal_t"],
-)
-def test_window_test_skipped_inside(config):
-    """Per (query tile, key tile) entry, the kernels skip the window test exactly where every
-    query of the tile allows every key of the tile: never wrongly, and for some entries."""
-    from vdiff_sparse.kernels.ops import PlanTables
-    from vdiff_sparse.kernels.pooling import pyramid
+def test_gna_tiles_sharing_a_window(seed):
+    """Stride = tile with a window that is not a union of whole tiles: every query tile shares
+    one window, so the box kernels launch without the pair test (and ``dk``/``dv`` with it)."""
+    from vdiff_sparse.backends.triton import _kernels
     from vdiff_sparse.methods.gna import plan_gna
 
-    plan = plan_gna((4, 8, 10), **config, tile=(1, 2, 2))  # small tiles: many lie inside windows
-    N = plan.num_tokens
-    _, _, rows = pyramid(torch.zeros(1, N, 1, 1), torch.zeros(1, N, 1, 1), plan.k_offsets, (1,))
-    flags = PlanTables(plan, rows).ent[0, 0, :, :, 4]
-    allowed = plan.window.allows(torch.arange(N), torch.arange(N))
-    qo, ko = plan.q_offsets.tolist(), plan.k_offsets.tolist()
-    for qb in range(plan.num_q_blocks):
-        for j, kb in enumerate(plan.kv_index[0, 0, qb].tolist()):
-            if kb < 0:
-                continue
-            inside = bool(allowed[qo[qb]:qo[qb + 1], ko[kb]:ko[kb + 1]].all())
-            assert bool(flags[qb, j]) == (not inside), f"entry ({qb}, {kb}): inside={inside}"
-    used = flags[plan.kv_index[0, 0] >= 0]
-    assert 0 < int(used.sum()) < used.numel()
+    plan = plan_gna((4, 6, 6), window=(4, 4, 4), stride=(2, 3, 3))
+    assert plan.window is not None and plan.window.grid is not None
+    assert not _kernels("tables").BoxTables(plan, _kernels("tiles").INTERPRETER_TILES).q_masked
+    check(plan, H=2, seed=seed)
+
+
+def test_routed_with_pooled_levels(seed):
+    """Per-token routing over entries at pool levels 1/2/4/8 (key-major rounds over pooled
+    ranges), ragged key blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    N = 140
+    qo, ko = uniform_offsets(N, 40), ragged_offsets(N, [32, 27])
+    sel = random_selection((1, 2, qo.numel() - 1, ko.numel() - 1), 0.7, gen)
+    levels = torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, sel.shape, generator=gen)]
+    kv_index, kv_level = pack_block_selection(sel, levels)
+    keep = torch.rand(1, 2, N, kv_index.shape[-1], generator=gen) < 0.5
+    check(AttentionPlan(None, qo, ko, kv_index, kv_level, keep), seed=seed)
 
 
 def test_unrouted_blocks_are_skipped(seed):
@@ -353,8 +352,9 @@ def test_pool_gradient_spreads_evenly():
         ((1, 8, 1, 32), 48, torch.float32, "cpu", True, "value head dim 48 is not supported"),
         ((1, 8, 1, 32), 32, torch.float64, "cpu", True, "dtype torch.float64 is not supported"),
         ((1, 8, 1, 32), 32, torch.float32, "cpu", False, "need a CUDA tensor"),
+        ((1, 8, 1, 32), 32, torch.float32, "cpu", True, "per-token routing together with a coordinate window"),
     ],
-    ids=["head_dim", "value_head_dim", "dtype", "cpu_without_interpreter"],
+    ids=["head_dim", "value_head_dim", "dtype", "cpu_without_interpreter", "routing_and_window"],
 )
 def test_why_not(shape, value_dim, dtype, device, interp, reason, monkeypatch):
     if not interp:
@@ -363,7 +363,11 @@ def test_why_not(shape, value_dim, dtype, device, interp, reason, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.zeros(shape, dtype=dtype, device=device)
     v = torch.zeros(*shape[:3], value_dim, dtype=dtype, device=device)
-    got = triton_backend().why_not(q, v, dense_plan(8, 8))
+    plan = dense_plan(8, 8)
+    if "window" in reason:
+        plan = AttentionPlan(None, plan.q_offsets, plan.k_offsets, plan.kv_index,
+                             token_keep=torch.ones(1, 1, 8, 1, dtype=torch.bool), window=cube_window((1, 2, 4), (0, 1, 1)))
+    got = triton_backend().why_not(q, v, plan)
     assert got is not None and reason in got
 
 
