@@ -42,19 +42,20 @@ LEGACY_TILES = (64, 64)  # BLOCK_M, BLOCK_N of the old kernels, forward, dq and 
 
 def plans(grid):
     import vdiff_sparse as vs
-    from vdiff_sparse.processors.base import fit_gna
+    from vdiff_sparse.methods.gna import GNAConfig, fit_to_grid
     from vdiff_sparse.video_attention_data import video_attention_qkv
 
     q, k, _ = video_attention_qkv(grid, heads=4, head_dim=64)
-    window, stride, dilation = fit_gna(grid, (18, 24, 24), (16, 8, 8), 1)
+    fitted = fit_to_grid(GNAConfig(window=(18, 24, 24), stride=(16, 8, 8)), grid)
+    window, stride, dilation = fitted.window, fitted.stride, fitted.dilation
     yield "dense", vs.dense_plan(q.shape[1], 128)
     yield "gna", vs.plan_gna(grid, window, stride, dilation)
     yield "gna_stride1", vs.plan_gna(grid, tuple(max(2, n // 2) for n in grid))
     yield "psa", vs.plan_psa(q, k, grid, vs.PSAConfig(importance_dtype="float32"))
     yield "psa_bk64", vs.plan_psa(q, k, grid, vs.PSAConfig(block_k=64, importance_dtype="float32"))
     for layer, name in enumerate(("vmoba_1d", "vmoba_2d", "vmoba_3d")):
-        yield name, vs.plan_vmoba(q, k, grid, layer)
-    yield "vmoba_training_3d", vs.plan_vmoba(q, k, grid, 2, vs.VMoBAConfig.training())
+        yield name, vs.plan_vmoba(q, k, grid, layer_index=layer)
+    yield "vmoba_training_3d", vs.plan_vmoba(q, k, grid, vs.VMoBAConfig.training(), layer_index=2)
 
 
 def _cdiv(a, b):

@@ -213,21 +213,22 @@ def default_plans():
     """Each method at its default settings on video-like q, k (the processors' GNA preset
     fitted to the grid, PSA with a float32 estimate so the plan is the same on every machine)."""
     import vdiff_sparse as vs
-    from vdiff_sparse.processors.base import fit_gna
+    from vdiff_sparse.methods.gna import GNAConfig, fit_to_grid
     from vdiff_sparse.video_attention_data import video_attention_qkv
 
     q, k, _ = video_attention_qkv(GRID, heads=4, head_dim=64)
 
-    window, stride, dilation = fit_gna(GRID, (18, 24, 24), (16, 8, 8), 1)
+    fitted = fit_to_grid(GNAConfig(window=(18, 24, 24), stride=(16, 8, 8)), GRID)
+    window, stride, dilation = fitted.window, fitted.stride, fitted.dilation
     return {
         "dense": vs.dense_plan(q.shape[1], 128),
         "gna": vs.plan_gna(GRID, window, stride, dilation),
         "psa": vs.plan_psa(q, k, GRID, vs.PSAConfig(importance_dtype="float32")),
         "psa_bk64": vs.plan_psa(q, k, GRID, vs.PSAConfig(block_k=64, importance_dtype="float32")),
-        "vmoba_1d": vs.plan_vmoba(q, k, GRID, 0),
-        "vmoba_2d": vs.plan_vmoba(q, k, GRID, 1),
-        "vmoba_3d": vs.plan_vmoba(q, k, GRID, 2),
-        "vmoba_training": vs.plan_vmoba(q, k, GRID, 2, vs.VMoBAConfig.training()),
+        "vmoba_1d": vs.plan_vmoba(q, k, GRID, layer_index=0),
+        "vmoba_2d": vs.plan_vmoba(q, k, GRID, layer_index=1),
+        "vmoba_3d": vs.plan_vmoba(q, k, GRID, layer_index=2),
+        "vmoba_training": vs.plan_vmoba(q, k, GRID, vs.VMoBAConfig.training(), layer_index=2),
     }
 
 
