@@ -269,6 +269,21 @@ def test_planning_reads_nothing_back_from_the_device(mode, scope, layer):
     assert plan.kv_index.shape[-1] == plan.num_k_blocks  # a bound, not the largest row count
 
 
+@pytest.mark.parametrize("settings", [dict(mode="threshold"), dict(mode="quantile"), dict(mode="budget", density=0.3),
+                                      dict(mode="budget", density=0.3, similarity_cap={8: 0.5}),
+                                      dict(mode="threshold", importance="mean_pooled", similarity_cap={2: 0.5})],
+                         ids=["threshold", "quantile", "budget", "budget-capped", "mean-pooled-capped"])
+@pytest.mark.parametrize("reorder", ["hilbert", "tile", "none"])
+def test_psa_planning_reads_nothing_back_from_the_device(settings, reorder):
+    """PSA's importance estimate and level allocation on ``meta`` (see above), ragged blocks."""
+    from vdiff_sparse.methods.psa import PSAConfig, plan_psa
+
+    q = torch.empty(2, 5 * 8 * 9, 4, 32, device="meta")
+    config = PSAConfig(block_q=48, block_k=40, reorder=reorder, importance_dtype="float32", **settings)
+    plan = plan_psa(q, q, (5, 8, 9), config)
+    assert plan.kv_index.device.type == "meta" and plan.kv_index.shape == (2, 4, 8, plan.num_k_blocks)
+
+
 @pytest.mark.slow
 def test_cli_generate_compiled(tmp_path, capsys):
     """``generate --compile``: the warm-up generation compiles, the timed one runs compiled and

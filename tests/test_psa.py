@@ -18,6 +18,7 @@ from vdiff_sparse.methods.psa import (
     allocate_levels,
     block_similarity,
     importance_matmul_dtype,
+    level_histogram,
     plan_psa,
     psa_attention,
 )
@@ -151,7 +152,7 @@ def test_quantile_all_level_two(grid, seed):
     assert abs(plan.density() - 0.5) < 1e-12
     assert bool((plan.kv_index >= 0).all()) and plan.max_kv == plan.num_k_blocks
     assert bool((plan.kv_level == 2).all())
-    assert plan.info["level_histogram"][2] == 2 * plan.num_q_blocks * plan.num_k_blocks
+    assert level_histogram(plan)[2] == 2 * plan.num_q_blocks * plan.num_k_blocks
     expected = log_count_attention(q, k, v, plan.k_offsets, 2)
     assert_close(out, expected, torch.float64, "all p=2")
 
@@ -432,7 +433,7 @@ def test_reorders_give_valid_plans(grid, reorder, seed):
     assert int(plan.kv_index.max()) < plan.num_k_blocks
     assert bool(((plan.kv_level == 1) | (plan.kv_index >= 0)).all())  # pad slots are level 1
     assert 0 < plan.density() < 1
-    hist = plan.info["level_histogram"]
+    hist = level_histogram(plan)
     assert sum(hist.values()) == 2 * 2 * plan.num_q_blocks * plan.num_k_blocks
     for p in LEVELS:
         assert hist[p] == int(((plan.kv_level == p) & (plan.kv_index >= 0)).sum())

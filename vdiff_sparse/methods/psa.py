@@ -348,8 +348,7 @@ def plan_psa(
         An :class:`AttentionPlan` (``method="psa"``) with ``perm`` the reorder, uniform query
         blocks of ``block_q`` and key blocks of ``block_k`` plan positions, ``kv_index`` /
         ``kv_level`` ``[B, H, n_q_blocks, max_kv]`` in ascending key block order, and ``info``
-        holding the config and ``level_histogram`` (number of (b, h, query block, key block)
-        pairs per pool factor, ``0`` = skipped).
+        holding the config (:func:`level_histogram` counts the pairs per pool factor).
     """
     config = PSAConfig() if config is None else config
     grid = check_qkv(q, k, k, grid)
@@ -389,7 +388,6 @@ def plan_psa(
                 levels = _cap_levels(levels, kp, k_offsets, config.similarity_cap)
         levels = levels.view(B, H, nqb, nkb)
         kv_index, kv_level = pack_block_selection(levels > 0, levels)
-        counts = torch.bincount(levels.reshape(-1), minlength=max(LEVELS) + 1).tolist()
 
     return AttentionPlan(
         perm=order.perm,
@@ -398,13 +396,23 @@ def plan_psa(
         kv_index=kv_index,
         kv_level=kv_level,
         method="psa",
+        tokens=n,
         info={
             "config": config,
-            "level_histogram": {p: counts[p] for p in (0, *LEVELS)},
             "num_q_blocks": nqb,
             "num_k_blocks": nkb,
         },
     )
+
+
+def level_histogram(plan: AttentionPlan) -> dict[int, int]:
+    """Number of (batch, head, query block, key block) pairs of a PSA plan at each pool factor
+    (``0``: skipped). Reads the plan back to the host; planning itself never does."""
+    selected = plan.kv_index >= 0
+    levels = plan.kv_level[selected]
+    pairs = plan.kv_index.shape[0] * plan.kv_index.shape[1] * plan.num_q_blocks * plan.num_k_blocks
+    counts = {p: int((levels == p).sum()) for p in LEVELS}
+    return {0: pairs - int(selected.sum()), **counts}
 
 
 def psa_attention(
@@ -468,6 +476,6 @@ register_method(Method(
 ))
 
 __all__ = [
-    "PSAConfig", "allocate_levels", "block_similarity", "importance_matmul_dtype", "plan_psa",
+    "PSAConfig", "allocate_levels", "block_similarity", "importance_matmul_dtype", "level_histogram", "plan_psa",
     "psa_attention",
 ]

@@ -132,7 +132,7 @@ def allocate_budget(
     x_coarse = 1 / coarse.clamp(min=1).float()  # cost fractions
     x_fine = 1 / fine.clamp(min=1).float()
     e_coarse = distortion(x_coarse)
-    e_fine = torch.zeros(()) if bool((fine == 1).all()) else distortion(x_fine)
+    e_fine = distortion(x_fine)  # 0 where the finest level is 1 (x = 1)
     # Slopes (distortion removed per cost fraction) of skip -> coarse, coarse -> fine and
     # skip -> fine. The coarse level is on the hull iff the first beats the second (it lies
     # strictly below the chord from skipping to the fine level); then the block has two moves,
@@ -156,7 +156,7 @@ def allocate_budget(
     sorted_cost = cost.gather(-1, order).double()
     spent_before = sorted_cost.cumsum(-1) - sorted_cost
     # Slack against rounding: a row that spent its budget exactly takes nothing more.
-    limit = budget - 1e-9 * max(1.0, float(k_sizes.sum()))
+    limit = budget - 1e-9 * max(1.0, budget)
     taken = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, spent_before < limit)
     taken = (taken & (efficiency >= 0)).view(*shape, 2)
     # Moves are taken in chain order: the level is that of the last one taken.

@@ -33,7 +33,7 @@ def sample_positions(offsets: torch.Tensor, samples: int) -> torch.Tensor:
 
 def _block_means(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``[R, N, D]`` -> ``[R, n_blocks, D]`` mean of every block."""
-    block = BlockOrder(None, offsets).block_of_position()
+    block = BlockOrder(None, offsets).block_of_position(x.shape[1])
     sums = x.new_zeros(x.shape[0], offsets.numel() - 1, x.shape[-1]).index_add_(1, block, x)
     return sums / offsets.diff().to(x.dtype)[:, None]
 
@@ -110,9 +110,7 @@ def sampled_importance(
         positions = k_positions.view(sk, nkb)[: 2 * pairs].view(pairs, 2, nkb)
         real_pairs = (positions[:, 0] != positions[:, 1]).to(work_dtype)  # [pairs, nkb]
         spread_queries = -(-sq // SPREAD_QUERY_STRIDE)
-        pair_weight = None
-        if not bool(real_pairs.all()):
-            pair_weight = real_pairs / (real_pairs.sum(0).clamp(min=1) * spread_queries)
+        pair_weight = real_pairs / (real_pairs.sum(0).clamp(min=1) * spread_queries)
     for r in range(B * H):
         for b0 in range(0, nqb, blocks_per_chunk):
             b1 = min(nqb, b0 + blocks_per_chunk)
@@ -124,10 +122,7 @@ def sampled_importance(
             if spread and pairs:
                 some = per_block[:, ::SPREAD_QUERY_STRIDE, : 2 * pairs].unflatten(2, (pairs, 2))
                 squares = (some[:, :, :, 0] - some[:, :, :, 1]).square_()  # [b, q', pairs, nkb]
-                if pair_weight is None:
-                    spreads[r, b0:b1] = squares.sum((1, 2), dtype=work_dtype) / (spread_queries * pairs)
-                else:
-                    spreads[r, b0:b1] = (squares.sum(1, dtype=work_dtype) * pair_weight).sum(1)
+                spreads[r, b0:b1] = (squares.sum(1, dtype=work_dtype) * pair_weight).sum(1)
                 # The variance over a key block's samples enters a per-head sum only: the first
                 # sampled query of each query block is enough.
                 first = per_block[:, 0].to(work_dtype)  # [b, sk, nkb]
@@ -158,12 +153,14 @@ def block_similarity(kp: torch.Tensor, k_offsets: torch.Tensor, p: int) -> torch
     """
     n = kp.shape[1]
     nkb = k_offsets.numel() - 1
-    block = BlockOrder(None, k_offsets).block_of_position()
-    within = torch.arange(n, device=kp.device) - k_offsets[:-1][block]
-    first = torch.nonzero(within % p == 0).squeeze(1)
-    last = torch.minimum(first + p, k_offsets[1:][block[first]]) - 1
-    cos = torch.nn.functional.cosine_similarity(kp[:, first], kp[:, last], dim=-1)
-    real = (last > first).to(kp.dtype)
-    sums = kp.new_zeros(kp.shape[0], nkb).index_add_(1, block[first], cos * real)
-    counts = kp.new_zeros(nkb).index_add_(0, block[first], real)
+    block = BlockOrder(None, k_offsets).block_of_position(n)
+    # Every position is paired with the last of a group starting there; only group starts
+    # count. (Selecting the starts would be a shape that depends on the offsets' values.)
+    first = torch.arange(n, device=kp.device)
+    starts = (first - k_offsets[:-1][block]) % p == 0
+    last = torch.minimum(first + p, k_offsets[1:][block]) - 1
+    cos = torch.nn.functional.cosine_similarity(kp, kp[:, last], dim=-1)
+    real = ((last > first) & starts).to(kp.dtype)
+    sums = kp.new_zeros(kp.shape[0], nkb).index_add_(1, block, cos * real)
+    counts = kp.new_zeros(nkb).index_add_(0, block, real)
     return torch.where(counts > 0, sums / counts.clamp(min=1), 1.0)
