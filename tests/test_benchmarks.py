@@ -187,7 +187,7 @@ def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("fidelity") / "fidelity.json"
     report = fidelity.run(fidelity.build_parser().parse_args(
         ["--grid", "2", "8", "12", "--heads", "2", "--head-dim", "16", "--vmoba-cube", "1", "4", "4",
-         "--psa-block", "16", "--scenes", "smooth", "texture", "--budget-densities", "0.25", "0.5", "--no-e2e",
+         "--psa-block", "16", "--scenes", "smooth", "texture", "--budget-densities", "0.25", "0.5", "--no-e2e", "--no-replan",
          "--out", str(out)]))
     return out, report
 
@@ -292,10 +292,24 @@ def test_tiny_model_e2e_compares_binary_and_budget_at_matched_density():
     assert row["matched"] == (abs(row["budget"]["flop_density_sparse_calls"] - d_b) <= 0.02 * d_b)
 
 
+def test_replan_e2e_selects_on_every_kth_sparse_step():
+    from vdiff_sparse.benchmarks.fidelity_replan import replan_e2e
+
+    result = replan_e2e((0,), replan_every=(1, 2), steps=5, size={"num_frames": 5, "height": 32, "width": 48})
+    assert result["steps"] == 5 and len(result["runs"]) == 4
+    for run in result["runs"]:
+        # every k-th sparse step selects, the first one always
+        assert run["selections"] == -(-run["sparse_steps"] // run["replan_every"]) and run["sparse_steps"] >= 3
+        assert 0 < run["ssim"] <= 1 and 0 < run["density"] < 1
+        if run["replan_every"] == 1:
+            assert run["psnr_drop_db"] == 0
+    assert set(result["summary"]) == {"psa", "vmoba"} and set(result["summary"]["psa"]) == {1, 2}
+
+
 def test_bench_dispatch_runs_one_family(tmp_path):
     out = tmp_path / "gna.json"
     assert main(["fidelity", "--grid", "2", "6", "8", "--heads", "1", "--head-dim", "8",
-                 "--families", "gna", "--no-plot", "--no-e2e", "--out", str(out)]) == 0
+                 "--families", "gna", "--no-plot", "--no-e2e", "--no-replan", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert {c["family"] for c in saved["curves"]} == {"gna"}
     assert saved["summary"]["best_per_family"]["vmoba"] == {str(d): None for d in fidelity.MATCHED_DENSITIES}

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .fidelity_replan import replan_e2e
 from .fidelity_psa import MATCH_TOLERANCE, SPLIT, binary_fraction_at, budget_cases, summarize_cases, tiny_model_e2e
 from .meta import command_line, run_metadata, write_json
 
@@ -478,9 +479,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                         help="also compare budget mode and binary PSA end to end on the tiny model (PSNR vs dense)")
     parser.add_argument("--e2e-seeds", type=int, nargs="+", default=list(E2E_SEEDS))
+    parser.add_argument("--replan", action=argparse.BooleanOptionalAction, default=True,
+                        help="replan_every end to end on the tiny model (what plan reuse costs)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the PNGs go next to it")
     parser.add_argument("--no-plot", action="store_true")
     return parser
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -497,6 +504,8 @@ def run(args: argparse.Namespace) -> dict:
             "matched": sum(r["matched"] for r in rows),
             "budget_not_worse_of_matched": sum(r["matched"] and r["budget_not_worse"] for r in rows),
         }
+    if args.replan:
+        body["replan_e2e"] = replan_e2e(args.e2e_seeds)
     report = {"benchmark": "fidelity", **run_metadata(command_line()), **body}
     path = write_json(args.out, report)
     print("wrote", path)
@@ -515,18 +524,19 @@ def run(args: argparse.Namespace) -> dict:
     if report["psa_budget"]["summary"]:
         b = report["psa_budget"]["summary"]["all"]
 
-        def num(x):
-            return "-" if x is None else f"{x:.3f}"
-
         print(f"PSA budget vs binary, {b['budget_vs_binary_counted']} of {b['cases']} cases matched: worse by > 3% "
               f"in {b['budget_worse_than_binary_by_over_3pct']}, better by >= 2% in "
-              f"{b['budget_better_than_binary_by_2pct']}, worst ratio {num(b['worst_budget_over_binary'])}; "
-              f"mean ratio vs binary: budget {num(b['mean_budget_over_binary_three_way'])}, split "
-              f"{num(b['mean_split_over_binary_three_way'])} ({b['three_way_counted']} cases)")
+              f"{b['budget_better_than_binary_by_2pct']}, worst ratio {_num(b['worst_budget_over_binary'])}; "
+              f"mean ratio vs binary: budget {_num(b['mean_budget_over_binary_three_way'])}, split "
+              f"{_num(b['mean_split_over_binary_three_way'])} ({b['three_way_counted']} cases)")
     if "psa_budget_e2e" in report:
         e = report["psa_budget_e2e"]
         print(f"tiny model end to end: budget PSNR >= binary in {e['budget_not_worse_of_matched']} of "
               f"{e['matched']} matched runs")
+    if "replan_e2e" in report:
+        for method, by_k in report["replan_e2e"]["summary"].items():
+            drops = ", ".join(f"every {k}: {_num(v['median_psnr_drop_db'])} dB" for k, v in by_k.items() if k != 1)
+            print(f"plan reuse, {method}: median PSNR drop vs selecting every step: {drops}")
     return report
 
 
