@@ -307,3 +307,32 @@ def test_cli_generate_compiled(tmp_path, capsys):
     # inductor rounds float32 differently; through the VAE and H.264 coding a pixel moves by a few levels
     mse = np.mean((eager.astype(float) - compiled) ** 2)
     assert mse == 0 or 10 * np.log10(255**2 / mse) > 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debugging needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["gna", "psa", "vmoba"])
+def test_steady_state_steps_do_not_synchronise_on_a_gpu(method):
+    """On a GPU, a denoising step after the first (plans for the grid made, kernels compiled)
+    reads nothing back to the host: ``torch.cuda.set_sync_debug_mode("error")`` raises on any
+    synchronising call. The CPU check of the same logic is planning on ``meta`` above and the
+    fullgraph captures."""
+    family, build, _, grid, make = CASES["wan_t2v"]
+    model = build(0).cuda().to(torch.bfloat16)
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in make(family, grid, batch=2, seed=1).items()}
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in inputs.items()}
+    processor = {  # without statistics, which read densities back by design
+        "gna": lambda: P.GNAProcessor(window=(2, 2, 3), stride=1),
+        "psa": lambda: P.PSAProcessor(mode="budget", density=0.3, block_q=8, block_k=8),
+        "vmoba": lambda: P.VMoBAProcessor(topk=1, block_1d=1, block_2d=(2, 2), block_3d=(1, 2, 2), query_block=16),
+    }[method]()
+    integration.enable(model, processor)
+    with torch.no_grad():
+        _forward(model, inputs, TIMESTEPS[0])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _forward(model, inputs, TIMESTEPS[1])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
