@@ -350,6 +350,18 @@ def test_wan_e2e_smoke_runs(tmp_path):
     assert rows["psa"]["preset_dense_warmup_steps"] == 15  # the released 15 of 50 steps
 
 
+@pytest.mark.slow
+def test_wan_e2e_smoke_compiled(tmp_path):
+    """``--compile``: each method eager, then compiled; the compiled rows have their own dense."""
+    out = tmp_path / "smoke.json"
+    assert wan_e2e.main(["--smoke", "--steps", "1", "--warmup", "1", "--methods", "dense", "gna", "--compile",
+                         "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["compiled"]) for r in rows] == [("dense", False), ("gna", False), ("dense", True),
+                                                           ("gna", True)]
+    assert rows[2]["speedup_vs_dense"] == 1.0 and 0 < rows[3]["density"] < 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_wan_e2e_without_gpu_says_so(capsys):
     assert wan_e2e.main([]) == 2

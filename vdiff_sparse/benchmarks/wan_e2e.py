@@ -118,8 +118,11 @@ def time_steps(model, inputs: dict, warmup: int, steps: int, device: torch.devic
 
 
 def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype, latent, text_tokens: int,
-              steps: int, warmup: int, backend: str, preset: str = "wan2.1-1.3b", verbose: bool = True) -> dict:
-    """Time every method on one model and one set of inputs; returns the report body."""
+              steps: int, warmup: int, backend: str, preset: str = "wan2.1-1.3b", verbose: bool = True,
+              compile_modes: tuple[bool, ...] = (False,)) -> dict:
+    """Time every method on one model and one set of inputs; returns the report body. With
+    ``compile_modes=(False, True)`` every method runs eager, then all again with the blocks
+    compiled (``compile_repeated_blocks(fullgraph=True)``; the warm-up forwards compile)."""
     from ..integration import disable, enable
 
     config = model_config(smoke)
@@ -133,7 +136,13 @@ def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype,
     p = config["patch_size"]
     grid = tuple(n // s for n, s in zip(latent, p))
     rows = []
-    for method in methods:
+    runs = [(compiled, method) for compiled in compile_modes for method in methods]
+    for compiled, method in runs:
+        if compiled:
+            if not getattr(model, "_vdiff_bench_compiled", False):  # once, after every eager run
+                model.compile_repeated_blocks(fullgraph=True)
+                model._vdiff_bench_compiled = True
+            torch._dynamo.reset()  # a fresh cache per processor: no recompile limit across methods
         proc = benchmark_processor(method, preset, backend, smoke=smoke)
         if proc is not None:
             enable(model, proc)
@@ -152,6 +161,7 @@ def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype,
             disable(model)
         row = {
             "method": method,
+            "compiled": compiled,
             "processor": None if proc is None else repr(proc),
             "step_times_s": times,
             "median_step_s": statistics.median(times),
@@ -161,13 +171,14 @@ def benchmark(methods, *, smoke: bool, device: torch.device, dtype: torch.dtype,
         }
         rows.append(row)
         if verbose:
-            print(f"{method:>6}: median step {row['median_step_s'] * 1e3:9.1f} ms  density "
+            print(f"{method:>6}{' compiled' if compiled else ''}: median step {row['median_step_s'] * 1e3:9.1f} ms  "
+                  "density "
                   f"{row['density'] if row['density'] is None else round(row['density'], 3)}",
                   flush=True)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
     for row in rows:
+        dense = next((r for r in rows if r["method"] == "dense" and r["compiled"] == row["compiled"]), None)
         if dense is None:
-            break
+            continue
         row["speedup_vs_dense"] = dense["median_step_s"] / row["median_step_s"]
         warm = row["preset_dense_warmup_steps"]
         t = 2 * (warm * dense["median_step_s"] + (GENERATION_STEPS - warm) * row["median_step_s"])
@@ -202,6 +213,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="model and input dtype (default bf16 on the GPU, fp32 with --smoke)")
     parser.add_argument("--backend", default="auto", help="processor backend: auto, triton, torch")
     parser.add_argument("--preset", default="wan2.1-1.3b")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every method with the blocks compiled (fullgraph), after the eager runs")
     parser.add_argument("--out", default=None,
                         help="JSON path (default bench/results/wan_e2e_gpu.json, smoke wan_e2e_smoke.json)")
     return parser
@@ -221,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         text_tokens=SMOKE_TEXT_TOKENS if args.smoke else TEXT_TOKENS,
         steps=args.steps or (2 if args.smoke else 5),
         warmup=args.warmup if args.warmup is not None else (1 if args.smoke else 2),
-        backend=args.backend, preset=args.preset,
+        backend=args.backend, preset=args.preset, compile_modes=(False, True) if args.compile else (False,),
     )
     out = args.out or str(Path("bench") / "results" / ("wan_e2e_smoke.json" if args.smoke else "wan_e2e_gpu.json"))
     path = write_json(out, {"benchmark": "wan_e2e", **run_metadata(command_line()), **body})
