@@ -382,3 +382,21 @@ def test_train_cpu_script_runs_small(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "train_cpu" and saved["shape"]["tokens"] == 128
     assert saved["speedup"] > 0 and "machine" in saved
+
+
+def test_every_result_file_names_a_clean_commit():
+    """A committed result was made from committed code: its ``git_commit`` is a commit of this
+    repository, not a modified tree (``-dirty``) or none."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "bench" / "results").rglob("*.json"))
+    assert files
+    for path in files:
+        commit = json.loads(path.read_text()).get("git_commit")
+        assert commit and re.fullmatch(r"[0-9a-f]{40}", commit), f"{path.name}: git_commit {commit!r}"
+        known = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
+        if known.returncode != 0 and (root / ".git").exists() and not (root / ".git" / "shallow").exists():
+            raise AssertionError(f"{path.name}: {commit} is not a commit of this repository")
