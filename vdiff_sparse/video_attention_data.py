@@ -41,9 +41,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_grid
-
-Grid = tuple[int, int, int]
+from .checks import Grid, check_choice, check_grid
 
 CHANNELS = 8
 PATCH = 2

@@ -47,7 +47,6 @@ Semantics, per batch and head:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -55,7 +54,7 @@ from typing import Optional
 import torch
 
 from ..attention import run_plan
-from ..checks import check_choice, check_finite, check_qkv
+from ..checks import check_choice, check_finite, check_positive_int, check_qkv
 from ..layout import BlockOrder, Grid, hilbert_order, sequence_order, tile_order, uniform_offsets
 from ..plan import LEVELS, AttentionPlan, pack_block_selection
 from .psa_budget import (
@@ -70,7 +69,7 @@ from .psa_importance import (
     mean_pooled_importance,
     sampled_importance,
 )
-from .registry import Method, get_method, register_method
+from .registry import Method, build_config, get_method, register_method
 
 MODES = ("threshold", "quantile", "budget")
 REORDERS = ("none", "tile", "hilbert")
@@ -102,12 +101,6 @@ def _level_dict(
             raise ValueError(f"{name}[{key}] must be a float in {interval}, got {val!r}")
         out[int(key)] = float(val)
     return out
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 @dataclass
@@ -177,8 +170,8 @@ class PSAConfig:
     importance_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        self.block_q = _positive_int("block_q", self.block_q)
-        self.block_k = _positive_int("block_k", self.block_k)
+        self.block_q = check_positive_int("block_q", self.block_q)
+        self.block_k = check_positive_int("block_k", self.block_k)
         check_choice("mode", self.mode, MODES)
         check_choice("reorder", self.reorder, REORDERS)
         check_choice("importance", self.importance, IMPORTANCES)
@@ -239,15 +232,11 @@ class PSAConfig:
             raise ValueError(f"tile must be a tuple of 3 positive ints (c_t, c_h, c_w), got {self.tile!r}")
         self.tile = tile
         if self.samples_per_block is not None:
-            self.samples_per_block = _positive_int("samples_per_block", self.samples_per_block)
+            self.samples_per_block = check_positive_int("samples_per_block", self.samples_per_block)
 
     def replace(self, **overrides) -> "PSAConfig":
         """A copy with ``overrides`` applied (validated); unknown names raise ``ValueError``."""
-        fields = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown PSA option(s) {unknown}; valid options are {fields}")
-        return dataclasses.replace(self, **overrides)
+        return build_config(PSAConfig, self, overrides, "PSA")
 
 
 # --- level allocation ----------------------------------------------------------------------
