@@ -160,6 +160,24 @@ def test_graph_count_does_not_grow_with_depth(family, mode):
     assert _graphs(build, kind, grid, 2, mode) == _graphs(build, kind, grid, 4, mode)
 
 
+def test_graph_count_does_not_grow_with_processors_set_in_turn():
+    """Processors of one method set on a compiled model one after another (a user trying
+    settings) reuse the graph: the processor reaches the op as a tensor, not a guarded int."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tm.tiny_wan_transformer(seed=0)
+    inputs = tm.tiny_inputs("wan", (2, 4, 6), batch=2, seed=1, model=model)
+    model.compile_repeated_blocks(fullgraph=True, backend="eager")
+    graphs = []
+    with torch.no_grad():
+        for window in ((2, 2, 3), (2, 3, 3), (2, 4, 4), (2, 3, 5)):
+            integration.enable(model, P.GNAProcessor(window=window, stride=1))
+            _forward(model, inputs, TIMESTEPS[0])
+            graphs.append(counters["stats"]["unique_graphs"])
+    integration.disable(model)
+    assert graphs[1:] == graphs[:1] * 3, graphs
+
+
 @pytest.mark.slow
 def test_inductor_end_to_end():
     torch._dynamo.reset()
@@ -246,6 +264,32 @@ def test_replan_every_reuses_plans_between_selections(every, monkeypatch):
 def test_replan_every_is_checked():
     with pytest.raises(ValueError, match=r"replan_every must be an int >= 1"):
         P.PSAProcessor(replan_every=0)
+    with pytest.raises(ValueError, match=r"replan_every=2 has nothing to reuse: the plans of \['gna'\] depend on the grid"):
+        P.GNAProcessor(window=(2, 3, 3), replan_every=2)
+    # A grid-only method with a layer of a selecting one: that layer reuses.
+    assert P.GNAProcessor(window=(2, 3, 3), replan_every=2, layers={1: {"method": "psa"}}).schedule.replan_every == 2
+
+
+def test_plan_reuse_keeps_one_plan_per_layer_and_call_and_not_with_gradients():
+    """Repeated calls at one noise level (one step, outside a pipeline) keep at most
+    REUSED_CALLS_PER_STEP plans per layer and select afresh after that; a new generation drops
+    the old plans; with gradients on nothing is kept (each call differentiates its own plan)."""
+    from vdiff_sparse.processors.base import REUSED_CALLS_PER_STEP
+
+    model = tm.tiny_wan_transformer(seed=0)  # 2 layers
+    inputs = tm.tiny_inputs("wan", (2, 4, 6), seed=1, model=model)
+    proc = P.PSAProcessor(mode="quantile", fractions={1: 0.3}, block_q=8, block_k=8, replan_every=4, dense_steps=0)
+    integration.enable(model, proc)
+    with torch.no_grad():
+        for _ in range(REUSED_CALLS_PER_STEP + 3):
+            _forward(model, inputs, 900.0)
+        assert len(proc._plans) == 2 * REUSED_CALLS_PER_STEP
+        _forward(model, inputs, 999.0)  # noisier: a new generation
+        assert len(proc._plans) == 2
+    proc._plans.clear()
+    _forward(model, inputs, 800.0)
+    assert not proc._plans
+    integration.disable(model)
 
 
 # --- no host reads in planning ----------------------------------------------------------------------

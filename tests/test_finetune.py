@@ -52,8 +52,14 @@ def test_global_batches_cover_each_epoch_once(seed):
         assert len(set(flat)) == 6 and set(flat) <= set(range(n))
     assert batches[:3] != batches[3:]
     assert batches == [ft.global_batch(n, size, seed, i) for i in range(6)]
-    with pytest.raises(ValueError, match="cannot fill one global batch"):
+    # Data errors (the command line prints them in one line, without a traceback)
+    from vdiff_sparse.pipelines.data import DataError
+    from vdiff_sparse.pipelines.finetune.schedule import holdout_split
+
+    with pytest.raises(DataError, match="cannot fill one global batch"):
         ft.global_batch(1, 2, seed, 0)
+    with pytest.raises(DataError, match="eval.holdout=1 leaves none of the 1 samples to train on"):
+        holdout_split(1, 1, seed)
 
 
 def test_uninterrupted_run_writes_checkpoints_logs_samples_and_report(reference_full):

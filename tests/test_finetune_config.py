@@ -24,6 +24,13 @@ from vdiff_sparse.pipelines import finetune as ft
     pytest.param(["sparse.options.vmoba.dense_layers=[0]"], r"give dense layers as sparse.dense_layers",
                  id="dense-layers-in-options"),
     pytest.param(["sparse.options.vmoba.dense_steps=2"], "dense_steps must be 0", id="dense-steps"),
+    pytest.param(["train.lora_rank=0", "train.lora_alpha=16"], r"train.lora_alpha must be null with train.lora_rank=0",
+                 id="lora-alpha-without-lora"),
+    pytest.param(["train.timestep_sampling=uniform", "train.logit_std=2"],
+                 r"train.logit_std must be its default 1.0 with train.timestep_sampling=uniform", id="logit-std-unused"),
+    pytest.param(["train.max_steps=10", "train.lr_warmup_steps=20"], r"train.lr_warmup_steps must be at most "
+                 r"train.max_steps=10", id="warmup-longer-than-run"),
+    pytest.param(["sparse.options.psa.replan_every=2"], r"sparse.options.psa.replan_every must be 1", id="replan-every"),
     pytest.param(["sparse.preset=wan9"], r"sparse.options.vmoba \(with sparse.preset='wan9'.*unknown preset",
                  id="preset"),
     pytest.param(["sparse.backend=cuda"], "sparse.backend must be one of", id="backend"),

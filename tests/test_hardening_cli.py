@@ -77,3 +77,12 @@ def test_only_download_failures_read_as_a_missing_model(monkeypatch):
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", offline)
     with pytest.raises(generate.ModelNotAvailableError, match="could not download model 'someone/some-model'"):
         generate.load_diffusers_pipeline("someone/some-model", None)
+
+
+def test_compile_without_the_warm_up_is_refused(tmp_path, capsys):
+    """The warm-up generation is where compilation happens; without it the timed run would
+    measure the compiler."""
+    assert main(["generate", "--attn", "gna", "--compile", "--out", str(tmp_path / "o"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--compile needs the warm-up generation" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

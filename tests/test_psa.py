@@ -296,7 +296,8 @@ def test_plan_levels_match_loop_pipeline(mode, reorder, seed):
     q, k, _ = random_qkv(1, n, 2, 8, dtype=torch.float64, seed=seed)
     config = PSAConfig(
         mode=mode, block_q=40, block_k=24, reorder=reorder, samples_per_block=5,
-        thresholds={1: 0.3, 2: 0.45, 4: 0.6, 8: 0.75}, fractions={1: 0.25, 4: 0.25, 8: 0.25},
+        **(dict(thresholds={1: 0.3, 2: 0.45, 4: 0.6, 8: 0.75}) if mode == "threshold"
+           else dict(fractions={1: 0.25, 4: 0.25, 8: 0.25})),
     )
     plan = plan_psa(q, k, grid, config)
     qp, kp = plan.permute(q), plan.permute(k)
@@ -452,8 +453,9 @@ def test_torch_backend_matches_reference_with_grads(mode, dtype, seed):
     extra_k, extra_v = (torch.randn(2, 5, 2, 16, generator=g).to(dtype) for _ in range(2))
     extra_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     config = PSAConfig(
-        mode=mode, block_q=32, block_k=24, fractions={1: 0.2, 2: 0.2, 4: 0.2, 8: 0.2},
-        thresholds={1: 0.3, 2: 0.5, 4: 0.7, 8: 0.9}, min_full_fraction=0.0,
+        mode=mode, block_q=32, block_k=24,
+        **(dict(thresholds={1: 0.3, 2: 0.5, 4: 0.7, 8: 0.9}, min_full_fraction=0.0) if mode == "threshold"
+           else dict(fractions={1: 0.2, 2: 0.2, 4: 0.2, 8: 0.2})),
     )
     grad_out = torch.randn(2, n, 2, 16, generator=g).to(dtype)
     results = {}

@@ -223,7 +223,9 @@ def test_budget_met_per_head_and_plan_valid(grid, blocks, seed):
     block_q, block_k = blocks
     q, k, v = video_attention_qkv(grid, 3, 16, batch=2, seed=seed % 1000)
     for d in (0.1, 0.25, 0.5):
-        config = PSAConfig(mode="budget", density=d, block_q=block_q, block_k=block_k)
+        # Budget mode needs 2 key samples per block (a quarter of block_k by default).
+        config = PSAConfig(mode="budget", density=d, block_q=block_q, block_k=block_k,
+                           samples_per_block=None if block_k >= 8 else 2)
         plan = plan_psa(q, k, grid, config)
         nqb, nkb = -(-n // block_q), -(-n // block_k)
         assert plan.kv_index.shape[:3] == (2, 3, nqb) and plan.max_kv <= nkb
@@ -319,10 +321,19 @@ def test_triton_backend_matches_reference_on_a_budget_plan(monkeypatch, seed):
         (dict(budget_levels=(3,)), ValueError, r"budget_levels must be .* got \(3,\)"),
         (dict(budget_levels=(True,)), ValueError, r"budget_levels must be"),
         (dict(budget_levels=5), ValueError, r"budget_levels must be"),
-        (dict(mode="budget", importance="mean_pooled"), NotImplementedError, r"needs importance='sampled'"),
+        (dict(mode="budget", importance="mean_pooled"), ValueError, r"needs importance='sampled'"),
+        (dict(mode="budget", block_k=7), ValueError,
+         r"at least 2 sampled keys per key block .* samples_per_block=None with block_k=7"),
+        (dict(mode="budget", block_k=64, samples_per_block=1), ValueError, r"samples_per_block=1 with block_k=64"),
+        (dict(mode="budget", thresholds={1: 0.3}), ValueError,
+         r"thresholds=\{1: 0.3\} applies to mode='threshold' only, but mode='budget'"),
+        (dict(mode="threshold", density=0.3), ValueError, r"density=0.3 applies to mode='budget' only"),
+        (dict(mode="quantile", min_full_fraction=0.2), ValueError, r"min_full_fraction=0.2 applies to mode='threshold'"),
+        (dict(mode="threshold", fractions={1: 0.3}), ValueError, r"fractions=.* applies to mode='quantile' only"),
     ],
     ids=["density-0", "density-big", "density-bool", "density-str", "levels-empty", "levels-3", "levels-bool",
-         "levels-int", "mean-pooled"],
+         "levels-int", "mean-pooled", "one-sample", "one-sample-given", "thresholds-in-budget", "density-in-threshold",
+         "min-full-in-quantile", "fractions-in-threshold"],
 )
 def test_budget_config_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -354,6 +365,20 @@ def test_processor_runs_budget_mode_at_its_density(seed):
     assert proc.config.mode == "budget" and proc.stats.records
     for record in proc.stats.records:
         assert 0.25 * (1 - 1e-9) <= record.density <= 0.25 + 16 / n + 1e-9
+
+
+def test_settings_of_another_mode_than_the_presets_are_refused_or_reset():
+    """Over a preset in budget mode, thresholds alone are an error (they would be ignored); a
+    mode given with them starts that mode from its own defaults."""
+    from vdiff_sparse.processors import PSAProcessor
+
+    with pytest.raises(ValueError, match=r"thresholds=.* applies to mode='threshold' only, but mode='budget'"):
+        PSAProcessor(preset="wan2.1-1.3b", thresholds={1: 0.3, 2: 0.4})
+    switched = PSAProcessor(preset="wan2.1-1.3b", mode="threshold", thresholds={1: 0.3, 2: 0.4})
+    assert switched.config.mode == "threshold" and switched.config.thresholds == {1: 0.3, 2: 0.4}
+    assert switched.config.density == PSAConfig().density  # the preset's budget density cleared
+    kept = PSAProcessor(preset="wan2.1-14b", mode="budget")
+    assert kept.config.density == 0.12  # the same mode keeps the preset's own density
 
 
 def test_every_model_preset_names_a_budget_density():

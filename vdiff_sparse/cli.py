@@ -242,6 +242,9 @@ def run_generate(args) -> int:
     from .pipelines.generate import generation_processor, save_video
     from .pipelines.report import compare, plot_report, report_markdown, report_table
 
+    if args.compile and not args.warmup:
+        raise CLIError("--compile needs the warm-up generation (it compiles, so that the timed generations run "
+                       "compiled): drop --no-warmup")
     rank = _start_context_parallel(args)
     sparse_proc = _method_processor(args.attn, args)
     out = _output_dir(args.out)  # before the model loads and the videos are made

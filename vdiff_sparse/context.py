@@ -75,11 +75,16 @@ class RunContext:
         total_steps: number of denoising steps of the generation, given by hand
             (``set_context``); when ``None``, :meth:`num_steps` asks the scheduler of the
             pipeline the context follows.
+        call_in_step: transformer calls before this one in the current step (guidance
+            branches run as separate calls are 0 and 1).
+        generation: number of generations started (a new one restarts the step count).
     """
 
     grid: Grid | None = None
     step: int = 0
     total_steps: int | None = None
+    call_in_step: int = 0
+    generation: int = 0
     # Noise levels (the timestep, negated where timesteps increase): of the last call, and of
     # the first call of this generation.
     _last_level: float | None = field(default=None, repr=False)
@@ -96,6 +101,8 @@ class RunContext:
     def new_generation(self) -> None:
         """Restart the step count: the next call is step 0 of a new generation."""
         self.step = 0
+        self.call_in_step = 0
+        self.generation += 1
         self._last_level = None
         self._first_level = None
 
@@ -142,6 +149,9 @@ class RunContext:
             self._first_level = level
         elif level < last:
             self.step += 1
+            self.call_in_step = 0
+        else:
+            self.call_in_step += 1
         self._last_level = level
         self._timestep_increases = increases
 

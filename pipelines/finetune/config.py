@@ -269,6 +269,15 @@ class TrainConfig:
         check_number("train.shift", self.shift, 0, low_open=True)
         if self.i2v_fraction is not None:
             check_number("train.i2v_fraction", self.i2v_fraction, 0, 1)
+        # Settings that another one makes inert are refused, not ignored.
+        _check(self.lora_alpha is None or self.lora_rank > 0, "train.lora_alpha", self.lora_alpha,
+               "null with train.lora_rank=0 (full fine-tuning has no adapters to scale)")
+        if self.timestep_sampling == "uniform":
+            for name, default in (("logit_mean", 0.0), ("logit_std", 1.0)):
+                _check(getattr(self, name) == default, f"train.{name}", getattr(self, name),
+                       f"its default {default} with train.timestep_sampling=uniform (it shapes logit_normal only)")
+        _check(self.lr_warmup_steps <= self.max_steps, "train.lr_warmup_steps", self.lr_warmup_steps,
+               f"at most train.max_steps={self.max_steps} (a longer warm-up never reaches train.lr)")
 
     @property
     def uses_teacher(self) -> bool:

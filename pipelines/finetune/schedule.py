@@ -9,6 +9,8 @@ import math
 import numpy as np
 import torch
 
+from vdiff_sparse.pipelines.data import DataError
+
 from .config import TrainConfig
 
 # Independent random streams, one per use.
@@ -32,10 +34,10 @@ def holdout_split(num_samples: int, holdout: int, seed: int) -> tuple[list[int],
     are held out; both lists are in ascending order.
 
     Raises:
-        ValueError: nothing would be left to train on.
+        DataError: nothing would be left to train on.
     """
     if holdout >= num_samples:
-        raise ValueError(f"eval.holdout={holdout} leaves none of the {num_samples} samples to train on: "
+        raise DataError(f"eval.holdout={holdout} leaves none of the {num_samples} samples to train on: "
                          f"lower eval.holdout (0 turns the held-out gap off) or add data")
     held = sorted(_permutation(num_samples, seed_of(seed, HOLDOUT_STREAM))[:holdout])
     return sorted(set(range(num_samples)) - set(held)), held
@@ -46,11 +48,11 @@ def global_batch(num_samples: int, global_size: int, seed: int, index: int) -> l
     together). Each epoch is a fresh seeded permutation; the incomplete tail is dropped.
 
     Raises:
-        ValueError: fewer samples than one global micro-batch.
+        DataError: fewer samples than one global micro-batch.
     """
     per_epoch = num_samples // global_size
     if per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"{num_samples} training samples cannot fill one global batch of {global_size} "
             f"(train.batch_size x processes); lower train.batch_size or eval.holdout, or add data"
         )

@@ -31,6 +31,10 @@ def training_processor(sparse: SparseConfig, method: str | None = None):
     if options.get("dense_steps", 0) != 0:
         raise ValueError(f"{section}.dense_steps must be 0 (training draws a random timestep per sample, "
                          f"there are no denoising steps to warm up on), got {options['dense_steps']!r}")
+    # Neighbouring samples share no q/k, so a plan kept from one step is wrong for the next.
+    if options.get("replan_every", 1) != 1:
+        raise ValueError(f"{section}.replan_every must be 1 (training draws new samples and timesteps every "
+                         f"step, so no plan can be reused), got {options['replan_every']!r}")
     options.update(dense_steps=0, dense_layers=list(sparse.dense_layers))
     try:
         return build_processor(method, preset=sparse.preset, backend=sparse.backend, stats=True,

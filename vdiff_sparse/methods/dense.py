@@ -89,6 +89,7 @@ register_method(Method(
     config_cls=DenseConfig,
     attention=full_attention,
     plan=plan_dense,
+    plans_from_qk=False,
     summary="every key (dense attention, the baseline)",
     processor_name="DenseProcessor",
 ))

@@ -436,6 +436,7 @@ register_method(Method(
     summary="a window around itself in (t, h, w): window, stride, dilation, causal per axis",
     fit=fit_to_grid,
     resets={"window": {"stride": 1}},
+    plans_from_qk=False,
     processor_name="GNAProcessor",
 ))
 

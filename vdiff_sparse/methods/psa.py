@@ -48,7 +48,7 @@ Semantics, per batch and head:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -72,6 +72,9 @@ from .psa_importance import (
 from .registry import Method, build_config, get_method, register_method
 
 MODES = ("threshold", "quantile", "budget")
+# The fields each mode reads (the rest of the config applies to every mode).
+MODE_FIELDS = {"threshold": ("thresholds", "min_full_fraction"), "quantile": ("fractions",),
+               "budget": ("density", "budget_levels")}
 REORDERS = ("none", "tile", "hilbert")
 IMPORTANCES = ("sampled", "mean_pooled")
 IMPORTANCE_DTYPES = ("auto", "bfloat16", "float32", "float64")
@@ -216,7 +219,7 @@ class PSAConfig:
             )
         self.budget_levels = tuple(sorted(set(budget_levels)))
         if self.mode == "budget" and self.importance != "sampled":
-            raise NotImplementedError(
+            raise ValueError(
                 f"mode='budget' reads its error estimate off the sampled logits and needs "
                 f"importance='sampled', got importance={self.importance!r}"
             )
@@ -233,10 +236,37 @@ class PSAConfig:
         self.tile = tile
         if self.samples_per_block is not None:
             self.samples_per_block = check_positive_int("samples_per_block", self.samples_per_block)
+        key_samples = self.samples_per_block or max(1, self.block_k // 4)
+        if self.mode == "budget" and key_samples < 2:
+            # One sample per key block shows no spread: the estimate would call pooling free.
+            raise ValueError(
+                f"mode='budget' needs at least 2 sampled keys per key block to estimate what pooling "
+                f"loses, got samples_per_block={self.samples_per_block!r} with block_k={self.block_k} "
+                f"(give samples_per_block >= 2, or block_k >= 8)"
+            )
+        self._check_mode_fields()
+
+    def _check_mode_fields(self) -> None:
+        """A field of another mode than ``mode`` left at its default, so that no setting is
+        silently ignored (e.g. thresholds given with a preset in budget mode)."""
+        defaults = _field_defaults()
+        for mode, names in MODE_FIELDS.items():
+            if mode == self.mode:
+                continue
+            for name in names:
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} applies to mode={mode!r} only, but mode={self.mode!r}: "
+                        f"set mode={mode!r} or leave {name} at its default {defaults[name]!r}"
+                    )
 
     def replace(self, **overrides) -> "PSAConfig":
         """A copy with ``overrides`` applied (validated); unknown names raise ``ValueError``."""
         return build_config(PSAConfig, self, overrides, "PSA")
+
+
+def _field_defaults() -> dict:
+    return {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(PSAConfig)}
 
 
 # --- level allocation ----------------------------------------------------------------------
@@ -254,6 +284,9 @@ def allocate_levels(importance: torch.Tensor, config: PSAConfig) -> torch.Tensor
     # Stable sort: tied blocks are ranked by block id, so ties never make a plan vary.
     ranked, order = importance.double().sort(dim=-1, descending=True, stable=True)
     level_of_rank = torch.zeros_like(order)
+    if config.mode == "budget":
+        raise ValueError("allocate_levels runs the threshold and quantile modes; budget mode allocates with "
+                         "psa_budget.allocate_budget (plan_psa chooses)")
     if config.mode == "threshold":
         running = ranked.cumsum(-1)
         # The total is the same running sum's end, so a threshold of 1 stops exactly at the
@@ -461,6 +494,10 @@ register_method(Method(
     attention=psa_attention,
     plan=_plan_for_layer,
     summary="every key block at a level: full, mean-pooled x2/x4/x8, or skipped",
+    # A mode given over settings of another mode clears that mode's fields (a preset's budget
+    # density does not stop a user from asking for mode="threshold").
+    resets={"mode": lambda mode: {name: _field_defaults()[name] for other, names in MODE_FIELDS.items()
+                                  if other != mode for name in names}},
     processor_name="PSAProcessor",
 ))
 

@@ -125,9 +125,8 @@ def sampled_importance(
                 spreads[r, b0:b1] = (squares.sum(1, dtype=work_dtype) * pair_weight).sum(1)
                 # The variance over a key block's samples enters a per-head sum only: the first
                 # sampled query of each query block is enough.
-                first = per_block[:, 0].to(work_dtype)  # [b, sk, nkb]
-                mean = first.mean(1)
-                variances[r, b0:b1] = first.square_().mean(1) - mean.square_()
+                first = per_block[:, 0].to(work_dtype)  # [b, sk, nkb] (may be a view of the logits)
+                variances[r, b0:b1] = first.var(1, unbiased=False)
     return out / out.sum(-1, keepdim=True), spreads, variances
 
 

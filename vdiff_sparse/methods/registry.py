@@ -50,11 +50,15 @@ class Method:
             for ``configs/methods/<name>.yaml`` of the installed package.
         fit: ``fit(config, grid) -> config``: adapts settings made for another resolution to
             this latent grid before a processor runs them (GNA clips windows), or ``None``.
-        resets: ``{field: {companion: value}}``: when settings laid over others (a preset over
+        resets: ``{field: {companion: value}}`` (or ``{field: value -> {companion: value}}``):
+            when settings laid over others (a preset over
             the defaults, overrides over a preset, a layer's overrides over the processor's)
             give ``field`` without ``companion``, the companion takes ``value`` instead of the
             one underneath (GNA: a window given alone means stride 1, neighbourhood attention,
             not the preset's stride made for another window). See :meth:`merge`.
+        plans_from_qk: whether the plan depends on q and k (``False``: on the grid and the
+            settings only, as GNA's and dense attention's; a processor's ``replan_every`` then
+            has nothing to reuse).
         processor_name: class name of the method's diffusers processor (built by
             :func:`vdiff_sparse.processors.processor_class` when no class is registered).
     """
@@ -67,7 +71,8 @@ class Method:
     training: Mapping[str, Any] = field(default_factory=dict)
     defaults: Path | None = None
     fit: Callable[[Any, tuple[int, int, int]], Any] | None = None
-    resets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    resets: Mapping[str, Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]] = field(default_factory=dict)
+    plans_from_qk: bool = True
     processor_name: str = ""
 
     def __post_init__(self) -> None:
@@ -96,6 +101,8 @@ class Method:
         merged = {**base, **top}
         for key, companions in self.resets.items():
             if key in top:
+                if callable(companions):
+                    companions = companions(top[key])
                 for companion, value in companions.items():
                     if companion not in top:
                         merged[companion] = value

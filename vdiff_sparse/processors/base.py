@@ -39,6 +39,10 @@ from .compiled import register_processor, video_attention
 from .schedule import ScheduleConfig
 from .stats import CallStats, StatsLog, plan_coverage, sync
 
+# replan_every: calls of one step that keep a plan each (guidance branches run as separate
+# calls; a pipeline never makes more per step than a few).
+REUSED_CALLS_PER_STEP = 4
+
 
 def processor_class(method: str) -> type["SparseProcessor"]:
     """The processor class of registered method ``method``: a built-in class
@@ -133,10 +137,9 @@ class SparseProcessor(BoundProcessor):
         self.preset_family = preset_family(preset)
         self.stats = StatsLog(stats)
         self._op_id = register_processor(self)
-        # replan_every > 1: the last plans per (layer, call of the step, shapes) and the step
+        # replan_every > 1: the last plan per (layer, call of the step, shapes), of one generation
         self._plans: dict = {}
-        self._calls_in_step: dict = {}
-        self._plans_step = 0
+        self._plans_generation = None
         # Per-layer overrides: a config of this method, or a processor of another method
         # (its settings from the same model preset) whose attention() this one calls.
         self._layer_configs, self._layer_processors = {}, {}
@@ -151,6 +154,12 @@ class SparseProcessor(BoundProcessor):
                 base = load_preset(method, model_preset)["config"]
                 layer_settings = get_method(method).merge(base, fields)
                 self._layer_processors[i] = processor_class(method)(layer_settings, backend=backend)
+        used = {self.method, *(o.get("method", self.method) for o in self.schedule.layers.values())}
+        if self.schedule.replan_every > 1 and not any(get_method(m).plans_from_qk for m in used):
+            raise ValueError(
+                f"replan_every={self.schedule.replan_every} has nothing to reuse: the plans of "
+                f"{sorted(used)} depend on the grid only and are built once per grid (use 1)"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(config={self.config}, schedule={self.schedule}, backend={self.backend!r})"
@@ -314,24 +323,30 @@ class SparseProcessor(BoundProcessor):
 
     def _attend_reusing_plans(self, runner, q, k, v, binding, dense, extras):
         """The layer's method with selection on every ``replan_every``-th sparse step only: one
-        plan per layer and per call of the step (both guidance branches), reused in between."""
+        plan per layer and per call of the step (both guidance branches), reused in between.
+
+        Plans are not reused where reuse would be wrong or pointless: with gradients on (a
+        training step, or the recompute of a checkpointed or compiled backward, must
+        differentiate the plan of its own inputs), for methods whose plan depends on the grid
+        only (GNA, dense: the method's own fast paths then stay in charge), and past the
+        first :data:`REUSED_CALLS_PER_STEP` calls of a step (repeated calls at one noise level
+        outside a pipeline), which keeps the cache at one plan per layer and call."""
         ctx = binding.context
-        if ctx.step < self._plans_step:  # a new generation
+        layer = binding.index
+        if (torch.is_grad_enabled() or not get_method(self.method_for(layer)).plans_from_qk
+                or ctx.call_in_step >= REUSED_CALLS_PER_STEP):
+            return runner.attention(q, k, v, ctx.grid, layer, return_plan=True, dense=dense, **extras)
+        if ctx.generation != self._plans_generation:
             self._plans.clear()
-        calls_key = id(binding)
-        step, count = self._calls_in_step.get(calls_key, (None, -1))
-        count = count + 1 if step == ctx.step else 0
-        self._calls_in_step[calls_key] = (ctx.step, count)
-        self._plans_step = ctx.step
-        key = (calls_key, count, tuple(q.shape), v.shape[-1], q.device, q.dtype)
-        grid, layer = ctx.grid, binding.index
+            self._plans_generation = ctx.generation
+        key = (id(binding), ctx.call_in_step, tuple(q.shape), v.shape[-1], q.device, q.dtype)
         cached = self._plans.get(key)
         if cached is None or self.schedule.replans(ctx.step, ctx.num_steps()):
-            out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, dense=dense, **extras)
+            out, plan = runner.attention(q, k, v, ctx.grid, layer, return_plan=True, dense=dense, **extras)
             if plan is not None:
                 self._plans[key] = plan
             return out, plan
-        return runner.attention(q, k, v, grid, layer, return_plan=True, plan=cached, **extras)
+        return runner.attention(q, k, v, ctx.grid, layer, return_plan=True, plan=cached, **extras)
 
     def _context_parallel(self, binding):
         """The Ulysses config of this call, or ``None``: the one diffusers set on this processor,

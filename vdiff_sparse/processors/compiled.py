@@ -5,9 +5,9 @@ this step and layer, the layer's method and settings, selection, the backend, st
 as the op ``vdiff_sparse::video_attention``: the graph holds one opaque node per attention call,
 whose output shape the op's fake implementation gives, so the graph is captured whole
 (``fullgraph=True``) and does not depend on the layer or the step. The layer reaches the op as a
-CPU int64 scalar (its binding's ``handle``) and the processor as an id: dynamo guards neither
-value, so one graph serves every layer of a repeated block, and the warm-up steps and the
-sparse steps alike. Outside compiled code the processors call the same eager function directly.
+CPU int64 scalar (its binding's ``handle``) and the processor as another (its id): dynamo
+guards neither value, so one graph serves every layer of a repeated block, every processor set
+on the model in turn, and the warm-up steps and the sparse steps alike. Outside compiled code the processors call the same eager function directly.
 
 Gradients: the op's backward runs the eager attention again with autograd on and
 differentiates it (the forward is computed twice when training a compiled model).
@@ -26,18 +26,18 @@ _PROCESSORS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDicti
 _IDS = itertools.count()
 
 
-def register_processor(processor) -> int:
-    """An id that names ``processor`` to the op (made when the processor is, never in traced
-    code)."""
+def register_processor(processor) -> torch.Tensor:
+    """A CPU int64 scalar that names ``processor`` to the op (made when the processor is, never
+    in traced code)."""
     ident = next(_IDS)
     _PROCESSORS[ident] = processor
-    return ident
+    return torch.tensor(ident, dtype=torch.int64)
 
 
-def _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor: int, record: bool):
-    found = _PROCESSORS.get(processor)
+def _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record: bool):
+    found = _PROCESSORS.get(int(processor))
     if found is None:
-        raise RuntimeError(f"the processor (id {processor}) of this compiled graph no longer exists")
+        raise RuntimeError(f"the processor (id {int(processor)}) of this compiled graph no longer exists")
     binding = binding_from_handle(int(handle))
     return found.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, record=record)
 
@@ -45,11 +45,15 @@ def _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor: int, record: 
 @torch.library.custom_op("vdiff_sparse::video_attention", mutates_args=())
 def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: torch.Tensor | None,
                     extra_v: torch.Tensor | None, extra_mask: torch.Tensor | None, handle: torch.Tensor,
-                    processor: int) -> torch.Tensor:
+                    processor: torch.Tensor) -> torch.Tensor:
     """Video self-attention of one layer: ``q, k, v`` ``[B, N, heads, D|Dv]``, always-attended
     ``extra_k/extra_v`` ``[B, Ne, heads, D|Dv]`` with ``extra_mask`` ``[B, Ne]`` bool, the
     layer's binding ``handle`` and the processor's id -> ``[B, N, heads, Dv]``."""
-    return _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record=True).clone()
+    out = _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record=True)
+    # A custom op's output may not alias its inputs; only a method that returns a view of v
+    # (none does today) pays for a copy.
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k, v, extra_k, extra_v) if x is not None}
+    return out.clone() if out.untyped_storage().data_ptr() in inputs else out
 
 
 @video_attention.register_fake
@@ -61,7 +65,7 @@ def _(q, k, v, extra_k, extra_v, extra_mask, handle, processor):
 def video_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
                              extra_mask: torch.Tensor | None, handle: torch.Tensor,
-                             processor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             processor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
     """Gradients of :func:`video_attention` for ``q, k, v, extra_k, extra_v`` (an empty tensor
     for absent extra keys): the eager attention run again with autograd on."""
@@ -87,15 +91,14 @@ def _(grad_out, q, k, v, extra_k, extra_v, extra_mask, handle, processor):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, extra_k, extra_v, extra_mask, handle, processor = inputs
-    ctx.save_for_backward(q, k, v, extra_k, extra_v, extra_mask, handle)
-    ctx.processor = processor
+    ctx.save_for_backward(q, k, v, extra_k, extra_v, extra_mask, handle, processor)
     ctx.has_extra = extra_k is not None
 
 
 def _backward(ctx, grad_out):
-    q, k, v, extra_k, extra_v, extra_mask, handle = ctx.saved_tensors
+    q, k, v, extra_k, extra_v, extra_mask, handle, processor = ctx.saved_tensors
     dq, dk, dv, dek, dev = video_attention_backward(grad_out, q, k, v, extra_k, extra_v, extra_mask, handle,
-                                                    ctx.processor)
+                                                    processor)
     if not ctx.has_extra:
         dek = dev = None
     return dq, dk, dv, dek, dev, None, None, None

@@ -34,7 +34,9 @@ class ScheduleConfig:
         replan_every: run selection on every ``k``-th sparse step only and reuse the layer's
             plan in between (neighbouring steps' q/k are close; one plan per layer and per call
             of the step, e.g. both guidance branches). ``1`` (default) selects on every step.
-            Methods whose plan depends on the grid only (GNA, dense) are not affected.
+            Methods whose plan depends on the grid only (GNA, dense) have nothing to reuse (a
+            processor of only those refuses ``k > 1``); with gradients on (training) every call
+            selects.
     """
 
     dense_steps: float = 0
