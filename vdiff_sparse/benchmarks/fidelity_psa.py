@@ -29,6 +29,9 @@ MATCH_TOLERANCE = 0.02
 SPLIT = {1: 0.6, 2: 0.4, 4: 0.8}
 _SEARCH_STEPS = 8
 
+# The prompt of the end-to-end runs on the tiny model (random weights: any prompt does).
+E2E_PROMPT = "a red fox running through fresh snow"
+
 
 def _density(plan) -> float:
     return float(plan.density())
@@ -170,23 +173,22 @@ def tiny_model_e2e(densities: Sequence[float], seeds: Sequence[int], *, size: di
     call = pipe.resolve_size(**(size or {}))
     grid = pipe.latent_grid(call["num_frames"], call["height"], call["width"])
     n = math.prod(grid)
-    prompt = "a red fox running through fresh snow"
     rows = []
     for seed in seeds:
         pipe.set_attn_processor(pipe.make_processor("dense"))
-        dense = pipe(prompt, **call, seed=seed)
+        dense = pipe(E2E_PROMPT, **call, seed=seed)
         for target in densities:
             block = pipe.make_processor("psa").config.block_k
             nkb = -(-n // block)
             blocks = max(1, round(target * nkb))
             binary = pipe.make_processor("psa", overrides={"mode": "quantile", "fractions": {1: (blocks - 0.5) / nkb}})
             pipe.set_attn_processor(binary)
-            runs = {"binary": pipe(prompt, **call, seed=seed)}
+            runs = {"binary": pipe(E2E_PROMPT, **call, seed=seed)}
             d_b = _sparse_flop_density(runs["binary"])
 
             def budget(r):
                 pipe.set_attn_processor(pipe.make_processor("psa", overrides={"mode": "budget", "density": r}))
-                return pipe(prompt, **call, seed=seed)
+                return pipe(E2E_PROMPT, **call, seed=seed)
 
             requested, runs["budget"] = _match(budget, _sparse_flop_density, d_b, d_b, _SEARCH_STEPS // 2)
             row = {"seed": seed, "target_density": target, "grid": list(grid), "binary_fraction": (blocks - 0.5) / nkb}

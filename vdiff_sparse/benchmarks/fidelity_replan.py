@@ -14,6 +14,8 @@ import math
 import statistics
 from typing import Sequence
 
+from .fidelity_psa import E2E_PROMPT
+
 REPLAN_EVERY = (1, 2, 4)
 REPLAN_METHODS = ("psa", "vmoba")
 REPLAN_STEPS = 8
@@ -32,17 +34,16 @@ def replan_e2e(seeds: Sequence[int], *, replan_every: Sequence[int] = REPLAN_EVE
 
     pipe = SparseVideoPipeline.tiny()
     call = pipe.resolve_size(**{"num_inference_steps": steps, **(size or {})})
-    prompt = "a red fox running through fresh snow"
     runs = []
     for seed in seeds:
         pipe.set_attn_processor(pipe.make_processor("dense"))
-        dense = pipe(prompt, **call, seed=seed)
+        dense = pipe(E2E_PROMPT, **call, seed=seed)
         for method in methods:
             baseline = None
             for k in replan_every:
                 processor = pipe.make_processor(method, overrides={"replan_every": k})
                 pipe.set_attn_processor(processor)
-                report = compare(pipe(prompt, **call, seed=seed), dense)
+                report = compare(pipe(E2E_PROMPT, **call, seed=seed), dense)
                 schedule = processor.schedule
                 warmup = schedule.warmup_steps(call["num_inference_steps"])
                 selections = sum(schedule.replans(s, call["num_inference_steps"])
