@@ -15,6 +15,7 @@ per tile pair):
 * tables, pooling and the op's fake implementation on the ``meta`` device, which holds no data,
   so any read of a value on the host fails there: the CPU check of what a GPU needs (nothing
   reads back from the device per call) for each family, from the planners' host facts;
+* pool levels the facts allow but no entry uses: no tile computed, outputs and gradients right;
 * the facts: carried by copies, read off a CPU plan moving to another device, refused when
   the tensors contradict them; the op survives a reload of the kernel modules, and importing the
   library loads neither triton nor a kernel module.
@@ -171,6 +172,33 @@ def test_tables_on_meta_read_nothing(case):
     assert all(t.device == meta for t in args[6])
     out, lse = torch.ops.vdiff_sparse.plan_attention(*args)
     assert out.shape == (1, N, H, D) and lse.shape == (1, H, N) and lse.dtype == torch.float32
+
+
+def test_levels_the_facts_allow_but_no_entry_uses_cost_no_tile():
+    """Facts may name more pool levels than the entries use (PSA's come from its config): the
+    unused ones are pooled and launched, compute no tile, and the result is the reference's."""
+    from vdiff_sparse.backends.reference import reference_attention
+    from vdiff_sparse.backends.triton import TritonBackend
+
+    offsets = uniform_offsets(N, 16)
+    selected = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    kv_index, kv_level = pack_block_selection(selected, torch.tensor([1, 2, 1])[None, None, None].expand(1, 1, 3, 3))
+    plan = AttentionPlan(None, offsets, offsets, kv_index, kv_level, tokens=N,
+                         facts=PlanFacts.uniform(N, 16, 16, (1, 2, 4, 8)))
+    q, k, v = random_qkv(1, N, H, D, seed=6, requires_grad=True)
+    backend = TritonBackend()
+    with backend.count_work() as counter:
+        out = backend.forward(q, k, v, plan)
+        out.backward(torch.ones_like(out))
+    work = backend.work(plan, D, batch=1, heads=H, tiles=kernels("tiles").INTERPRETER_TILES)
+    assert counter.totals() == {"forward": work["forward"]["executed"], "dq": work["backward"]["dq"]["executed"],
+                                "dkdv": work["backward"]["dkdv"]["executed"]}
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref = reference_attention(*leaves, plan)
+    ref.backward(torch.ones_like(ref))
+    assert (out.detach().double() - ref).abs().max() < 1e-4
+    for got, want in zip((q, k, v), leaves):
+        assert (got.grad.double() - want.grad).abs().max() < 1e-4 * max(1.0, want.grad.abs().max().item())
 
 
 def test_routed_rounds_on_the_gpu_path_are_the_planners_count():
