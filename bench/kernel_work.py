@@ -66,12 +66,12 @@ def legacy_work(plan, block_m: int = LEGACY_TILES[0], block_n: int = LEGACY_TILE
     """Pairs the kernels before this change computed for ``plan`` (see the module docstring),
     summed over the plan's batch and head entries."""
     from vdiff_sparse.kernels.pooling import pyramid_rows
-    from vdiff_sparse.kernels.tables import used_levels
+    from vdiff_sparse.plan import plan_facts
 
     valid = plan.kv_index >= 0
     kb = plan.kv_index.clamp(min=0)
     li = torch.log2(torch.where(valid, plan.levels(), 1).double()).round().long()
-    rows = pyramid_rows(plan.k_offsets, used_levels(plan), plan.num_tokens)
+    rows = pyramid_rows(plan.k_offsets, plan_facts(plan).levels, plan.num_tokens)
     k_pad = _cdiv(rows[li, kb, 1], block_n) * block_n * valid  # [B', H', nqb, max_kv]
     q_sizes = plan.q_offsets.diff()
     sub = _cdiv(int(q_sizes.max()), block_m)

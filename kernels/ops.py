@@ -1,11 +1,32 @@
-"""Launches, autograd and the entry point :func:`plan_attention`.
+"""Launches, the custom op ``vdiff_sparse::plan_attention`` and the entry point :func:`plan_attention`.
 
 :func:`plan_attention` stacks the pooled key/value pyramid the plan needs (:mod:`.pooling`,
 differentiable), builds the tables of the kernel family that runs the plan
 (:func:`~.tables.plan_tables`: per-token routing :mod:`.routed`, a coordinate window over a
-grid :mod:`.window`, anything else :mod:`.blocks`) and runs :class:`PlanAttentionFunction`:
-forward, then ``dq`` and ``dk``/``dv`` kernels in backward. Gradients of pooled rows flow back
-to the un-pooled keys through autograd of the pooling.
+grid :mod:`.window`, anything else :mod:`.blocks`) and calls the custom op with the tables
+flattened into tensors and ints (:func:`~.tables.flatten`):
+
+* ``vdiff_sparse::plan_attention(q, k_all, v_all, ek?, ev?, emask?, tables, ints, family, scale)
+  -> (out [B, N, H, Dv], lse [B, H, N] float32)``: the forward launches;
+* ``vdiff_sparse::plan_attention_backward(dout, ..., out, lse, tables, ints, family, scale)
+  -> (dq, dk_all, dv_all, dek, dev)``: the ``dq`` and ``dk``/``dv`` launches (``dek``/``dev``
+  empty without extra keys), the op's registered autograd formula (not itself differentiable).
+
+Both have fake implementations (output shapes from the inputs'), so ``torch.compile`` traces
+through them with ``fullgraph=True``: table building and pooling are plain torch code in the
+graph, and neither reads anything back from the device when the plan carries its
+:class:`~vdiff_sparse.plan.PlanFacts` (planners give them), nor does anything inside the ops
+(small constant tables are written by fills, not host-to-device copies): nothing makes the
+host wait for the device, as CUDA-graph capture requires (after a warm-up call has autotuned
+the launches; not yet run on a GPU). What still reads the device: a plan made on a GPU by hand, without
+facts (read per call, :func:`~vdiff_sparse.plan.plan_facts`) or without ``tokens``, and the
+round count of a routed plan on the CPU (exact there, where reading is free; a bound elsewhere,
+see :class:`~.tables.RoutedTables`).
+
+The ops are defined when this module first loads (importing :mod:`vdiff_sparse` loads no
+kernel); a reload (a change of ``TRITON_INTERPRET``) keeps them, and their bodies call this
+module's functions, which the reload replaced. Gradients of pooled rows flow back to the
+un-pooled keys through autograd of the pooling.
 
 :func:`count_work` switches on the kernels' work counters (a debug aid for the tests).
 """
@@ -21,7 +42,8 @@ from vdiff_sparse.plan import AttentionPlan, ExtraKeys
 
 from . import blocks, common, routed, window
 from .pooling import pyramid
-from .tables import BlockTables, BoxTables, KeyRanges, RoutedTables, WindowArgs, plan_tables
+from .tables import (BlockTables, BoxTables, ExtraRound, KeyRanges, RoutedTables, WindowArgs, device_ints, flatten,
+                     plan_tables, unflatten)
 from .tiles import TileChoice, keys_block_n, launch_tiles
 
 PASSES = ("forward", "dq", "dkdv")
@@ -90,6 +112,11 @@ class _Extra:
         return cls(ek, ev, mask, ek.shape[1], int(emask is not None))
 
 
+def _level_rowptr(rowptr: torch.Tensor, ranges: KeyRanges) -> torch.Tensor:
+    """The inverted lists of one level: ``rowptr`` from the level's first (key block) range."""
+    return rowptr[..., ranges.level * ranges.table.shape[0]:]
+
+
 def _window_mode(win: WindowArgs) -> int:
     """The ``WINDOW`` switch of :mod:`.blocks`: 0 none, 1 a window, 2 a dilated one."""
     return 0 if not win.active else 2 if win.dilated else 1
@@ -115,11 +142,11 @@ def _extra_dkdv(q, x: _Extra, do, lse, delta, scale, q_offsets, n_q_blocks: int,
     """``dk``/``dv`` of the extra keys: one range that every query block uses."""
     dev = q.device
     n = x.n
-    ranges = KeyRanges(torch.tensor([[0, n]], device=dev), torch.tensor([n], device=dev), 1, n,
+    ranges = KeyRanges(device_ints([0, n], dev).view(1, 2), device_ints([n], dev), 1, 0, n,
                        keys_block_n(choice.keys, n))
     dek, dev_ = torch.empty_like(x.k), torch.empty_like(x.v)
     _keys(q, x.k, x.v, do, lse, delta, dek, dev_, scale, ranges=ranges,
-          rowptr=torch.tensor([0, n_q_blocks], dtype=torch.int32, device=dev), rowptr_strides=(0, 0),
+          rowptr=device_ints([0, n_q_blocks], dev), rowptr_strides=(0, 0),
           items=torch.arange(n_q_blocks, dtype=torch.int32, device=dev), gather=False,
           win=WindowArgs(None, dev), block_m=choice.keys.block_m, q_offsets=q_offsets,
           kmask=x.mask if x.has_mask else None)
@@ -166,8 +193,8 @@ class _BlockRun(_QueryMajorRun):
         dq = torch.empty_like(q)
         self._rows(q, k_all, v_all, dq, do, lse, delta, x, scale, backward=True)
         dk, dv = torch.empty_like(k_all), torch.empty_like(v_all)
-        for ranges, rowptr in t.levels:
-            _keys(q, k_all, v_all, do, lse, delta, dk, dv, scale, ranges=ranges, rowptr=rowptr,
+        for ranges in t.levels:
+            _keys(q, k_all, v_all, do, lse, delta, dk, dv, scale, ranges=ranges, rowptr=_level_rowptr(t.rowptr, ranges),
                   rowptr_strides=t.rowptr_strides, items=t.list_qb, gather=False, win=t.window,
                   block_m=t.keys_block_m, q_offsets=t.q_offsets)
         return dq, dk, dv
@@ -221,7 +248,7 @@ class _RoutedRun:
         shared = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_D=D, HEAD_DV=v_all.shape[-1],
                       **_launch_args("dq" if backward else "forward", q, backward))
         if x.n > 0:
-            extra = t.extra_round(x.n)
+            extra = ExtraRound(q.device, N, x.n, t.block_m)
             routed.routed_rows_kernel[(extra.tasks.shape[2], B * H)](
                 q, x.k, x.v, do, lse, delta, acc, m, l,
                 extra.tasks, 0, 0, extra.pos, 0, 0, extra.ranges,
@@ -254,8 +281,8 @@ class _RoutedRun:
         state = lse.new_zeros(1)
         self._rounds(q, k_all, v_all, do, lse, delta, dq_acc, state, state, x, scale, backward=True)
         dk, dv = torch.empty_like(k_all), torch.empty_like(v_all)
-        for ranges, rowptr in t.levels:
-            _keys(q, k_all, v_all, do, lse, delta, dk, dv, scale, ranges=ranges, rowptr=rowptr,
+        for ranges in t.levels:
+            _keys(q, k_all, v_all, do, lse, delta, dk, dv, scale, ranges=ranges, rowptr=_level_rowptr(t.rowptr, ranges),
                   rowptr_strides=t.rowptr_strides, items=t.pos, gather=True, win=WindowArgs(None, q.device),
                   block_m=t.keys_block_m, q_offsets=t.q_offsets)
         return (dq_acc * scale).to(q.dtype), dk, dv
@@ -269,31 +296,96 @@ def _runner(tables):
     return _BlockRun(tables)
 
 
-class PlanAttentionFunction(torch.autograd.Function):
-    """Sparse attention over stacked keys ``k_all``/``v_all`` ``[B, NK, H, D]`` and optional
-    extra keys ``ek``/``ev`` ``[B, Ne, H, D]``; ``q`` ``[B, N, H, D]`` -> ``[B, N, H, Dv]``."""
+def _forward(q, k_all, v_all, ek, ev, emask, tables, ints, family: int, scale: float):
+    """The body of ``vdiff_sparse::plan_attention`` (see the module docstring)."""
+    run = _runner(unflatten(family, tables, ints))
+    return run.forward(q, k_all, v_all, _Extra.of(ek, ev, emask, q), scale)
 
-    @staticmethod
-    def forward(ctx, q, k_all, v_all, ek, ev, emask, tables, choice: TileChoice, scale: float):
-        run = _runner(tables)
-        out, lse = run.forward(q, k_all, v_all, _Extra.of(ek, ev, emask, q), scale)
-        ctx.save_for_backward(q, k_all, v_all, ek, ev, emask, out, lse)
-        ctx.run, ctx.choice, ctx.scale = run, choice, scale
-        ctx.q_blocks = (tables.q_offsets, tables.n_q_blocks)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k_all, v_all, ek, ev, emask, out, lse = ctx.saved_tensors
-        x = _Extra.of(ek, ev, emask, q)
-        do = dout.contiguous()
-        delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
-        dq, dk, dv = ctx.run.backward(q, k_all, v_all, x, out, lse, do, delta, ctx.scale)
+def _backward(dout, q, k_all, v_all, ek, ev, emask, out, lse, tables, ints, family: int, scale: float):
+    """The body of ``vdiff_sparse::plan_attention_backward``."""
+    t = unflatten(family, tables, ints)
+    x = _Extra.of(ek, ev, emask, q)
+    do = dout.contiguous()
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
+    dq, dk, dv = _runner(t).backward(q, k_all, v_all, x, out, lse, do, delta, scale)
+    if ek is None:
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
+    choice = launch_tiles(max(q.shape[-1], v_all.shape[-1]), q.device)
+    dek, dev = _extra_dkdv(q, x, do, lse, delta, scale, t.q_offsets, t.n_q_blocks, choice)
+    return dq, dk, dv, dek, dev
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k_all, v_all, ek, ev, emask, tables, ints, family, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k_all, v_all, ek, ev, emask, out, lse, *tables)
+    ctx.ints, ctx.family, ctx.scale = ints, family, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _grad(ctx, dout, _dlse):
+    """The op's autograd formula: the backward op (gradients of q, k_all, v_all, ek, ev)."""
+    q, k_all, v_all, ek, ev, emask, out, lse, *tables = ctx.saved_tensors
+    dq, dk, dv, dek, dev = torch.ops.vdiff_sparse.plan_attention_backward(
+        dout, q, k_all, v_all, ek, ev, emask, out, lse, tables, ctx.ints, ctx.family, ctx.scale)
+    if ek is None:
         dek = dev = None
-        if ek is not None:
-            dek, dev = _extra_dkdv(q, x, do, lse, delta, ctx.scale, *ctx.q_blocks, ctx.choice)
-        return dq, dk, dv, dek, dev, None, None, None, None
+    return dq, dk, dv, dek, dev, None, [None] * len(tables), None, None, None
+
+
+def _define_ops() -> None:
+    """Define ``vdiff_sparse::plan_attention`` and its backward op, fake implementations and
+    autograd formula. Their bodies look ``_forward``/``_backward`` up in this module's
+    namespace at each call, so after a reload (which refreshes that namespace in place) they
+    run the reloaded code; defining them again is not needed."""
+
+    @torch.library.custom_op("vdiff_sparse::plan_attention", mutates_args=())
+    def attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ek: torch.Tensor | None,
+                  ev: torch.Tensor | None, emask: torch.Tensor | None, tables: list[torch.Tensor], ints: list[int],
+                  family: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(q, k_all, v_all, ek, ev, emask, tables, ints, family, scale)
+
+    @attention.register_fake
+    def _(q, k_all, v_all, ek, ev, emask, tables, ints, family, scale):
+        B, N, H, _ = q.shape
+        return q.new_empty(B, N, H, v_all.shape[-1]), q.new_empty(B, H, N, dtype=torch.float32)
+
+    @torch.library.custom_op("vdiff_sparse::plan_attention_backward", mutates_args=())
+    def attention_backward(dout: torch.Tensor, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                           ek: torch.Tensor | None, ev: torch.Tensor | None, emask: torch.Tensor | None,
+                           out: torch.Tensor, lse: torch.Tensor, tables: list[torch.Tensor], ints: list[int],
+                           family: int, scale: float,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward(dout, q, k_all, v_all, ek, ev, emask, out, lse, tables, ints, family, scale)
+
+    @attention_backward.register_fake
+    def _(dout, q, k_all, v_all, ek, ev, emask, out, lse, tables, ints, family, scale):
+        extra = [q.new_empty(0) if x is None else torch.empty_like(x) for x in (ek, ev)]
+        return torch.empty_like(q), torch.empty_like(k_all), torch.empty_like(v_all), *extra
+
+    attention.register_autograd(_grad, setup_context=_setup_context)
+
+
+if not hasattr(torch.ops.vdiff_sparse, "plan_attention"):
+    _define_ops()
+
+
+def op_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                 extra: ExtraKeys | None = None, scale: float | None = None) -> tuple:
+    """The operands of ``vdiff_sparse::plan_attention`` for :func:`plan_attention` (same
+    arguments): ``q``, the stacked keys and values ``[B, N + pooled rows, heads, D|Dv]``, the
+    extra keys, values and mask (``None`` without), the flattened tables and the scale."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    choice = launch_tiles(max(q.shape[-1], v.shape[-1]), q.device)
+    k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+    tables, facts = plan_tables(plan, choice)
+    k_all, v_all, _ = pyramid(k, v, plan.k_offsets, facts.rows_of())
+    ek = ev = emask = None
+    if extra is not None and extra.k.shape[1] > 0:
+        ek, ev, emask = extra.k.to(q.dtype).contiguous(), extra.v.to(q.dtype).contiguous(), extra.mask
+    family, tensors, ints = flatten(tables)
+    return q.contiguous(), k_all, v_all, ek, ev, emask, tensors, ints, family, float(scale)
 
 
 def plan_attention(
@@ -304,7 +396,7 @@ def plan_attention(
     extra: ExtraKeys | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Execute ``plan`` with the Triton kernels (differentiable).
+    """Execute ``plan`` with the Triton kernels (differentiable), through the custom op.
 
     Args:
         q, k, v: ``[B, N, heads, D]`` / ``[B, N, heads, Dv]`` in plan order, on the GPU (or
@@ -317,15 +409,8 @@ def plan_attention(
     Returns:
         ``[B, N, heads, Dv]`` in plan order, q's dtype.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    choice = launch_tiles(max(q.shape[-1], v.shape[-1]), q.device)
-    k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
-    tables, levels = plan_tables(plan, choice)
-    k_all, v_all, _ = pyramid(k, v, plan.k_offsets, levels)
-    ek = ev = emask = None
-    if extra is not None and extra.k.shape[1] > 0:
-        ek, ev, emask = extra.k.to(q.dtype).contiguous(), extra.v.to(q.dtype).contiguous(), extra.mask
-    return PlanAttentionFunction.apply(q.contiguous(), k_all, v_all, ek, ev, emask, tables, choice, scale)
+    out, _ = torch.ops.vdiff_sparse.plan_attention(*op_arguments(q, k, v, plan, extra, scale))
+    return out
 
 
-__all__ = ["PASSES", "PlanAttentionFunction", "WorkCounter", "count_work", "plan_attention"]
+__all__ = ["PASSES", "WorkCounter", "count_work", "op_arguments", "plan_attention"]

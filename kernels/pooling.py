@@ -7,6 +7,9 @@ All pooled blocks of all levels are stacked after the full-resolution keys in on
 pointer and a row range. The pooling is a fused torch expression (``p`` strided gathers and a
 weighted sum, or a reshape-mean when every block is a multiple of ``p``), differentiable by
 autograd: gradients of pooled rows reach the un-pooled keys evenly spread over each group.
+
+The number of pooled rows of each level is a host number the caller gives (the plan's
+:class:`~vdiff_sparse.plan.PlanFacts`), so pooling reads nothing back from the device.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 from vdiff_sparse.plan import LEVELS
 
 
-def pool_groups(k_offsets: torch.Tensor, p: int):
-    """Groups of ``p`` consecutive positions inside each key block.
+def pool_groups(k_offsets: torch.Tensor, p: int, rows: int):
+    """The ``rows`` groups of ``p`` consecutive positions inside each key block.
 
     Returns:
         ``(start, count, per_block)``: ``[M]`` first plan position and number of tokens of each
@@ -25,7 +28,7 @@ def pool_groups(k_offsets: torch.Tensor, p: int):
     """
     sizes = k_offsets.diff()
     per_block = (sizes + p - 1) // p
-    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), per_block)
+    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), per_block, output_size=rows)
     first_group = torch.cumsum(per_block, 0) - per_block
     within = torch.arange(block.numel(), device=sizes.device) - first_group[block]
     start = k_offsets[:-1][block] + within * p
@@ -33,18 +36,18 @@ def pool_groups(k_offsets: torch.Tensor, p: int):
     return start, count, per_block
 
 
-def pool(x: torch.Tensor, k_offsets: torch.Tensor, p: int) -> torch.Tensor:
+def pool(x: torch.Tensor, k_offsets: torch.Tensor, p: int, rows: int) -> torch.Tensor:
     """Mean-pool ``x`` ``[B, N, heads, D]`` in groups of ``p`` within each key block.
 
-    Returns ``[B, M, heads, D]`` (``M`` groups, in block order) in ``x``'s dtype, summed in
-    float32.
+    Returns ``[B, rows, heads, D]`` (``rows``: the number of groups, ``sum(ceil(size / p))``
+    over the blocks; in block order) in ``x``'s dtype, summed in float32.
     """
-    sizes = k_offsets.diff()
-    if bool((sizes % p == 0).all()):
-        # Blocks are contiguous and tile the sequence, so the groups do too.
-        B, N, H, D = x.shape
+    B, N, H, D = x.shape
+    if rows * p == N:
+        # Every block is a multiple of p (else it would have a short group, and rows * p > N):
+        # blocks are contiguous and tile the sequence, so the groups do too.
         return x.unflatten(1, (N // p, p)).float().mean(2).to(x.dtype)
-    start, count, _ = pool_groups(k_offsets, p)
+    start, count, _ = pool_groups(k_offsets, p, rows)
     last = x.shape[1] - 1
     inv = 1.0 / count.float()
     acc = None
@@ -84,13 +87,14 @@ def pyramid_rows(k_offsets: torch.Tensor, levels: tuple[int, ...], num_keys: int
     return rows
 
 
-def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: tuple[int, ...]):
+def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: dict[int, int]):
     """Stack full-resolution and pooled keys/values for the pool factors in ``levels``.
 
     Args:
         k, v: ``[B, N, heads, D]`` / ``[B, N, heads, Dv]`` in plan order.
         k_offsets: ``[n_k_blocks + 1]`` key block boundaries.
-        levels: pool factors used by the plan (1 is always stacked first, as ``k`` itself).
+        levels: ``{pool factor: pooled rows}`` of the levels the plan uses (1 is always
+            stacked first, as ``k`` itself; :meth:`~vdiff_sparse.plan.PlanFacts.rows_of`).
 
     Returns:
         ``(k_all, v_all, rows)``: the stacked tensors (``k`` and ``v`` themselves when no
@@ -101,8 +105,8 @@ def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: t
     for p in LEVELS:
         if p == 1 or p not in levels:
             continue
-        ks.append(pool(k, k_offsets, p))
-        vs.append(pool(v, k_offsets, p))
+        ks.append(pool(k, k_offsets, p, levels[p]))
+        vs.append(pool(v, k_offsets, p, levels[p]))
     if len(ks) == 1:
         return k, v, rows
     return torch.cat(ks, 1), torch.cat(vs, 1), rows

@@ -8,13 +8,23 @@ counts what the launches do.
 
 Tables shaped ``[B'|1, H'|1, ...]`` follow the plan's batch and head dims (1 = shared); the
 kernels read them through strides that are 0 where a dim is shared.
+
+Building them reads nothing back from the device: every host number (block sizes, pool levels,
+tile counts, launch switches) comes from the plan's :class:`~vdiff_sparse.plan.PlanFacts` and
+its shapes (only a routed plan on the CPU has its round count read, exact where reading is
+free: :class:`RoutedTables`), and small constant tables are written on the device by fills (a host-to-device copy
+would stall the host and cannot be captured in a CUDA graph), so the construction traces into a
+``torch.compile`` graph. A plan without facts has them read off its tensors
+(:func:`~vdiff_sparse.plan.plan_facts`: free on the CPU, a host read on a GPU). The custom op
+of :mod:`.ops` takes the tables flattened into tensors and ints (:func:`flatten`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vdiff_sparse.plan import LEVELS, AttentionPlan
+from vdiff_sparse.plan import LEVELS, AttentionPlan, PlanFacts, plan_facts, read_facts
+from vdiff_sparse.window_tiles import clipped_windows, key_boxes, needs_window_test, query_boxes, tiles_of
 
 from .blocks import ENT_WIDTH
 from .common import RANGE_WIDTH
@@ -39,18 +49,74 @@ def level_index(levels: torch.Tensor) -> torch.Tensor:
     return torch.log2(levels.double()).round().long()
 
 
-class KeyRanges:
-    """The key ranges of one pool level for the ``dk``/``dv`` kernel: ``table`` ``[n_k_blocks,
-    RANGE_WIDTH]`` (first stacked row, rows, pool factor, tokens), the launch's ``block_n`` and
-    ``sub`` tiles per range."""
+def device_ints(values, device) -> torch.Tensor:
+    """``[len(values)]`` int32 of host ints, written on ``device`` by fills, not copied there."""
+    out = torch.empty(len(values), dtype=I32, device=device)
+    for i, x in enumerate(values):
+        out[i] = x
+    return out
 
-    def __init__(self, rows: torch.Tensor, sizes: torch.Tensor, p: int, level_rows: int, block_n: int):
-        self.p = p
+
+class OpArgs:
+    """Tables as operands of a custom op (which takes only tensors and primitives): the
+    ``tensors`` and ``ints`` the tables :meth:`put`, read back in the same order by ``take``."""
+
+    def __init__(self, tensors=(), ints=()):
+        self.tensors, self.ints = list(tensors), list(ints)
+        self._tensor = self._int = 0
+
+    def put(self, *values) -> None:
+        """Append tensors and ints (a bool as 0/1, a tuple of ints item by item)."""
+        for x in values:
+            if isinstance(x, torch.Tensor):
+                self.tensors.append(x)
+            elif isinstance(x, tuple):
+                self.ints.extend(x)
+            else:
+                self.ints.append(int(x) if isinstance(x, bool) else x)
+
+    def take_tensors(self, count: int) -> list[torch.Tensor]:
+        self._tensor += count
+        return self.tensors[self._tensor - count:self._tensor]
+
+    def take_ints(self, count: int) -> tuple:
+        self._int += count
+        return tuple(self.ints[self._int - count:self._int])
+
+
+class KeyRanges:
+    """The key ranges of one pool level ``p`` (``LEVELS[level]``) for the ``dk``/``dv`` kernel:
+    ``table`` ``[n_k_blocks, RANGE_WIDTH]`` (first stacked row, rows, pool factor, tokens), the
+    launch's ``block_n`` and ``sub`` tiles per range."""
+
+    def __init__(self, rows: torch.Tensor, sizes: torch.Tensor, p: int, level: int, level_rows: int, block_n: int):
+        self.p, self.level = p, level
         self.table = torch.stack(
             [rows[:, 0], rows[:, 1], torch.full_like(sizes, p), sizes], -1
         ).to(I32).contiguous()
         self.block_n = block_n
         self.sub = max(1, _cdiv(level_rows, block_n))
+
+    def put(self, a: OpArgs) -> None:
+        a.put(self.table, self.p, self.level, self.block_n, self.sub)
+
+    @classmethod
+    def take(cls, a: OpArgs) -> "KeyRanges":
+        r = cls.__new__(cls)
+        (r.table,) = a.take_tensors(1)
+        r.p, r.level, r.block_n, r.sub = a.take_ints(4)
+        return r
+
+
+def _put_levels(a: OpArgs, levels: list[KeyRanges]) -> None:
+    a.put(len(levels))
+    for ranges in levels:
+        ranges.put(a)
+
+
+def _take_levels(a: OpArgs) -> list[KeyRanges]:
+    (count,) = a.take_ints(1)
+    return [KeyRanges.take(a) for _ in range(count)]
 
 
 class BlockTables:
@@ -65,23 +131,24 @@ class BlockTables:
             block has at that level; only a level's last entry may have fewer, or the walk
             also computes the gap).
         passes: ``{"forward" | "dq": (BLOCK_M, BLOCK_N, tiles per query block)}``.
-        levels: per level used, :class:`KeyRanges` and its slice of the inverted lists:
-            ``rowptr`` (``[B' * H' * 4 * n_k_blocks + 1]``, query blocks of (plan batch, plan
-            head, level, key block)) and ``list_qb``.
+        rowptr, list_qb: the inverted lists: ``rowptr`` ``[B' * H' * 4 * n_k_blocks + 1]``
+            where the query blocks ``list_qb`` of each (plan batch, plan head, level, key
+            block) start.
+        levels: the :class:`KeyRanges` of every level stacked; level ``g``'s lists start at
+            ``rowptr[g * n_k_blocks]``.
         window: the plan's coordinate window (:class:`WindowArgs`), tested per pair (a
             hand-built window; the launches then use the ``window`` tiles).
     """
 
-    def __init__(self, plan: AttentionPlan, rows: torch.Tensor, choice: TileChoice):
+    def __init__(self, plan: AttentionPlan, rows: torch.Tensor, choice: TileChoice, facts: PlanFacts):
         dev = plan.kv_index.device
         nkb, nqb = plan.num_k_blocks, plan.num_q_blocks
         sizes = plan.k_offsets.diff()
         self.n_q_blocks = nqb
         self.q_offsets = plan.q_offsets.to(I32).contiguous()
-        self.q_block_max = int(plan.q_offsets.diff().max())
-        self.k_block_max = int(sizes.max())
+        self.q_block_max, self.k_block_max = facts.q_block_max, facts.k_block_max
         self.max_kv = plan.max_kv
-        self.window = WindowArgs(plan, dev)
+        self.window = WindowArgs(plan, dev, facts)
         # (BLOCK_M, BLOCK_N, tiles per query block) of the forward and dq launches.
         self.passes = {}
         for name, kind in (("forward", choice.forward), ("dq", choice.dq)):
@@ -104,7 +171,7 @@ class BlockTables:
         # Per level: entries, and slots walked: rows_per_entry for each entry but the last
         # (the shortest), which ends the walk at its last row.
         per_entry = [_cdiv(self.k_block_max, p) for p in LEVELS]
-        self.rows_per_entry = torch.tensor(per_entry, dtype=I32, device=dev)
+        self.rows_per_entry = device_ints(per_entry, dev)
         counts = []
         for g in range(len(LEVELS)):
             at_level = valid & (li == g)
@@ -127,8 +194,27 @@ class BlockTables:
         qb_of = torch.arange(nqb, device=dev).view(1, 1, nqb, 1).expand_as(kb).flatten()
         self.list_qb = qb_of[order].to(I32).contiguous()  # pad entries (unused slots) sort last
         self.rowptr_strides = (Hp * n_ranges if Bp > 1 else 0, n_ranges if Hp > 1 else 0)
-        self.levels = [(ranges, self.rowptr[g * nkb:]) for g, ranges in _key_ranges(plan, rows, choice)]
+        self.levels = _key_ranges(rows, sizes, facts, choice)
         self.keys_block_m = choice.keys.block_m
+
+    def put(self, a: OpArgs) -> None:
+        """The fields the launches read (:meth:`take` restores them)."""
+        a.put(self.q_offsets, self.ent, self.counts, self.rows_per_entry, self.rowptr, self.list_qb,
+              self.n_q_blocks, self.max_kv, self.keys_block_m, self.ent_strides, self.counts_strides,
+              self.rowptr_strides, self.passes["forward"], self.passes["dq"])
+        self.window.put(a)
+        _put_levels(a, self.levels)
+
+    @classmethod
+    def take(cls, a: OpArgs) -> "BlockTables":
+        t = cls.__new__(cls)
+        t.q_offsets, t.ent, t.counts, t.rows_per_entry, t.rowptr, t.list_qb = a.take_tensors(6)
+        t.n_q_blocks, t.max_kv, t.keys_block_m = a.take_ints(3)
+        t.ent_strides, t.counts_strides, t.rowptr_strides = a.take_ints(2), a.take_ints(2), a.take_ints(2)
+        t.passes = {"forward": a.take_ints(3), "dq": a.take_ints(3)}
+        t.window = WindowArgs.take(a)
+        t.levels = _take_levels(a)
+        return t
 
 
 class WindowArgs:
@@ -141,13 +227,14 @@ class WindowArgs:
     (``guard``); lattices into one mixed-radix int. Per plan position: ``code`` and ``group``
     of its coordinates, ``lo_code``/``hi_code`` (guard bits set) and ``lo_group`` of its
     window, clipped to the grid and onto its lattice (a window empty on some axis gets a low
-    end above every key).
+    end above every key). The field widths come from the grid, else from the extent in the
+    plan's ``facts`` (needed with a window).
 
     Raises:
         NotImplementedError: a grid too large for the fields to fit in 31 bits.
     """
 
-    def __init__(self, plan: AttentionPlan | None, dev):
+    def __init__(self, plan: AttentionPlan | None, dev, facts: PlanFacts | None = None):
         w = None if plan is None else plan.window
         self.active = w is not None
         if w is None:
@@ -155,24 +242,26 @@ class WindowArgs:
             self.guard = 0
             self.dilated = False
             return
+        extent = w.grid or facts.window_extent or read_facts(plan, window_tiles=False).window_extent
         coords, lo, hi = w.coords.long(), w.lo.long(), w.hi.long()
-        d = torch.tensor(w.dilation, device=dev)
-        n_axis = torch.tensor(w.grid, device=dev) if w.grid is not None else coords.max(0).values + 1
+        d = device_ints(w.dilation, dev).long()
+        n_axis = device_ints(extent, dev).long()
         lo = torch.where(lo < 0, torch.remainder(lo, d), lo)  # the first lattice point inside the grid
         hi = torch.minimum(hi, n_axis - 1)
         lo_group = torch.remainder(lo, d)
         lo_index = lo.div(d, rounding_mode="floor")
         hi_index = (hi - lo_group).div(d, rounding_mode="floor")
-        n_index = (n_axis + d - 1).div(d, rounding_mode="floor")
+        lattice = [_cdiv(n, step) for n, step in zip(extent, w.dilation)]  # lattice points per axis
+        n_index = device_ints(lattice, dev).long()
         empty = (hi_index < lo_index).any(-1, keepdim=True)
         lo_index = torch.where(empty, n_index, lo_index)
         hi_index = torch.where(empty, 0, hi_index)
-        widths = [int(n).bit_length() for n in n_index.tolist()]  # holds 0..n_index (the empty mark)
+        widths = [n.bit_length() for n in lattice]  # holds 0..n_index (the empty mark)
         offsets = [0, widths[0] + 1, widths[0] + widths[1] + 2]
         if sum(widths) + 3 > 31:
             raise NotImplementedError(
-                f"a coordinate window over a grid of {tuple(n_axis.tolist())} lattice points per axis is too "
-                "large for the kernels' packed window test (at most 31 bits of fields and guards)")
+                f"a coordinate window over a grid of {tuple(extent)} ({tuple(lattice)} lattice points per axis) is "
+                "too large for the kernels' packed window test (at most 31 bits of fields and guards)")
 
         def pack(x):
             return sum(x[..., a] << offsets[a] for a in range(3))
@@ -193,6 +282,17 @@ class WindowArgs:
         """The kernels' ``CODE, GROUP, LO_CODE, HI_CODE, LO_GROUP, GUARD`` arguments."""
         return self.code, self.group, self.lo_code, self.hi_code, self.lo_group, self.guard
 
+    def put(self, a: OpArgs) -> None:
+        a.put(self.code, self.group, self.lo_code, self.hi_code, self.lo_group, self.guard, self.active, self.dilated)
+
+    @classmethod
+    def take(cls, a: OpArgs) -> "WindowArgs":
+        w = cls.__new__(cls)
+        w.code, w.group, w.lo_code, w.hi_code, w.lo_group = a.take_tensors(5)
+        w.guard, active, dilated = a.take_ints(3)
+        w.active, w.dilated = bool(active), bool(dilated)
+        return w
+
 
 def box_supported(plan: AttentionPlan) -> bool:
     """Whether the box kernels (:mod:`.window`) run ``plan``: a coordinate window over a whole
@@ -209,15 +309,16 @@ class BoxTables:
         k_tiles: ``[n_k_blocks * tiles per block, TILE_WIDTH]``: ``BLOCK_N`` key tiles of every key
             block with the box of the queries whose windows can meet them.
         q_masked, k_masked: whether some box holds a pair outside a window (the launches
-            then test pairs).
+            then test pairs): from the facts' ``window_tiles``, which say up to which tile size
+            no box does.
         pos_of_token: ``[T * H * W]`` plan position of each grid token.
     """
 
-    def __init__(self, plan: AttentionPlan, choice: TileChoice):
+    def __init__(self, plan: AttentionPlan, choice: TileChoice, facts: PlanFacts):
         w = plan.window
         dev = plan.q_offsets.device
         self.grid = w.grid
-        self.window = WindowArgs(plan, dev)
+        self.window = WindowArgs(plan, dev, facts)
         self.q_offsets = plan.q_offsets.to(I32).contiguous()
         self.n_q_blocks = plan.num_q_blocks
         n = plan.num_tokens
@@ -225,73 +326,39 @@ class BoxTables:
         token = positions if plan.perm is None else plan.perm
         self.pos_of_token = torch.empty(n, dtype=I32, device=dev)
         self.pos_of_token[token] = positions.to(I32)
-        size = torch.tensor(w.grid, device=dev)
-        lo, hi, coords = w.lo.long().clamp(min=0), w.hi.long().minimum(size - 1), w.coords.long()
+        lo, hi = clipped_windows(w.lo, w.hi, w.grid)
+        coords = w.coords.long()
         dilated = any(x > 1 for x in w.dilation)
+        unmasked_q, unmasked_k = facts.window_tiles
 
-        self.block_m = rows_block_m(choice.window, int(plan.q_offsets.diff().max()))
+        self.block_m = rows_block_m(choice.window, facts.q_block_max)
         self.block_n = choice.window.block_n
-        tile_q, start_q, count_q = _tiles_of(plan.q_offsets, self.block_m)
-        n_q = start_q.numel()
-        box_lo, box_hi = _segment(lo, tile_q, n_q, "amin"), _segment(hi, tile_q, n_q, "amax")
-        self.q_tiles = _tile_table(start_q, count_q, box_lo, box_hi)
-        # Every query of a tile sees its whole box iff they share one window.
-        same = (_segment(lo, tile_q, n_q, "amax") == box_lo) & (_segment(hi, tile_q, n_q, "amin") == box_hi)
-        self.q_masked = dilated or not bool((same.all(-1) | (count_q == 0)).all())
+        tile_q, start_q, count_q = tiles_of(plan.q_offsets, self.block_m, facts.q_block_max, n)
+        self.q_tiles = _tile_table(start_q, count_q, *query_boxes(lo, hi, tile_q, start_q.numel()))
+        self.q_masked = dilated or needs_window_test(self.block_m, unmasked_q, facts.q_block_max)
 
-        self.keys_block_n = keys_block_n(choice.keys, int(plan.k_offsets.diff().max()))
+        self.keys_block_n = keys_block_n(choice.keys, facts.k_block_max)
         self.keys_block_m = choice.keys.block_m
-        tile_k, start_k, count_k = _tiles_of(plan.k_offsets, self.keys_block_n)
-        n_k = start_k.numel()
-        key_lo, key_hi = _segment(coords, tile_k, n_k, "amin"), _segment(coords, tile_k, n_k, "amax")
-        # Per axis and coordinate c, the widest and the narrowest window of the queries at c: a
-        # query can see a key tile only if, on every axis, its window meets the tile's span,
-        # and sees all of it if, on every axis, its window holds the span.
-        qbox_lo, qbox_hi, holds = [], [], torch.ones(n_k, dtype=torch.bool, device=dev)
-        for axis in range(3):
-            length = int(w.grid[axis])
-            c = coords[:, axis]
-            along = torch.arange(length, device=dev)
+        tile_k, start_k, count_k = tiles_of(plan.k_offsets, self.keys_block_n, facts.k_block_max, n)
+        qbox_lo, qbox_hi, _ = key_boxes(coords, lo, hi, tile_k, start_k.numel(), w.grid)
+        self.k_tiles = _tile_table(start_k, count_k, qbox_lo, qbox_hi)
+        self.k_masked = dilated or needs_window_test(self.keys_block_n, unmasked_k, facts.k_block_max)
 
-            def per_coordinate(values, how, fill):
-                out = torch.full((length,), fill, dtype=torch.long, device=dev)
-                return out.scatter_reduce(0, c, values[:, axis], how, include_self=True)
+    def put(self, a: OpArgs) -> None:
+        """The fields the launches read (:meth:`take` restores them)."""
+        a.put(self.q_offsets, self.q_tiles, self.k_tiles, self.pos_of_token, self.grid, self.n_q_blocks,
+              self.block_m, self.block_n, self.keys_block_m, self.keys_block_n, self.q_masked, self.k_masked)
+        self.window.put(a)
 
-            widest_lo, widest_hi = per_coordinate(lo, "amin", length), per_coordinate(hi, "amax", -1)
-            meets = (widest_lo[None, :] <= key_hi[:, axis, None]) & (widest_hi[None, :] >= key_lo[:, axis, None])
-            first, last = torch.where(meets, along, length).amin(1), torch.where(meets, along, -1).amax(1)
-            qbox_lo.append(first)
-            qbox_hi.append(last)
-            narrow_lo, narrow_hi = per_coordinate(lo, "amax", -1), per_coordinate(hi, "amin", length)
-            inside = (along[None, :] < first[:, None]) | (along[None, :] > last[:, None]) | (
-                (narrow_lo[None, :] <= key_lo[:, axis, None]) & (narrow_hi[None, :] >= key_hi[:, axis, None]))
-            holds &= inside.all(1)
-        self.k_tiles = _tile_table(start_k, count_k, torch.stack(qbox_lo, 1), torch.stack(qbox_hi, 1))
-        self.k_masked = dilated or not bool((holds | (count_k == 0)).all())
-
-
-def _tiles_of(offsets: torch.Tensor, block: int):
-    """Cut every block of ``offsets`` into tiles of ``block`` positions, as many per block as
-    the largest needs: the tile of each position ``[N]`` and each tile's first position and
-    size (0 for tiles past a block's end)."""
-    dev = offsets.device
-    sizes = offsets.diff()
-    sub = _cdiv(int(sizes.max()), block)
-    n_blocks = sizes.numel()
-    within = torch.arange(sub, device=dev) * block
-    start = (offsets[:-1, None] + within).flatten()
-    count = (sizes[:, None] - within).clamp(0, block).flatten()
-    block_of = torch.repeat_interleave(torch.arange(n_blocks, device=dev), sizes)
-    pos = torch.arange(int(offsets[-1]), device=dev)
-    tile = block_of * sub + (pos - offsets[:-1][block_of]) // block
-    return tile, start, count
-
-
-def _segment(values: torch.Tensor, segment: torch.Tensor, n: int, how: str) -> torch.Tensor:
-    """``[n, 3]`` reduction (``amin``/``amax``) of ``values`` ``[N, 3]`` per segment id."""
-    fill = torch.iinfo(torch.int64).max if how == "amin" else torch.iinfo(torch.int64).min
-    out = torch.full((n, 3), fill, dtype=torch.int64, device=values.device)
-    return out.scatter_reduce(0, segment[:, None].expand(-1, 3), values, how, include_self=True)
+    @classmethod
+    def take(cls, a: OpArgs) -> "BoxTables":
+        t = cls.__new__(cls)
+        t.q_offsets, t.q_tiles, t.k_tiles, t.pos_of_token = a.take_tensors(4)
+        t.grid = a.take_ints(3)
+        t.n_q_blocks, t.block_m, t.block_n, t.keys_block_m, t.keys_block_n, q_masked, k_masked = a.take_ints(7)
+        t.q_masked, t.k_masked = bool(q_masked), bool(k_masked)
+        t.window = WindowArgs.take(a)
+        return t
 
 
 def _tile_table(start, count, box_lo, box_hi) -> torch.Tensor:
@@ -318,10 +385,11 @@ class RoutedTables:
             ``block_m`` queries of one range.
         rowptr: ``[B', H', n_ranges + 1]`` where each range's queries start in the flattened
             ``pos`` (all rounds), for the ``dk``/``dv`` kernel.
-        rounds: the largest number of entries a query keeps (one host read).
+        rounds: the most entries a query keeps: counted on the CPU (outside traced code);
+            elsewhere the facts' ``keep_max``, else ``max_kv`` (a bound: see below).
     """
 
-    def __init__(self, plan: AttentionPlan, rows: torch.Tensor, choice: TileChoice):
+    def __init__(self, plan: AttentionPlan, rows: torch.Tensor, choice: TileChoice, facts: PlanFacts):
         dev = plan.kv_index.device
         n, nkb = plan.num_tokens, plan.num_k_blocks
         n_ranges = len(LEVELS) * nkb
@@ -332,7 +400,6 @@ class RoutedTables:
         sizes = plan.k_offsets.diff()
         self.q_offsets = plan.q_offsets.to(I32).contiguous()
         self.n_q_blocks = plan.num_q_blocks
-        self.q_block_max = int(plan.q_offsets.diff().max())
 
         bp = max(plan.kv_index.shape[0], plan.token_keep.shape[0])
         hp = max(plan.kv_index.shape[1], plan.token_keep.shape[1])
@@ -342,7 +409,14 @@ class RoutedTables:
         kept = plan.token_keep.expand(bp, hp, -1, -1) & (kv_index >= 0)
         range_of = torch.where(kept, li * nkb + kv_index, n_ranges)
         rank = kept.to(torch.int32).cumsum(-1) - 1
-        self.rounds = int(kept.sum(-1).max()) if kept.numel() else 0
+        if dev.type == "cpu" and not torch.compiler.is_compiling():
+            self.rounds = int(kept.sum(-1).max()) if kept.numel() else 0
+        else:
+            # On a GPU (or in a traced graph) the count would be a host read per call. A bound
+            # costs a launch per round past the true count (every task empty: its programs
+            # return at once) and [B', H', N] of the round tables per round; a local top-k
+            # planner knows the count exactly.
+            self.rounds = plan.max_kv if facts.keep_max is None else min(facts.keep_max, plan.max_kv)
         R = max(self.rounds, 1)
         # Range of each (round, query), n_ranges where the query has fewer entries.
         by_round = torch.full((bp, hp, n, R + 1), n_ranges, dtype=torch.long, device=dev)
@@ -383,47 +457,51 @@ class RoutedTables:
             for g, p in enumerate(LEVELS)
         ]).to(I32).contiguous()
         assert self.ranges.shape[-1] == RANGE_WIDTH.value
-        self.levels = [(ranges, self.rowptr[..., g * nkb:]) for g, ranges in _key_ranges(plan, rows, choice)]
+        self.levels = _key_ranges(rows, sizes, facts, choice)
 
-    def extra_round(self, n_extra: int) -> "ExtraRound":
-        """The round of the extra keys: every query, in plan order."""
-        return ExtraRound(self.q_offsets.device, int(self.q_offsets[-1]), n_extra, self.block_m)
+    def put(self, a: OpArgs) -> None:
+        """The fields the launches read (:meth:`take` restores them)."""
+        a.put(self.q_offsets, self.pos, self.tasks, self.rowptr, self.ranges, self.n_ranges, self.n_q_blocks,
+              self.block_m, self.block_n, self.keys_block_m, self.rounds, self.n_tasks, self.pos_strides,
+              self.tasks_strides, self.rowptr_strides)
+        _put_levels(a, self.levels)
+
+    @classmethod
+    def take(cls, a: OpArgs) -> "RoutedTables":
+        t = cls.__new__(cls)
+        t.q_offsets, t.pos, t.tasks, t.rowptr, t.ranges = a.take_tensors(5)
+        t.n_ranges, t.n_q_blocks, t.block_m, t.block_n, t.keys_block_m, t.rounds, t.n_tasks = a.take_ints(7)
+        t.pos_strides, t.tasks_strides, t.rowptr_strides = a.take_ints(2), a.take_ints(2), a.take_ints(2)
+        t.levels = _take_levels(a)
+        return t
 
 
 class ExtraRound:
-    """Tasks of the extra-key round: ``block_m`` consecutive queries each, one range (all
-    ``n_extra`` keys)."""
+    """Tasks of the extra-key round of :mod:`.routed`: ``block_m`` consecutive queries each of
+    the ``n`` in plan order, one range (all ``n_extra`` keys)."""
 
     def __init__(self, dev, n: int, n_extra: int, block_m: int):
         first = torch.arange(0, n, block_m, device=dev)
         count = (n - first).clamp(max=block_m)
         self.tasks = torch.stack([torch.zeros_like(first), first, count], -1).to(I32).view(1, 1, -1, TASK_WIDTH.value)
         self.pos = torch.arange(n, dtype=I32, device=dev).view(1, 1, n)
-        self.ranges = torch.tensor([[0, n_extra, 1, n_extra]], dtype=I32, device=dev)
+        self.ranges = device_ints([0, n_extra, 1, n_extra], dev).view(1, RANGE_WIDTH.value)
 
 
-def used_levels(plan: AttentionPlan) -> tuple[int, ...]:
-    """The pool factors the plan's entries use (1 always: the keys themselves)."""
-    valid = plan.kv_index >= 0
-    return tuple(sorted({1, *(int(p) for p in plan.levels()[valid].unique().tolist())}))
-
-
-def _key_ranges(plan: AttentionPlan, rows: torch.Tensor, choice: TileChoice):
-    """``(level index, KeyRanges)`` of every stacked level, for the ``dk``/``dv`` launches
-    (level 1 always: its rows are written, as zeros where no query uses them)."""
-    sizes = plan.k_offsets.diff()
-    k_block_max = int(sizes.max())
-    used = used_levels(plan)
+def _key_ranges(rows: torch.Tensor, sizes: torch.Tensor, facts: PlanFacts, choice: TileChoice) -> list[KeyRanges]:
+    """The :class:`KeyRanges` of every stacked level, for the ``dk``/``dv`` launches (level 1
+    always: its rows are written, as zeros where no query uses them)."""
     out = []
     for g, p in enumerate(LEVELS):
-        if p in used:
-            level_rows = _cdiv(k_block_max, p)
-            out.append((g, KeyRanges(rows[g], sizes, p, level_rows, keys_block_n(choice.keys, level_rows))))
+        if p in facts.levels:
+            level_rows = _cdiv(facts.k_block_max, p)
+            out.append(KeyRanges(rows[g], sizes, p, g, level_rows, keys_block_n(choice.keys, level_rows)))
     return out
 
 
 def plan_tables(plan: AttentionPlan, choice: TileChoice):
-    """The tables of the kernel family that runs ``plan``, and the pool factors to stack.
+    """The tables of the kernel family that runs ``plan``, and the plan's facts
+    (:func:`~vdiff_sparse.plan.plan_facts`; their ``levels`` are the pool factors to stack).
 
     Raises:
         NotImplementedError: per-token routing together with a coordinate window.
@@ -432,14 +510,29 @@ def plan_tables(plan: AttentionPlan, choice: TileChoice):
 
     if plan.token_keep is not None and plan.window is not None:
         raise NotImplementedError("the Triton kernels do not run per-token routing together with a coordinate window")
-    levels = used_levels(plan)
+    facts = plan_facts(plan)
     if box_supported(plan):
-        return BoxTables(plan, choice), levels
-    rows = pyramid_rows(plan.k_offsets, levels, plan.num_tokens)
+        return BoxTables(plan, choice, facts), facts
+    rows = pyramid_rows(plan.k_offsets, facts.levels, plan.num_tokens)
     if plan.token_keep is not None:
-        return RoutedTables(plan, rows, choice), levels
-    return BlockTables(plan, rows, choice), levels
+        return RoutedTables(plan, rows, choice, facts), facts
+    return BlockTables(plan, rows, choice, facts), facts
 
 
-__all__ = ["BlockTables", "BoxTables", "ExtraRound", "KeyRanges", "RoutedTables", "WindowArgs", "box_supported",
-           "plan_tables", "used_levels"]
+FAMILIES = (BlockTables, BoxTables, RoutedTables)
+
+
+def flatten(tables) -> tuple[int, list[torch.Tensor], list[int]]:
+    """``tables`` as custom op operands: ``(family, tensors, ints)`` (:func:`unflatten`)."""
+    a = OpArgs()
+    tables.put(a)
+    return FAMILIES.index(type(tables)), a.tensors, a.ints
+
+
+def unflatten(family: int, tensors, ints):
+    """The launch fields of the tables :func:`flatten` gave ``(family, tensors, ints)`` for."""
+    return FAMILIES[family].take(OpArgs(tensors, ints))
+
+
+__all__ = ["FAMILIES", "BlockTables", "BoxTables", "ExtraRound", "KeyRanges", "OpArgs", "RoutedTables", "WindowArgs",
+           "box_supported", "device_ints", "flatten", "plan_tables", "unflatten"]

@@ -132,7 +132,8 @@ def launch_tiles(head_dim: int, device) -> TileChoice:
         return INTERPRETER_TILES
     import torch
 
-    return gpu_tiles(head_dim, torch.cuda.get_device_capability(device)[0])
+    # The properties, not get_device_capability: torch.compile folds them into a constant.
+    return gpu_tiles(head_dim, torch.cuda.get_device_properties(device).major)
 
 
 def rows_block_m(tiles: Tiles, q_block_max: int) -> int:

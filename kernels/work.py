@@ -119,7 +119,7 @@ def _blocks(plan: AttentionPlan, t: BlockTables, text_keys: int, choice: TileCho
     level = torch.where(valid, plan.levels(), 1)
     q_pad = _padded(q_sizes, t.keys_block_m)[None, None, :, None]
     dkdv = 0.0
-    for ranges, _ in t.levels:
+    for ranges in t.levels:
         k_rows = ranges.table[:, 1].long()
         k_pad = _padded(k_rows, ranges.block_n)
         sel = valid & (level == ranges.p)
@@ -142,8 +142,8 @@ def _routed(t: RoutedTables, text_keys: int, choice: TileChoice) -> tuple[float,
     dkdv = 0.0
     nkb = t.n_ranges // len(LEVELS)
     runs = t.rowptr.long().diff(dim=-1)  # [B', H', n_ranges] queries per range
-    for ranges, _ in t.levels:
-        g = LEVELS.index(ranges.p)
+    for ranges in t.levels:
+        g = ranges.level
         k_pad = _padded(ranges.table[:, 1].long(), ranges.block_n)
         dkdv += float((_padded(runs[..., g * nkb:(g + 1) * nkb], t.keys_block_m) * k_pad).sum())
     dkdv += _text_dkdv(t.q_offsets, text_keys, choice) * n_entries

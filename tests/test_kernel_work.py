@@ -180,7 +180,8 @@ def test_box_tiles_cover_every_window_and_skip_the_test_only_when_safe():
     tables = _kernels("tables")
     for config, masked in ((dict(window=(4, 6, 6), stride=(2, 3, 3)), False), (dict(window=(2, 4, 5)), True)):
         plan = _gna((4, 9, 10), **config)
-        t = tables.BoxTables(plan, interpreter_tiles())
+        t, _ = tables.plan_tables(plan, interpreter_tiles())
+        assert isinstance(t, tables.BoxTables)
         assert t.q_masked == masked
         n = plan.num_tokens
         allowed = plan.window.allows(torch.arange(n), torch.arange(n))

@@ -258,7 +258,8 @@ def test_gna_tiles_sharing_a_window(seed):
 
     plan = plan_gna((4, 6, 6), window=(4, 4, 4), stride=(2, 3, 3))
     assert plan.window is not None and plan.window.grid is not None
-    assert not _kernels("tables").BoxTables(plan, _kernels("tiles").INTERPRETER_TILES).q_masked
+    tables, _ = _kernels("tables").plan_tables(plan, _kernels("tiles").INTERPRETER_TILES)
+    assert isinstance(tables, _kernels("tables").BoxTables) and not tables.q_masked
     check(plan, H=2, seed=seed)
 
 
@@ -336,7 +337,7 @@ def test_pool_gradient_spreads_evenly():
 
     offsets = torch.tensor([0, 5, 13])  # groups of 4: [4, 1] and [4, 4]
     x = torch.randn(1, 13, 1, 2, requires_grad=True)
-    pooled = pool(x, offsets, 4)
+    pooled = pool(x, offsets, 4, rows=4)
     assert pooled.shape == (1, 4, 1, 2)
     torch.testing.assert_close(pooled[0, 1, 0], x[0, 4, 0])
     torch.testing.assert_close(pooled[0, 3, 0], x[0, 9:13, 0].mean(0))

@@ -15,6 +15,9 @@ query block ``qb`` (``q_offsets``), per batch ``b`` and head ``h``:
   per-axis coordinate window (GNA);
 * always-attended extra keys (text) are passed to the backend beside the plan.
 
+A plan may carry :class:`PlanFacts`, what its maker knows on the host about its tensors (block
+sizes, pool levels), so that a backend running it on a GPU reads nothing back from the device.
+
 All kept keys of a query share one softmax. A query with no key at all gets output 0.
 Batch and head dims of ``kv_index``/``kv_level``/``token_keep`` may be 1 (broadcast), which is
 how a plan shared by all heads (GNA) is stored once.
@@ -85,6 +88,50 @@ class TokenWindow:
         return TokenWindow(self.coords.clone(), self.lo.clone(), self.hi.clone(), self.dilation, self.grid)
 
 
+@dataclass(frozen=True)
+class PlanFacts:
+    """Facts about a plan's tensors known on the host. The Triton kernels' tables and launch
+    shapes depend on them: given by the plan's maker (or read once off a CPU plan by
+    :meth:`AttentionPlan.to`), they spare a GPU a host read per attention call.
+    :func:`plan_facts` reads them off the tensors of a plan that has none.
+
+    Attributes:
+        q_block_max, k_block_max: tokens of the largest query / key block (exact).
+        levels: pool factors the entries may use, ascending, 1 always (a superset is correct:
+            an unused level costs its pooling and launches without work).
+        level_rows: per entry of ``levels``, the rows of that level in a pyramid of pooled keys
+            (``sum`` over key blocks of ``ceil(size / p)``; ``N`` for level 1).
+        keep_max: the most entries one query keeps (per-token routing), or ``None`` if unknown
+            (``max_kv`` bounds it).
+        window_extent: per axis, ``coords.max() + 1`` of the plan's window, or ``None``.
+        window_tiles: ``(query, key)`` tile sizes up to which tiles of a window plan over a grid
+            need no per-pair window test (:func:`~vdiff_sparse.window_tiles.largest_unmasked_tiles`;
+            ``(0, 0)``: every tile needs it).
+    """
+
+    q_block_max: int
+    k_block_max: int
+    levels: tuple[int, ...]
+    level_rows: tuple[int, ...]
+    keep_max: int | None = None
+    window_extent: tuple[int, int, int] | None = None
+    window_tiles: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def uniform(cls, n: int, block_q: int, block_k: int, levels: tuple[int, ...] = (1,),
+                keep_max: int | None = None) -> "PlanFacts":
+        """Facts of a plan over ``uniform_offsets(n, block_q)`` / ``(n, block_k)`` blocks whose
+        entries use pool factors among ``levels``."""
+        levels = tuple(sorted({1, *levels}))
+        full, rest = divmod(n, block_k)
+        rows = tuple(full * -(-block_k // p) + -(-rest // p) for p in levels)
+        return cls(min(block_q, n), min(block_k, n), levels, rows, keep_max)
+
+    def rows_of(self) -> dict[int, int]:
+        """``{pool factor: rows in the pyramid}`` of every level."""
+        return dict(zip(self.levels, self.level_rows))
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionPlan:
     """One attention call's sparsity, shared by every backend.
@@ -102,6 +149,8 @@ class AttentionPlan:
         info: free-form extra facts from the method (e.g. the VMoBA partition used).
         tokens: ``N`` when the maker knows it on the host (every planner does): then a plan on
             a GPU is checked by shapes only and nothing reads its tensors back to the host.
+        facts: :class:`PlanFacts` when the maker knows them on the host (every planner does;
+            :meth:`to` reads them off a CPU plan), else ``None``.
     """
 
     perm: torch.Tensor | None
@@ -114,6 +163,7 @@ class AttentionPlan:
     method: str = ""
     info: dict = field(default_factory=dict)
     tokens: int | None = None
+    facts: PlanFacts | None = None
 
     def __post_init__(self) -> None:
         n_q = self.q_offsets.numel() - 1
@@ -145,6 +195,23 @@ class AttentionPlan:
             and not bool((self.kv_level == 1).all())
         ):
             raise ValueError("a coordinate window only applies to full-resolution entries (kv_level 1)")
+        if read_values and self.facts is not None:
+            self._check_facts()
+
+    def _check_facts(self) -> None:
+        """Refuse facts the tensors contradict (kernels trusting them would read wrong rows)."""
+        read = read_facts(self, window_tiles=False)
+        given = self.facts
+        wrong = [name for name in ("q_block_max", "k_block_max") if getattr(given, name) != getattr(read, name)]
+        if not set(read.levels) <= set(given.levels):
+            wrong.append("levels")
+        rows = given.rows_of()
+        if any(rows.get(p, n) != n for p, n in read.rows_of().items()):
+            wrong.append("level_rows")
+        if given.keep_max is not None and read.keep_max is not None and read.keep_max > given.keep_max:
+            wrong.append("keep_max")
+        if wrong:
+            raise ValueError(f"the plan's facts {given} contradict its tensors ({', '.join(wrong)}: {read})")
 
     # --- shape facts -------------------------------------------------------------------------
     @property
@@ -200,7 +267,15 @@ class AttentionPlan:
             method=self.method,
             info=self.info,
             tokens=self.num_tokens if self.tokens is None and self.q_offsets.device.type == "cpu" else self.tokens,
+            facts=self._facts_for(torch.device(device)),
         )
+
+    def _facts_for(self, device: torch.device) -> PlanFacts | None:
+        """The facts a copy on ``device`` carries: read here off a CPU plan going elsewhere (free
+        now, a host read per call there)."""
+        if self.facts is None and self.q_offsets.device.type == "cpu" and device.type != "cpu":
+            return read_facts(self)
+        return self.facts
 
     def clone(self) -> "AttentionPlan":
         """A copy whose tensors (and ``info`` dict) share nothing with this one's, for plans
@@ -219,6 +294,7 @@ class AttentionPlan:
             method=self.method,
             info=dict(self.info),
             tokens=self.tokens,
+            facts=self.facts,
         )
 
     # --- statistics --------------------------------------------------------------------------
@@ -293,6 +369,39 @@ class ExtraKeys:
     mask: torch.Tensor | None = None
 
 
+def plan_facts(plan: AttentionPlan) -> PlanFacts:
+    """``plan.facts``, or the facts read off its tensors (free on the CPU, a host read on a
+    GPU: plans made there by hand carry no facts)."""
+    return plan.facts if plan.facts is not None else read_facts(plan)
+
+
+def read_facts(plan: AttentionPlan, window_tiles: bool = True) -> PlanFacts:
+    """The :class:`PlanFacts` of ``plan``'s tensors (reads them all; ``window_tiles=False``
+    leaves out the window tiles, the costly part)."""
+    from .window_tiles import largest_unmasked_tiles
+
+    n = plan.num_tokens
+    q_sizes, k_sizes = plan.q_offsets.diff(), plan.k_offsets.diff()
+    q_block_max = int(q_sizes.max()) if q_sizes.numel() else 0
+    k_block_max = int(k_sizes.max()) if k_sizes.numel() else 0
+    valid = plan.kv_index >= 0
+    levels = tuple(sorted({1, *(int(p) for p in plan.levels()[valid].unique().tolist())}))
+    rows = tuple(int(((k_sizes + p - 1) // p).sum()) for p in levels)
+    keep_max = None
+    if plan.token_keep is not None:
+        kept = plan.token_keep & valid[:, :, plan.query_block_of_position()]
+        keep_max = int(kept.sum(-1).max()) if kept.numel() else 0
+    w = plan.window
+    extent, tiles = None, (0, 0)
+    if w is not None:
+        extent = tuple(int(x) + 1 for x in w.coords.max(0).values.tolist())
+        undilated = all(d == 1 for d in w.dilation)
+        if window_tiles and w.grid is not None and plan.token_keep is None and undilated:
+            tiles = largest_unmasked_tiles(w.coords.long(), w.lo, w.hi, w.grid, plan.q_offsets, plan.k_offsets, n,
+                                           q_block_max, k_block_max)
+    return PlanFacts(q_block_max, k_block_max, levels, rows, keep_max, extent, tiles)
+
+
 def dense_plan(num_tokens: int, block: int = 128, device="cpu") -> AttentionPlan:
     """A plan keeping every key at full resolution (density 1)."""
     from .layout import uniform_offsets
@@ -300,7 +409,8 @@ def dense_plan(num_tokens: int, block: int = 128, device="cpu") -> AttentionPlan
     offsets = uniform_offsets(num_tokens, block).to(device)
     nb = offsets.numel() - 1
     kv_index = torch.arange(nb, device=device).expand(1, 1, nb, nb).contiguous()
-    return AttentionPlan(None, offsets, offsets, kv_index, method="dense", tokens=num_tokens)
+    return AttentionPlan(None, offsets, offsets, kv_index, method="dense", tokens=num_tokens,
+                         facts=PlanFacts.uniform(num_tokens, block, block))
 
 
 def pack_block_selection(selected: torch.Tensor, levels: torch.Tensor | None = None):

@@ -71,7 +71,13 @@ class TritonBackend(Backend):
         reason = self.why_not(q, v, plan)  # called directly, not through select_backend
         if reason is not None:
             raise NotImplementedError(f"backend 'triton' cannot run this problem: {reason}")
-        return _kernels().plan_attention(q, k, v, plan, extra, scale)
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace importlib (_kernels): the kernels as they are loaded, so a
+            # graph keeps the interpreter mode of the last eager call (or of this import).
+            from ..kernels import ops
+        else:
+            ops = _kernels()
+        return ops.plan_attention(q, k, v, plan, extra, scale)
 
     def count_work(self, device="cpu"):
         """Context manager: while active, the kernels count the query-key pairs of every tile

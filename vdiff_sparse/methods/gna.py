@@ -29,7 +29,7 @@ axis of length ``n``) and combined by outer products: no loop over tokens or til
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -37,7 +37,7 @@ import torch
 from ..attention import dense_attention, run_plan
 from ..checks import Grid, check_finite, check_grid, check_per_axis, check_qkv
 from ..layout import tile_order, token_coords
-from ..plan import AttentionPlan, TokenWindow, pack_block_selection
+from ..plan import AttentionPlan, TokenWindow, pack_block_selection, read_facts
 from .registry import Method, get_method, register_method
 
 PerAxisInt = Union[int, Sequence[int]]
@@ -236,7 +236,7 @@ def _plan_gna_cpu(
         "block_aligned": aligned,
         "dense": dense,
     }
-    return AttentionPlan(
+    plan = AttentionPlan(
         order.perm,
         order.offsets,
         order.offsets,
@@ -246,6 +246,8 @@ def _plan_gna_cpu(
         info=info,
         tokens=grid[0] * grid[1] * grid[2],
     )
+    # Read once here (the plan is cached), carried to every device and copy.
+    return replace(plan, facts=read_facts(plan))
 
 
 def plan_gna(

@@ -56,7 +56,7 @@ import torch
 from ..attention import run_plan
 from ..checks import check_choice, check_finite, check_positive_int, check_qkv
 from ..layout import BlockOrder, Grid, hilbert_order, sequence_order, tile_order, uniform_offsets
-from ..plan import LEVELS, AttentionPlan, pack_block_selection
+from ..plan import LEVELS, AttentionPlan, PlanFacts, pack_block_selection
 from .psa_budget import (
     LEVELS_COARSE_FIRST,
     allocate_budget,
@@ -341,6 +341,18 @@ def _budget_levels(
 
 
 # --- plan ----------------------------------------------------------------------------------
+def _possible_levels(config: PSAConfig) -> tuple[int, ...]:
+    """The pool factors a plan of ``config`` may give an entry (1 always), known before
+    planning: the plan's facts, so that running it reads no level back from the device."""
+    if config.mode == "budget":
+        return tuple(sorted({1, *config.budget_levels}))  # a capped level is only not offered
+    levels = {1, *(config.thresholds if config.mode == "threshold" else config.fractions)}
+    for p in (8, 4, 2):  # the cap demotes p to p // 2, coarse first (_cap_levels)
+        if p in levels and p in (config.similarity_cap or {}):
+            levels.add(p // 2)
+    return tuple(sorted(levels))
+
+
 def _order(grid: Grid, n: int, config: PSAConfig, device) -> BlockOrder:
     if config.reorder == "tile":
         return tile_order(grid, config.tile, device=device)
@@ -419,6 +431,7 @@ def plan_psa(
         kv_level=kv_level,
         method="psa",
         tokens=n,
+        facts=PlanFacts.uniform(n, config.block_q, config.block_k, _possible_levels(config)),
         info={
             "config": config,
             "num_q_blocks": nqb,

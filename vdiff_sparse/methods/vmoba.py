@@ -41,7 +41,7 @@ from ..checks import (
     Grid, check_choice, check_finite, check_grid, check_positive_int, check_positive_ints, check_qkv,
 )
 from ..layout import BlockOrder, sequence_order, tile_order
-from ..plan import AttentionPlan, pack_block_selection
+from ..plan import AttentionPlan, PlanFacts, pack_block_selection
 from .registry import Method, build_config, get_method, register_method
 
 MODES = ("topk", "threshold")
@@ -235,10 +235,23 @@ def _tile_spans(n: int, query_block: int) -> list[tuple[slice, slice, int]]:
     return spans
 
 
-def _dense_selection_plan(order: BlockOrder, q_offsets: torch.Tensor, info: dict, n: int) -> AttentionPlan:
+def _facts(grid: Grid, tile: Grid, n: int, config: VMoBAConfig) -> PlanFacts:
+    """What the plan's maker knows on the host: query tiles of ``query_block`` positions, key
+    blocks of at most the partition's tile (edge tiles are smaller), full resolution only, and
+    in local top-k mode ``topk`` entries kept per token."""
+    largest = 1
+    for g, t in zip(grid, tile):
+        largest *= min(g, t)
+    keep = config.topk if config.mode == "topk" and config.scope == "local" else None
+    return PlanFacts(min(config.query_block, n), largest, (1,), (n,), keep)
+
+
+def _dense_selection_plan(order: BlockOrder, q_offsets: torch.Tensor, info: dict, n: int,
+                          facts: PlanFacts) -> AttentionPlan:
     n_q, n_k = q_offsets.numel() - 1, order.num_blocks
     kv_index = torch.arange(n_k, device=q_offsets.device).expand(1, 1, n_q, n_k).contiguous()
-    return AttentionPlan(order.perm, q_offsets, order.offsets, kv_index, method="vmoba", info=info, tokens=n)
+    return AttentionPlan(order.perm, q_offsets, order.offsets, kv_index, method="vmoba", info=info, tokens=n,
+                         facts=facts)
 
 
 def plan_vmoba(
@@ -285,8 +298,9 @@ def plan_vmoba(
         "scope": config.scope,
     }
     check_finite(q=q, k=k)
+    facts = _facts(grid, tile, n, config)
     if config.mode == "topk" and config.topk >= nb:
-        return _dense_selection_plan(order, q_offsets, info, n)
+        return _dense_selection_plan(order, q_offsets, info, n, facts)
 
     B, _, H, D = q.shape
     gate_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -341,6 +355,7 @@ def plan_vmoba(
         method="vmoba",
         info=info,
         tokens=n,
+        facts=facts,
     )
 
 
