@@ -35,9 +35,9 @@ class Recorder(P.DenseProcessor):
         super().__init__(**kwargs)
         self.calls = []
 
-    def _attend(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, grid, reason):
-        self.calls.append((binding.index, binding.context.step, reason))
-        return super()._attend(q, k, v, extra_k, extra_v, extra_mask, binding=binding, grid=grid, reason=reason)
+    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, record=True):
+        self.calls.append((binding.index, binding.context.step, self._dense_reason(binding)))
+        return super().attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, record=record)
 
 
 def _forward(model, inputs, t):
