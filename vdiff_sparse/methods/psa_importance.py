@@ -126,7 +126,8 @@ def sampled_importance(
                 # The variance over a key block's samples enters a per-head sum only: the first
                 # sampled query of each query block is enough.
                 first = per_block[:, 0].to(work_dtype)  # [b, sk, nkb] (may be a view of the logits)
-                variances[r, b0:b1] = first.var(1, unbiased=False)
+                # Two passes of vectorised means (torch's var is ~10x slower on this strided view).
+                variances[r, b0:b1] = (first - first.mean(1, keepdim=True)).square_().mean(1)
     return out / out.sum(-1, keepdim=True), spreads, variances
 
 
