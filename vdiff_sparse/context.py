@@ -173,6 +173,9 @@ class LayerBinding:
             which would make a graph per layer.
         handle: a CPU int64 scalar naming this binding (:func:`binding_from_handle`): compiled
             code hands it to the attention op as a tensor, whose value dynamo does not guard.
+        token: the transformer's call token, which the compiled pre-hook's op updates; the
+            attention op takes it as an input, so a compiled graph runs that update (the step
+            and grid of the call) before any layer's attention.
     """
 
     adapter: ModelAdapter
@@ -181,6 +184,7 @@ class LayerBinding:
     num_layers: int
     dense_processor: Any
     name: str
+    token: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64), repr=False)
     video: bool = field(init=False)
     handle: torch.Tensor = field(init=False, repr=False)
 
@@ -422,7 +426,7 @@ def _bind_modules(transformer: torch.nn.Module, attachment: _Attachment) -> None
         original = None if _is_ours(module.processor) else module.processor
         dense = original if original is not None else adapter.default_processor(transformer, name, module)
         binding = LayerBinding(
-            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name
+            adapter, attachment.context, index_of.get(id(module)), len(video), dense, name, attachment.token
         )
         setattr(module, _BINDING, binding)
         attachment.modules.append((module, original))

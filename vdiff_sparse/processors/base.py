@@ -282,7 +282,7 @@ class SparseProcessor(BoundProcessor):
             q, k, v = (sequence_to_heads(x, cp) for x in (q, k, v))
             extra_k, extra_v = local_heads(extra_k, cp), local_heads(extra_v, cp)
         if torch.compiler.is_compiling():
-            out = video_attention(q, k, v, extra_k, extra_v, extra_mask, binding.handle, self._op_id)
+            out = video_attention(q, k, v, extra_k, extra_v, extra_mask, binding.handle, self._op_id, binding.token)
         else:
             out = self.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding)
         return out if cp is None else heads_to_sequence(out, cp)

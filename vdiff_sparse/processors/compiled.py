@@ -45,10 +45,11 @@ def _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record: bool)
 @torch.library.custom_op("vdiff_sparse::video_attention", mutates_args=())
 def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: torch.Tensor | None,
                     extra_v: torch.Tensor | None, extra_mask: torch.Tensor | None, handle: torch.Tensor,
-                    processor: torch.Tensor) -> torch.Tensor:
+                    processor: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """Video self-attention of one layer: ``q, k, v`` ``[B, N, heads, D|Dv]``, always-attended
     ``extra_k/extra_v`` ``[B, Ne, heads, D|Dv]`` with ``extra_mask`` ``[B, Ne]`` bool, the
-    layer's binding ``handle`` and the processor's id -> ``[B, N, heads, Dv]``."""
+    layer's binding ``handle`` and the processor's id -> ``[B, N, heads, Dv]``. ``token`` is
+    not read: as an input it orders the op after the pre-hook's context update."""
     out = _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record=True)
     # A custom op's output may not alias its inputs; only a method that returns a view of v
     # (none does today) pays for a copy.
@@ -57,7 +58,7 @@ def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: 
 
 
 @video_attention.register_fake
-def _(q, k, v, extra_k, extra_v, extra_mask, handle, processor):
+def _(q, k, v, extra_k, extra_v, extra_mask, handle, processor, token):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -90,7 +91,7 @@ def _(grad_out, q, k, v, extra_k, extra_v, extra_mask, handle, processor):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, extra_k, extra_v, extra_mask, handle, processor = inputs
+    q, k, v, extra_k, extra_v, extra_mask, handle, processor, _token = inputs
     ctx.save_for_backward(q, k, v, extra_k, extra_v, extra_mask, handle, processor)
     ctx.has_extra = extra_k is not None
 
@@ -101,7 +102,7 @@ def _backward(ctx, grad_out):
                                                     processor)
     if not ctx.has_extra:
         dek = dev = None
-    return dq, dk, dv, dek, dev, None, None, None
+    return dq, dk, dv, dek, dev, None, None, None, None
 
 
 video_attention.register_autograd(_backward, setup_context=_setup_context)
