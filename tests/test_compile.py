@@ -193,15 +193,22 @@ def test_inductor_end_to_end():
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()
 
 
-def test_gradients_through_the_compiled_op():
+@pytest.mark.parametrize("method", ["vmoba", "psa", "gna"])
+def test_gradients_through_the_compiled_op(method):
     """Training a compiled model: the op's backward (recomputing the eager attention) gives
-    eager's gradients."""
+    eager's gradients, for methods built of autograd Functions (VMoBA's routed backend) and of
+    plain torch ops alike."""
     def grads(compile_it: bool):
         torch._dynamo.reset()
         model = tm.tiny_wan_transformer(seed=0).train()
         inputs = tm.tiny_inputs("wan", (2, 4, 6), batch=2, seed=1, model=model)
-        integration.enable(model, P.VMoBAProcessor(topk=1, block_1d=1, block_2d=(2, 2), block_3d=(1, 2, 2),
-                                                   query_block=16))
+        processor = {
+            "vmoba": lambda: P.VMoBAProcessor(topk=1, block_1d=1, block_2d=(2, 2), block_3d=(1, 2, 2), query_block=16),
+            "psa": lambda: P.PSAProcessor(mode="quantile", fractions={1: 0.3, 2: 0.2}, block_q=8, block_k=8,
+                                          dense_steps=0),
+            "gna": lambda: P.GNAProcessor(window=(2, 2, 3), stride=1),
+        }[method]()
+        integration.enable(model, processor)
         call = torch.compile(model, fullgraph=True, backend="aot_eager") if compile_it else model
         call(**inputs).sample.square().mean().backward()
         integration.disable(model)
@@ -380,3 +387,21 @@ def test_steady_state_steps_do_not_synchronise_on_a_gpu(method):
             _forward(model, inputs, TIMESTEPS[1])
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_compiled_training_step_reuses_no_plan():
+    """Inside the compiled op grad mode is always off: the caller's mode travels with the call,
+    so a differentiated step selects afresh (its gradient is that of its own plan)."""
+    torch._dynamo.reset()
+    model = tm.tiny_wan_transformer(seed=0).train()
+    inputs = tm.tiny_inputs("wan", (2, 4, 6), batch=2, seed=1, model=model)
+    proc = P.PSAProcessor(mode="quantile", fractions={1: 0.3}, block_q=8, block_k=8, replan_every=2, dense_steps=0)
+    integration.enable(model, proc)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for t in (900.0, 800.0):
+        _forward(compiled, inputs, t).square().mean().backward()
+    assert not proc._plans
+    with torch.no_grad():
+        _forward(compiled, inputs, 700.0)
+    assert len(proc._plans) == 2  # without gradients the layers keep their plans
+    integration.disable(model)

@@ -379,6 +379,8 @@ def test_settings_of_another_mode_than_the_presets_are_refused_or_reset():
     assert switched.config.density == PSAConfig().density  # the preset's budget density cleared
     kept = PSAProcessor(preset="wan2.1-14b", mode="budget")
     assert kept.config.density == 0.12  # the same mode keeps the preset's own density
+    replaced = kept.config.replace(mode="quantile", fractions={1: 0.2})
+    assert replaced.mode == "quantile" and replaced.density == PSAConfig().density
 
 
 def test_every_model_preset_names_a_budget_density():

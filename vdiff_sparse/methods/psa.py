@@ -261,8 +261,10 @@ class PSAConfig:
                     )
 
     def replace(self, **overrides) -> "PSAConfig":
-        """A copy with ``overrides`` applied (validated); unknown names raise ``ValueError``."""
-        return build_config(PSAConfig, self, overrides, "PSA")
+        """A copy with ``overrides`` applied (validated); unknown names raise ``ValueError``. A
+        new ``mode`` resets the fields of the other modes, as over a preset."""
+        settings = get_method("psa").merge({f.name: getattr(self, f.name) for f in fields(self)}, overrides)
+        return build_config(PSAConfig, settings, {}, "PSA")
 
 
 def _field_defaults() -> dict:

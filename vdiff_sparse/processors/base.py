@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import weakref
 
 import torch
 
@@ -139,7 +140,7 @@ class SparseProcessor(BoundProcessor):
         self._op_id = register_processor(self)
         # replan_every > 1: the last plan per (layer, call of the step, shapes), of one generation
         self._plans: dict = {}
-        self._plans_generation = None
+        self._plans_owner = None  # (weakref to the RunContext, its generation) the plans belong to
         # Per-layer overrides: a config of this method, or a processor of another method
         # (its settings from the same model preset) whose attention() this one calls.
         self._layer_configs, self._layer_processors = {}, {}
@@ -281,16 +282,22 @@ class SparseProcessor(BoundProcessor):
             check_ulysses(cp, q.shape[2], f"{type(self).__name__} in {binding.name!r}")
             q, k, v = (sequence_to_heads(x, cp) for x in (q, k, v))
             extra_k, extra_v = local_heads(extra_k, cp), local_heads(extra_v, cp)
+        # Decided here, where grad mode is that of the caller (inside the compiled op it is off).
+        training = torch.is_grad_enabled()
         if torch.compiler.is_compiling():
-            out = video_attention(q, k, v, extra_k, extra_v, extra_mask, binding.handle, self._op_id, binding.token)
+            out = video_attention(q, k, v, extra_k, extra_v, extra_mask, binding.handle, self._op_id, binding.token,
+                                  training)
         else:
-            out = self.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding)
+            out = self.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, training=training)
         return out if cp is None else heads_to_sequence(out, cp)
 
-    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, record=True):
+    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, record=True,
+                     training: bool | None = None):
         """One layer's video attention on whole sequences (after any context-parallel exchange):
         the schedule's decision for this step and layer, then dense attention or the layer's
-        method, with statistics when enabled (and ``record``)."""
+        method, with statistics when enabled (and ``record``). ``training``: whether the
+        caller differentiates the output (no plan reuse then); ``None`` reads the grad mode."""
+        training = torch.is_grad_enabled() if training is None else training
         grid = binding.context.grid
         check_grid_matches(grid, q.shape[1], f"layer {binding.name}")
         reason = self._dense_reason(binding)
@@ -306,7 +313,7 @@ class SparseProcessor(BoundProcessor):
         if reason:
             out = dense(q, k, v, **extras)
         elif self.schedule.replan_every > 1:
-            out, plan = self._attend_reusing_plans(runner, q, k, v, binding, dense, extras)
+            out, plan = self._attend_reusing_plans(runner, q, k, v, binding, dense, extras, training)
         elif timed:
             out, plan = runner.attention(q, k, v, grid, layer, return_plan=True, dense=dense, **extras)
         else:
@@ -321,7 +328,7 @@ class SparseProcessor(BoundProcessor):
             ))
         return out
 
-    def _attend_reusing_plans(self, runner, q, k, v, binding, dense, extras):
+    def _attend_reusing_plans(self, runner, q, k, v, binding, dense, extras, training: bool):
         """The layer's method with selection on every ``replan_every``-th sparse step only: one
         plan per layer and per call of the step (both guidance branches), reused in between.
 
@@ -333,13 +340,14 @@ class SparseProcessor(BoundProcessor):
         outside a pipeline), which keeps the cache at one plan per layer and call."""
         ctx = binding.context
         layer = binding.index
-        if (torch.is_grad_enabled() or not get_method(self.method_for(layer)).plans_from_qk
+        if (training or not get_method(self.method_for(layer)).plans_from_qk
                 or ctx.call_in_step >= REUSED_CALLS_PER_STEP):
             return runner.attention(q, k, v, ctx.grid, layer, return_plan=True, dense=dense, **extras)
-        if ctx.generation != self._plans_generation:
+        owner = self._plans_owner
+        if owner is None or owner[0]() is not ctx or owner[1] != ctx.generation:  # another model or generation
             self._plans.clear()
-            self._plans_generation = ctx.generation
-        key = (id(binding), ctx.call_in_step, tuple(q.shape), v.shape[-1], q.device, q.dtype)
+            self._plans_owner = (weakref.ref(ctx), ctx.generation)
+        key = (int(binding.handle), ctx.call_in_step, tuple(q.shape), v.shape[-1], q.device, q.dtype)
         cached = self._plans.get(key)
         if cached is None or self.schedule.replans(ctx.step, ctx.num_steps()):
             out, plan = runner.attention(q, k, v, ctx.grid, layer, return_plan=True, dense=dense, **extras)

@@ -15,6 +15,7 @@ differentiates it (the forward is computed twice when training a compiled model)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 
@@ -34,23 +35,26 @@ def register_processor(processor) -> torch.Tensor:
     return torch.tensor(ident, dtype=torch.int64)
 
 
-def _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record: bool):
+def _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record: bool, training: bool):
     found = _PROCESSORS.get(int(processor))
     if found is None:
         raise RuntimeError(f"the processor (id {int(processor)}) of this compiled graph no longer exists")
     binding = binding_from_handle(int(handle))
-    return found.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, record=record)
+    return found.attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, record=record,
+                              training=training)
 
 
 @torch.library.custom_op("vdiff_sparse::video_attention", mutates_args=())
 def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: torch.Tensor | None,
                     extra_v: torch.Tensor | None, extra_mask: torch.Tensor | None, handle: torch.Tensor,
-                    processor: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+                    processor: torch.Tensor, token: torch.Tensor, training: bool) -> torch.Tensor:
     """Video self-attention of one layer: ``q, k, v`` ``[B, N, heads, D|Dv]``, always-attended
     ``extra_k/extra_v`` ``[B, Ne, heads, D|Dv]`` with ``extra_mask`` ``[B, Ne]`` bool, the
     layer's binding ``handle`` and the processor's id -> ``[B, N, heads, Dv]``. ``token`` is
-    not read: as an input it orders the op after the pre-hook's context update."""
-    out = _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record=True)
+    not read: as an input it orders the op after the pre-hook's context update. ``training``:
+    the caller's grad mode (inside the op it is always off), so no plan is reused for a step
+    whose output is differentiated."""
+    out = _run(q, k, v, extra_k, extra_v, extra_mask, handle, processor, record=True, training=training)
     # A custom op's output may not alias its inputs; only a method that returns a view of v
     # (none does today) pays for a copy.
     inputs = {x.untyped_storage().data_ptr() for x in (q, k, v, extra_k, extra_v) if x is not None}
@@ -58,8 +62,21 @@ def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: 
 
 
 @video_attention.register_fake
-def _(q, k, v, extra_k, extra_v, extra_mask, handle, processor, token):
+def _(q, k, v, extra_k, extra_v, extra_mask, handle, processor, token, training):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@contextlib.contextmanager
+def _recording_autograd():
+    """Grad mode on, with autograd's dispatch keys back in. A custom op's implementation runs
+    below autograd (those keys excluded), where plain torch ops record no graph whatever the
+    grad mode; only ``autograd.Function`` s would, so without this the recomputation of a method
+    built of plain ops (PSA's, GNA's) would have nothing to differentiate."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
 
 
 @torch.library.custom_op("vdiff_sparse::video_attention_backward", mutates_args=())
@@ -71,10 +88,10 @@ def video_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     """Gradients of :func:`video_attention` for ``q, k, v, extra_k, extra_v`` (an empty tensor
     for absent extra keys): the eager attention run again with autograd on."""
     leaves = [None if x is None else x.detach().requires_grad_(True) for x in (q, k, v, extra_k, extra_v)]
-    with torch.enable_grad():
-        out = _run(*leaves, extra_mask, handle, processor, record=False)
-    present = [x for x in leaves if x is not None]
-    grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True))
+    with _recording_autograd():
+        out = _run(*leaves, extra_mask, handle, processor, record=False, training=True)
+        present = [x for x in leaves if x is not None]
+        grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True))
     result = []
     for x in leaves:
         if x is None:
@@ -91,7 +108,7 @@ def _(grad_out, q, k, v, extra_k, extra_v, extra_mask, handle, processor):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, extra_k, extra_v, extra_mask, handle, processor, _token = inputs
+    q, k, v, extra_k, extra_v, extra_mask, handle, processor, _token, _training = inputs
     ctx.save_for_backward(q, k, v, extra_k, extra_v, extra_mask, handle, processor)
     ctx.has_extra = extra_k is not None
 
@@ -102,7 +119,7 @@ def _backward(ctx, grad_out):
                                                     processor)
     if not ctx.has_extra:
         dek = dev = None
-    return dq, dk, dv, dek, dev, None, None, None, None
+    return dq, dk, dv, dek, dev, None, None, None, None, None
 
 
 video_attention.register_autograd(_backward, setup_context=_setup_context)
