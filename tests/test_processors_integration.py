@@ -35,9 +35,9 @@ class Recorder(P.DenseProcessor):
         super().__init__(**kwargs)
         self.calls = []
 
-    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, record=True):
+    def attend_layer(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding, **kwargs):
         self.calls.append((binding.index, binding.context.step, self._dense_reason(binding)))
-        return super().attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, record=record)
+        return super().attend_layer(q, k, v, extra_k, extra_v, extra_mask, binding=binding, **kwargs)
 
 
 def _forward(model, inputs, t):
