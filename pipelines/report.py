@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..figures import save_figure
+
 
 # --- fidelity ----------------------------------------------------------------------------------
 def _as_video(x: np.ndarray, name: str) -> torch.Tensor:
@@ -305,11 +307,7 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
     title = "time" if r["speedup"] is None else f"time: {r['speedup']:.2f}x end to end"
     ax2.set(xlabel="seconds", title=title)
     ax2.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["compare", "plot_report", "psnr", "report_markdown", "report_table", "ssim", "summarize"]

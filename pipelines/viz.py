@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..figures import save_figure
 from ..plan import LEVELS, AttentionPlan
 
 
@@ -143,12 +144,7 @@ def plot_plan(plan: AttentionPlan, path: str | Path, *, head: int = 0, title: st
     window = ", token windows inside blocks" if plan.window is not None else ""
     ax.set(xlabel=f"key block ({plan.num_k_blocks})", ylabel=f"query block ({plan.num_q_blocks})",
            title=f"{title}, head {head}\ndensity {plan.density():.3f} (mean of all heads){window}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["capture_plan", "plan_matrix", "plot_plan"]

@@ -48,6 +48,7 @@ import torch
 
 from .fidelity_replan import replan_e2e
 from .fidelity_psa import MATCH_TOLERANCE, SPLIT, binary_fraction_at, budget_cases, summarize_cases, tiny_model_e2e
+from ..figures import save_figure
 from .meta import command_line, run_metadata, write_json
 
 DEFAULT_GRID = (8, 16, 24)
@@ -379,15 +380,6 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot(report: dict, path: str | Path, x: str = "density") -> Path | None:
     """Error vs ``x`` (``"density"`` or ``"block_density"``), one panel per family and one with
     every family's best variant at each matched density; ``None`` (and a message) if matplotlib
@@ -423,7 +415,7 @@ def plot(report: dict, path: str | Path, x: str = "density") -> Path | None:
     p = report["problem"]
     fig.suptitle(f"Sparse attention fidelity on synthetic video attention: grid {tuple(p['grid'])} = "
                  f"{p['tokens']} tokens, {p['heads']} heads ({', '.join(p['head_kinds'])}), D {p['head_dim']}")
-    return _save(plt, fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_budget(report: dict, path: str | Path) -> Path | None:
@@ -452,7 +444,7 @@ def plot_budget(report: dict, path: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     axes[0].set_title("PSA budget mode vs binary at matched FLOP density (per scene, density, head)")
     axes[1].set_title(f"quantile split {SPLIT} x density vs binary")
-    return _save(plt, fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
