@@ -380,7 +380,7 @@ def op_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
     choice = launch_tiles(max(q.shape[-1], v.shape[-1]), q.device)
     k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
     tables, facts = plan_tables(plan, choice)
-    k_all, v_all = pyramid(k, v, plan.k_offsets, facts.rows_of())
+    k_all, v_all, _ = pyramid(k, v, plan.k_offsets, facts.rows_of())
     ek = ev = emask = None
     if extra is not None and extra.k.shape[1] > 0:
         ek, ev, emask = extra.k.to(q.dtype).contiguous(), extra.v.to(q.dtype).contiguous(), extra.mask

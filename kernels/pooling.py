@@ -97,9 +97,10 @@ def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: d
             stacked first, as ``k`` itself; :meth:`~vdiff_sparse.plan.PlanFacts.rows_of`).
 
     Returns:
-        ``(k_all, v_all)``: the stacked tensors (``k`` and ``v`` themselves when no pooled
-        level is used); the kernel tables index them through :func:`pyramid_rows`.
+        ``(k_all, v_all, rows)``: the stacked tensors (``k`` and ``v`` themselves when no
+        pooled level is used) and ``rows`` (:func:`pyramid_rows`).
     """
+    rows = pyramid_rows(k_offsets, levels, k.shape[1])
     ks, vs = [k], [v]
     for p in LEVELS:
         if p == 1 or p not in levels:
@@ -107,8 +108,8 @@ def pyramid(k: torch.Tensor, v: torch.Tensor, k_offsets: torch.Tensor, levels: d
         ks.append(pool(k, k_offsets, p, levels[p]))
         vs.append(pool(v, k_offsets, p, levels[p]))
     if len(ks) == 1:
-        return k, v
-    return torch.cat(ks, 1), torch.cat(vs, 1)
+        return k, v, rows
+    return torch.cat(ks, 1), torch.cat(vs, 1), rows
 
 
 __all__ = ["pool", "pool_groups", "pyramid", "pyramid_rows"]

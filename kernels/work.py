@@ -21,7 +21,6 @@ import itertools
 
 import torch
 
-from vdiff_sparse.layout import BlockOrder
 from vdiff_sparse.plan import LEVELS, AttentionPlan
 
 from .tables import BlockTables, BoxTables, RoutedTables, plan_tables
@@ -269,7 +268,7 @@ def _tile_unions(offsets: torch.Tensor, tiles: torch.Tensor, coords: torch.Tenso
         if int(extent.prod()) != b1 - b0 or not torch.equal(c - origin, raster):
             return None
         origin_extent.append((b0, origin.tolist(), extent.tolist()))
-    block_of = BlockOrder(None, offsets).block_of_position(int(bounds[-1]))
+    block_of = torch.repeat_interleave(torch.arange(len(bounds) - 1), offsets.diff())
     total = 0
     for start, count in tiles[:, :2].tolist():
         if count == 0:

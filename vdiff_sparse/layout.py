@@ -174,13 +174,12 @@ def tile_order(grid: Grid, tile: Grid, device: torch.device | str = "cpu") -> Bl
 
     grid = check_grid(grid)
     tile = check_per_axis("tile", tile, minimum=1)
-    return kept_on_device(_tile_order_cpu, grid, tile, device=device)
+    return _on_device(_tile_order_cpu, grid, tile, device=device)
 
 
-def kept_on_device(make, *key, device):
-    """``make(*key)`` (a cached CPU result with a ``.to(device)``: an order, a plan) on
-    ``device``, itself cached per device, so a call on a GPU copies nothing to it after the
-    first."""
+def _on_device(make, *key, device) -> "BlockOrder":
+    """``make(*key)`` (a cached CPU order) on ``device``, itself cached per device, so a call on
+    a GPU copies nothing to it after the first."""
     device = torch.device(device)
     if device.type == "cpu":
         return make(*key)
@@ -188,7 +187,7 @@ def kept_on_device(make, *key, device):
 
 
 @functools.lru_cache(maxsize=128)
-def _cached_on(make, key: tuple, device: str):
+def _cached_on(make, key: tuple, device: str) -> "BlockOrder":
     return make(*key).to(device)
 
 
@@ -251,7 +250,7 @@ def hilbert_order(grid: Grid, block: int, device: torch.device | str = "cpu") ->
     from .checks import check_grid
 
     grid = check_grid(grid)
-    return kept_on_device(_hilbert_order_cpu, grid, block, device=device)
+    return _on_device(_hilbert_order_cpu, grid, block, device=device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -262,7 +261,7 @@ def _hilbert_order_cpu(grid: Grid, block: int) -> BlockOrder:
 
 def sequence_order(num_tokens: int, block: int, device: torch.device | str = "cpu") -> BlockOrder:
     """No reorder; consecutive blocks of ``block`` tokens (last one may be shorter)."""
-    return kept_on_device(_sequence_order_cpu, num_tokens, block, device=device)
+    return _on_device(_sequence_order_cpu, num_tokens, block, device=device)
 
 
 @functools.lru_cache(maxsize=32)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from .layout import BlockOrder
-
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -41,10 +39,11 @@ def tiles_of(offsets: torch.Tensor, block: int, block_max: int, n: int):
     dev = offsets.device
     sizes = offsets.diff()
     sub = _cdiv(block_max, block)
+    n_blocks = sizes.numel()
     within = torch.arange(sub, device=dev) * block
     start = (offsets[:-1, None] + within).flatten()
     count = (sizes[:, None] - within).clamp(0, block).flatten()
-    block_of = BlockOrder(None, offsets).block_of_position(n)
+    block_of = torch.repeat_interleave(torch.arange(n_blocks, device=dev), sizes, output_size=n)
     pos = torch.arange(n, device=dev)
     tile = block_of * sub + (pos - offsets[:-1][block_of]) // block
     return tile, start, count

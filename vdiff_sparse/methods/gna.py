@@ -36,7 +36,7 @@ import torch
 
 from ..attention import dense_attention, run_plan
 from ..checks import Grid, check_finite, check_grid, check_per_axis, check_qkv
-from ..layout import kept_on_device, tile_order, token_coords
+from ..layout import tile_order, token_coords
 from ..plan import AttentionPlan, TokenWindow, pack_block_selection, read_facts
 from .registry import Method, get_method, register_method
 
@@ -287,7 +287,15 @@ def _shared_plan(grid, window, stride, dilation, causal, tile, device) -> Attent
     built once per problem on the CPU and kept on each device it is used on, so a call on a GPU
     copies nothing."""
     problem = _check_problem(grid, window, stride, dilation, causal, tile)
-    return kept_on_device(_plan_gna_cpu, *problem, device=device)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _plan_gna_cpu(*problem)
+    return _plan_on_device(*problem, str(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _plan_on_device(grid, window, stride, dilation, causal, tile, device: str) -> AttentionPlan:
+    return _plan_gna_cpu(grid, window, stride, dilation, causal, tile).to(device)
 
 
 def gna_attention(
