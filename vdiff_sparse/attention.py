@@ -93,20 +93,6 @@ def run_plan(
     return runner.forward_original_order(q, k, v, plan, extra, scale)
 
 
-def with_extra_keys(q, k, v, extra_k=None, extra_v=None, extra_mask=None):
-    """``k, v`` ``[B, N, heads, D|Dv]`` with the extra keys appended (checked by
-    :func:`make_extra`), and the ``[B, N + Ne]`` bool key mask, or ``None`` when every key is
-    real: what dense attention over video and extra keys needs."""
-    extra = make_extra(extra_k, extra_v, extra_mask, q, v)
-    if extra is None:
-        return k, v, None
-    k, v = torch.cat([k, extra.k], dim=1), torch.cat([v, extra.v], dim=1)
-    if extra.mask is None:
-        return k, v, None
-    real = torch.ones(q.shape[0], k.shape[1] - extra.k.shape[1], dtype=torch.bool, device=q.device)
-    return k, v, torch.cat([real, extra.mask], dim=1)
-
-
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -121,8 +107,14 @@ def dense_attention(
     check_qkv(q, k, v)
     check_finite(q=q, k=k, v=v)
     scale = check_scale(scale)
-    k, v, key_mask = with_extra_keys(q, k, v, extra_k, extra_v, extra_mask)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    extra = make_extra(extra_k, extra_v, extra_mask, q, v)
+    mask = None
+    if extra is not None:
+        k = torch.cat([k, extra.k], dim=1)
+        v = torch.cat([v, extra.v], dim=1)
+        if extra.mask is not None:
+            real = torch.ones(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+            mask = torch.cat([real, extra.mask], dim=1)[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )

@@ -171,7 +171,6 @@ class LayerBinding:
         video: whether the module is video self-attention (``index`` is not ``None``); code that
             ``torch.compile`` traces reads this flag, the same for every layer, never ``index``,
             which would make a graph per layer.
-        handle_id: the number naming this binding; ``handle`` holds it.
         handle: a CPU int64 scalar naming this binding (:func:`binding_from_handle`): compiled
             code hands it to the attention op as a tensor, whose value dynamo does not guard.
         token: the transformer's call token, which the compiled pre-hook's op updates; the
@@ -187,13 +186,11 @@ class LayerBinding:
     name: str
     token: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64), repr=False)
     video: bool = field(init=False)
-    handle_id: int = field(init=False, repr=False)
     handle: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.video = self.index is not None
-        self.handle_id = _register(self)
-        self.handle = torch.tensor(self.handle_id, dtype=torch.int64)
+        self.handle = torch.tensor(_register(self), dtype=torch.int64)
 
 
 _BINDINGS: "weakref.WeakValueDictionary[int, LayerBinding]" = weakref.WeakValueDictionary()

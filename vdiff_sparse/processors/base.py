@@ -30,7 +30,7 @@ import weakref
 import torch
 
 from ..adapters.base import check_grid_matches, read_call
-from ..attention import run_plan, with_extra_keys
+from ..attention import make_extra, run_plan
 from ..backends import BACKENDS
 from ..context import BoundProcessor, binding_of, discover
 from ..methods.registry import build_config, get_method
@@ -141,7 +141,6 @@ class SparseProcessor(BoundProcessor):
         # replan_every > 1: the last plan per (layer, call of the step, shapes), of one generation
         self._plans: dict = {}
         self._plans_owner = None  # (weakref to the RunContext, its generation) the plans belong to
-        self._layers_checked = None  # the model depth the schedule's layer settings were checked for
         # Per-layer overrides: a config of this method, or a processor of another method
         # (its settings from the same model preset) whose attention() this one calls.
         self._layer_configs, self._layer_processors = {}, {}
@@ -157,8 +156,7 @@ class SparseProcessor(BoundProcessor):
                 layer_settings = get_method(method).merge(base, fields)
                 self._layer_processors[i] = processor_class(method)(layer_settings, backend=backend)
         used = {self.method, *(o.get("method", self.method) for o in self.schedule.layers.values())}
-        self._grid_only_methods = {m for m in used if not get_method(m).plans_from_qk}
-        if self.schedule.replan_every > 1 and used == self._grid_only_methods:
+        if self.schedule.replan_every > 1 and not any(get_method(m).plans_from_qk for m in used):
             raise ValueError(
                 f"replan_every={self.schedule.replan_every} has nothing to reuse: the plans of "
                 f"{sorted(used)} depend on the grid only and are built once per grid (use 1)"
@@ -270,9 +268,7 @@ class SparseProcessor(BoundProcessor):
     def _dense_reason(self, binding) -> str:
         ctx = binding.context
         try:
-            if binding.num_layers != self._layers_checked:  # once per model depth, not per call
-                self.schedule.check_layers(binding.num_layers)
-                self._layers_checked = binding.num_layers
+            self.schedule.check_layers(binding.num_layers)
             return self.schedule.dense_reason(ctx.step, ctx.num_steps(), binding.index, binding.num_layers)
         except ValueError as e:
             raise ValueError(f"{type(self).__name__} in {binding.name!r}: {e}") from None
@@ -344,14 +340,14 @@ class SparseProcessor(BoundProcessor):
         outside a pipeline), which keeps the cache at one plan per layer and call."""
         ctx = binding.context
         layer = binding.index
-        if (training or self.method_for(layer) in self._grid_only_methods
+        if (training or not get_method(self.method_for(layer)).plans_from_qk
                 or ctx.call_in_step >= REUSED_CALLS_PER_STEP):
             return runner.attention(q, k, v, ctx.grid, layer, return_plan=True, dense=dense, **extras)
         owner = self._plans_owner
         if owner is None or owner[0]() is not ctx or owner[1] != ctx.generation:  # another model or generation
             self._plans.clear()
             self._plans_owner = (weakref.ref(ctx), ctx.generation)
-        key = (binding.handle_id, ctx.call_in_step, tuple(q.shape), v.shape[-1], q.device, q.dtype)
+        key = (int(binding.handle), ctx.call_in_step, tuple(q.shape), v.shape[-1], q.device, q.dtype)
         cached = self._plans.get(key)
         if cached is None or self.schedule.replans(ctx.step, ctx.num_steps()):
             out, plan = runner.attention(q, k, v, ctx.grid, layer, return_plan=True, dense=dense, **extras)
@@ -380,7 +376,13 @@ class SparseProcessor(BoundProcessor):
 
     def _dense_with_extras(self, q, k, v, extra_k=None, extra_v=None, extra_mask=None, *, binding):
         """:meth:`dense` of video queries over video keys and the always-attended extra keys."""
-        k, v, key_mask = with_extra_keys(q, k, v, extra_k, extra_v, extra_mask)
+        extra = make_extra(extra_k, extra_v, extra_mask, q, v)
+        key_mask = None
+        if extra is not None:
+            k, v = torch.cat([k, extra.k], 1), torch.cat([v, extra.v], 1)
+            if extra.mask is not None:
+                real = torch.ones(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+                key_mask = torch.cat([real, extra.mask], 1)
         return self.dense(q, k, v, key_mask, binding=binding)
 
     def attention(self, q, k, v, grid, layer, *, return_plan, extra_k=None, extra_v=None, extra_mask=None,
