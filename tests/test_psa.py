@@ -332,10 +332,10 @@ def test_low_precision_importance_close_to_loop(importance_dtype, magnitude, see
     order = tile_order(grid, (2, 4, 4))
     q_offsets, k_offsets = uniform_offsets(n, 40), uniform_offsets(n, 24)
     dtype = getattr(torch, importance_dtype)
-    got, _, _ = sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
+    got = sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, dtype)
     assert got.dtype == torch.float32
     if dtype == torch.bfloat16:  # the dtype is used, not just accepted
-        exact, _, _ = sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
+        exact = sampled_importance(q, k, order, q_offsets, k_offsets, 5, 6, 16**-0.5, torch.float32)
         assert not torch.equal(got, exact)
     qp, kp = order.permute(q.double(), 1), order.permute(k.double(), 1)
     max_logit = float(torch.einsum("bnhd,bmhd->bhnm", qp, kp).abs().max()) * 16**-0.5
@@ -388,15 +388,16 @@ def test_plan_is_deterministic(importance, seed):
     )
 
 
+@pytest.mark.parametrize("mode", [{}, {"mode": "budget", "density": 0.3}], ids=["threshold", "budget"])
 @pytest.mark.parametrize("budget", [1, 700], ids=["one-block-per-chunk", "few-blocks-per-chunk"])
-def test_chunked_importance_gives_same_plan(budget, seed, monkeypatch):
+def test_chunked_importance_gives_same_plan(budget, mode, seed, monkeypatch):
     import vdiff_sparse.methods.psa_importance as psa_importance
 
     grid = (3, 5, 7)
     q, k, _ = random_qkv(2, 105, 3, 8, seed=seed)
-    config = PSAConfig(block_q=16, block_k=8)
+    config = PSAConfig(block_q=16, block_k=8, **mode)
     whole = plan_psa(q, k, grid, config)
-    monkeypatch.setattr(psa_importance, "_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", budget)
     chunked = plan_psa(q, k, grid, config)
     assert torch.equal(whole.kv_index, chunked.kv_index) and torch.equal(whole.kv_level, chunked.kv_level)
 

@@ -23,6 +23,7 @@ from vdiff_sparse.methods.psa_budget import (
     SPREAD_QUERY_STRIDE,
     allocate_budget,
     head_variation_ratio,
+    logit_spread,
     pooling_distortion,
 )
 
@@ -188,15 +189,15 @@ def test_plan_is_binary_when_the_keys_forbid_pooling(block, seed):
 
 
 # --- the spread estimate -----------------------------------------------------------------------
-@pytest.mark.parametrize("n,block", [(70, 32), (96, 16), (200, 64), (45, 12)], ids=["n70-b32", "n96-b16", "n200-b64", "n45-b12"])
+@pytest.mark.parametrize("n,block", [(70, 32), (96, 16), (200, 64), (45, 12), (300, 128)],
+                         ids=["n70-b32", "n96-b16", "n200-b64", "n45-b12", "n300-b128"])  # b128: 2 spread queries
 def test_spread_and_variance_match_a_loop_over_sampled_logits(n, block, seed):
     q, k, _ = random_qkv(1, n, 2, 8, dtype=torch.float64, seed=seed)
     offsets = uniform_offsets(n, block)
     order = psa_module.sequence_order(n, block)
     s = max(1, block // 4)
     scale = 8**-0.5
-    _, spread, variance = psa_importance.sampled_importance(q, k, order, offsets, offsets, s, s, scale, torch.float64,
-                                                         spread=True)
+    spread, variance = logit_spread(q, k, order, offsets, offsets, s, s, scale, torch.float64)
     positions = psa_importance.sample_positions(offsets, s)
     for h in range(2):
         for i in range(offsets.numel() - 1):

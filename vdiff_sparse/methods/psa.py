@@ -61,6 +61,7 @@ from .psa_budget import (
     LEVELS_COARSE_FIRST,
     allocate_budget,
     head_variation_ratio,
+    logit_spread,
     pooling_distortion,
 )
 from .psa_importance import (
@@ -406,16 +407,17 @@ def plan_psa(
         if config.importance == "sampled":
             sq = config.samples_per_block or max(1, config.block_q // 4)
             sk = config.samples_per_block or max(1, config.block_k // 4)
-            importance, spread, variance = sampled_importance(
-                q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
-                importance_matmul_dtype(config, q), spread=config.mode == "budget",
-            )
+            matmul_dtype = importance_matmul_dtype(config, q)
+            importance = sampled_importance(q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
+                                            matmul_dtype)
         else:
             kp = plan_order(k)
             importance = mean_pooled_importance(plan_order(q), kp, q_offsets, k_offsets, scale)
         if config.mode == "budget":
             if config.similarity_cap:
                 kp = plan_order(k) if kp is None else kp
+            spread, variance = logit_spread(q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
+                                            matmul_dtype)
             levels = _budget_levels(importance, spread, variance, kp, k_offsets, config, n)
         else:
             levels = allocate_levels(importance, config)

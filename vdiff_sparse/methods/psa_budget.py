@@ -31,16 +31,21 @@ part of the block's attention mass and, of that, a part of its variation (``x = 
 
 So ``e_j(p) = 1 - exp(-S_ij u / 4) * max(0, 1 - rho u)``, a concave function of ``x``.
 
-**Estimates.** ``S_ij`` and ``Var_ij`` are read off the logits the importance estimate
-computes anyway: ``S_ij`` the mean of ``(s_a - s_b)^2`` over consecutive pairs of key block
-``j``'s sampled keys (samples ``2m`` and ``2m + 1``, ``b_k / s`` positions apart: 4 at the
-default quarter-block sampling) and every :data:`SPREAD_QUERY_STRIDE`-th sampled query of query
-block ``i``; ``Var_ij`` the variance over key block ``j``'s samples of the first sampled query's
-logits (it only enters the per-head sum). That is a subtraction, square and sum over
-``1 / (2 * SPREAD_QUERY_STRIDE)`` of the sampled logits and two sums over ``1 / s`` of them,
-beside the estimate's matmul of ``D`` multiply-adds and its max over every sampled logit. A key
-block whose samples are all one position (a block of one key) has ``S = 0``: pooling it is
-exact.
+**Estimates** (:func:`logit_spread`). ``S_ij`` is the mean of ``(s_a - s_b)^2`` over consecutive
+pairs of key block ``j``'s sampled keys (samples ``2m`` and ``2m + 1``, ``b_k / s`` positions
+apart: 4 at the default quarter-block sampling) and every :data:`SPREAD_QUERY_STRIDE`-th sampled
+query of query block ``i``; ``Var_ij`` the variance over key block ``j``'s samples of the first
+sampled query's logits (it only enters the per-head sum). Neither reads the importance
+estimate's logits: ``s_a - s_b = q . (k_a - k_b)`` and ``s_t - mean s = q . (k_t - mean k)``, so
+both are one matmul of the few spread queries against the key pairs' differences (``s / 2`` per
+key block) and one against the block-centred sampled keys (``s`` per key block), each followed
+by one sum of squares. Against the importance estimate's matmul
+over every sampled query (``b_q / 4`` per query block) that is ``3 / (2 b_q / 4)`` as many
+multiply-adds at ``SPREAD_QUERY_STRIDE >= b_q / 4`` (under a tenth from ``b_q = 64``), and
+no pass over the ``b_q / 4 * b_k / 4`` logits of every block pair: the estimate's own cost is its
+max over them. The differences are taken in float32 before the matmul's ``importance_dtype``,
+so no two large rounded logits are subtracted. A key block whose samples are all one position
+(a block of one key) has ``S = 0``: pooling it is exact.
 
 **Allocation** (:func:`allocate_budget`). The errors and costs of a block's options are the
 points ``(x, e)`` and ``(0, 1)`` for skipping, scaled by ``w_ij`` and ``n_j``, so its useful
@@ -69,12 +74,83 @@ from typing import Callable
 
 import torch
 
+from ..layout import BlockOrder
+from .psa_importance import chunk_elements, sample_positions
+
 #: The importance estimate's sampled queries that also measure the logit spread: every this
 #: many-th sampled query of a query block (at least one).
 SPREAD_QUERY_STRIDE = 16
 
 # Pool factors from the coarsest (cheapest) to full resolution.
 LEVELS_COARSE_FIRST = (8, 4, 2, 1)
+
+
+def logit_spread(
+    q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The budget mode's two logit statistics per block pair (module docstring, *Estimates*).
+
+    Args:
+        q, k: ``[B, N, heads, D]`` in the original order; only the sampled tokens are read,
+            through ``order``'s reorder.
+        order: the plan's block order; ``q_offsets`` / ``k_offsets`` its blocks (plan positions).
+        sq, sk: tokens sampled per query / key block, as the importance estimate samples them.
+        scale: the logit scale.
+        matmul_dtype: operand dtype of the two matmuls on a GPU (the importance estimate's,
+            for its tensor cores). On the CPU they run in float32 (float64 for float64
+            inputs): oneDNN's bfloat16 path is slower there for these thin ``K = D`` products
+            (in a scratch run on 2 cores, ``[256, 64] x [64, 4096]``: 0.9 ms in bfloat16, 0.5 ms
+            in float32; the whole estimate at 16K tokens: 12.1 vs 8.0 ms).
+
+    Returns:
+        ``spread`` and ``variance``, ``[B*heads, n_q_blocks, n_k_blocks]`` in float32 (float64
+        for float64 inputs): the mean squared logit difference of consecutive sampled keys
+        over every :data:`SPREAD_QUERY_STRIDE`-th sampled query, and the variance of the first
+        sampled query's logits over the key block's samples.
+    """
+    B, _, H, D = q.shape
+    nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
+    work_dtype = torch.promote_types(matmul_dtype, torch.float32)
+    if not q.is_cuda:
+        matmul_dtype = work_dtype
+
+    def sampled(x, positions):  # [B*H, positions, D]
+        tokens = positions if order.perm is None else order.perm[positions]
+        return x.index_select(1, tokens).transpose(1, 2).reshape(B * H, -1, D).to(work_dtype)
+
+    query_samples = sample_positions(q_offsets, sq)[:, ::SPREAD_QUERY_STRIDE]  # [nqb, q']
+    spread_queries = query_samples.shape[1]
+    queries = (sampled(q, query_samples.reshape(-1)) * scale).view(B * H, nqb, spread_queries, D)
+    key_samples = sample_positions(k_offsets, sk)  # [nkb, sk]
+    # Keys sample-major ([R, sample, key block, D]), so that the sums of squares reduce over
+    # strided axes with key blocks contiguous and vectorise across blocks (as the importance
+    # estimate's max does).
+    keys = sampled(k, key_samples.t().reshape(-1)).view(B * H, sk, nkb, D)
+    pairs = sk // 2
+    # A pair of samples at one position (a block shorter than its samples) has a zero difference
+    # and says nothing: each block averages its real pairs only (none: S = 0, a block of one key).
+    real_pairs = (key_samples[:, 0 : 2 * pairs : 2] != key_samples[:, 1 : 2 * pairs : 2]).sum(1)  # [nkb]
+    differences = keys[:, 0 : 2 * pairs : 2] - keys[:, 1 : 2 * pairs : 2]  # [R, pairs, nkb, D]
+    centred = keys - keys.mean(1, keepdim=True)  # [R, sk, nkb, D]
+
+    def squares(x, rows, columns):  # sum over ``rows`` x ``columns`` of (query . key)^2, [R, nqb, nkb]
+        x = x[:, :, :rows].to(matmul_dtype)  # [R, nqb, rows, D]
+        per_block = columns.shape[1]
+        columns = columns.reshape(B * H, -1, D).transpose(1, 2).to(matmul_dtype)  # [R, D, per_block*nkb]
+        out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+        blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (rows * nkb * per_block)))
+        for r in range(B * H):
+            for b0 in range(0, nqb, blocks_per_chunk):
+                b1 = min(nqb, b0 + blocks_per_chunk)
+                logits = torch.mm(x[r, b0:b1].reshape(-1, D), columns[r]).view(b1 - b0, rows * per_block, nkb)
+                # square + sum: vector_norm over a strided axis is ~30x slower on the CPU.
+                out[r, b0:b1] = (logits * logits).sum(1, dtype=work_dtype)
+        return out
+
+    spread = squares(queries, spread_queries, differences) / (real_pairs.clamp(min=1) * spread_queries).to(work_dtype)
+    variance = squares(queries, 1, centred) / sk
+    return spread, variance
 
 
 def head_variation_ratio(importance: torch.Tensor, spread: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -164,4 +240,5 @@ def allocate_budget(
     return torch.where(taken[..., 1], fine, torch.where(taken[..., 0], reached_coarse, 0))
 
 
-__all__ = ["LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "head_variation_ratio", "pooling_distortion"]
+__all__ = ["LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "head_variation_ratio", "logit_spread",
+           "pooling_distortion"]

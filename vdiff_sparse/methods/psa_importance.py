@@ -12,15 +12,19 @@ import functools
 import torch
 
 from ..layout import BlockOrder
-from .psa_budget import SPREAD_QUERY_STRIDE
 
 # The sampled logits of one chunk stay below this many elements on the CPU (4 MiB in fp32):
 # one head at N = 16K with 128-token blocks is 16M sampled pairs, 16 chunks of 8 query blocks.
 # Much bigger chunks make the matmul write and reread logits from memory (2^24 took twice as
 # long on 2 cores in a scratch run) and cost memory; much smaller ones split the matmul too finely for the
 # threads. A GPU has no such cache to fit and pays a few kernel launches per chunk instead.
-_CHUNK_ELEMENTS = 2**20
-_CHUNK_ELEMENTS_GPU = 2**26
+CHUNK_ELEMENTS = 2**20
+CHUNK_ELEMENTS_GPU = 2**26
+
+
+def chunk_elements(x: torch.Tensor) -> int:
+    """Sampled logits per chunk for tensors on ``x``'s device (read at call time)."""
+    return CHUNK_ELEMENTS_GPU if x.is_cuda else CHUNK_ELEMENTS
 
 
 def sample_positions(offsets: torch.Tensor, samples: int) -> torch.Tensor:
@@ -70,16 +74,11 @@ def importance_matmul_dtype(config, q: torch.Tensor) -> torch.dtype:
 def sampled_importance(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-    spread: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> torch.Tensor:
     """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
-    rows summing to 1, and with ``spread`` two more of that shape (else ``None``): the mean
-    squared logit difference of consecutive sampled keys of each key block over every
-    :data:`SPREAD_QUERY_STRIDE`-th sampled query, and the variance of the logits over each
-    key block's samples for the first sampled query (see
-    :mod:`vdiff_sparse.methods.psa_budget`). Only the sampled tokens are read
-    (through the reorder), never a reordered copy of q or k. The logits are ``matmul_dtype``;
-    the rest runs in float32 or float64."""
+    rows summing to 1. Only the sampled tokens are read (through the reorder), never a
+    reordered copy of q or k. The logits are ``matmul_dtype``; the rest runs in float32 or
+    float64."""
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
@@ -97,20 +96,8 @@ def sampled_importance(
     scaled = sampled(q, q_positions).to(work_dtype) * scale  # scaled here, not the logits
     qs = scaled.to(matmul_dtype).view(B * H, nqb, sq, D)
     ks = sampled(k, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
-    chunk_elements = _CHUNK_ELEMENTS_GPU if q.is_cuda else _CHUNK_ELEMENTS
-    blocks_per_chunk = max(1, min(nqb, chunk_elements // (sq * nkb * sk)))
+    blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (sq * nkb * sk)))
     out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
-    spreads = variances = None
-    if spread:
-        spreads = torch.zeros(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
-        variances = torch.zeros_like(spreads)
-        pairs = sk // 2
-        # A pair of samples at one position (a block shorter than its samples) says nothing:
-        # such blocks average their real pairs only (none: S = 0, a block of one key).
-        positions = k_positions.view(sk, nkb)[: 2 * pairs].view(pairs, 2, nkb)
-        real_pairs = (positions[:, 0] != positions[:, 1]).to(work_dtype)  # [pairs, nkb]
-        spread_queries = -(-sq // SPREAD_QUERY_STRIDE)
-        pair_weight = real_pairs / (real_pairs.sum(0).clamp(min=1) * spread_queries)
     for r in range(B * H):
         for b0 in range(0, nqb, blocks_per_chunk):
             b1 = min(nqb, b0 + blocks_per_chunk)
@@ -119,16 +106,7 @@ def sampled_importance(
             block_max = per_block.amax(2).to(work_dtype)
             row_max = block_max.amax(-1, keepdim=True)
             out[r, b0:b1] = (block_max - row_max).exp_().amax(1)
-            if spread and pairs:
-                some = per_block[:, ::SPREAD_QUERY_STRIDE, : 2 * pairs].unflatten(2, (pairs, 2))
-                squares = (some[:, :, :, 0] - some[:, :, :, 1]).square_()  # [b, q', pairs, nkb]
-                spreads[r, b0:b1] = (squares.sum(1, dtype=work_dtype) * pair_weight).sum(1)
-                # The variance over a key block's samples enters a per-head sum only: the first
-                # sampled query of each query block is enough.
-                first = per_block[:, 0].to(work_dtype)  # [b, sk, nkb] (may be a view of the logits)
-                # Two passes of vectorised means (torch's var is ~10x slower on this strided view).
-                variances[r, b0:b1] = (first - first.mean(1, keepdim=True)).square_().mean(1)
-    return out / out.sum(-1, keepdim=True), spreads, variances
+    return out / out.sum(-1, keepdim=True)
 
 
 def mean_pooled_importance(
