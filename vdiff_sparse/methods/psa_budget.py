@@ -39,10 +39,11 @@ sampled query's logits (it only enters the per-head sum). Neither reads the impo
 estimate's logits: ``s_a - s_b = q . (k_a - k_b)`` and ``s_t - mean s = q . (k_t - mean k)``, so
 both are one matmul of the few spread queries against the key pairs' differences (``s / 2`` per
 key block) and one against the block-centred sampled keys (``s`` per key block), each followed
-by one sum of squares. Against the importance estimate's matmul
-over every sampled query (``b_q / 4`` per query block) that is ``3 / (2 b_q / 4)`` as many
-multiply-adds at ``SPREAD_QUERY_STRIDE >= b_q / 4`` (under a tenth from ``b_q = 64``), and
-no pass over the ``b_q / 4 * b_k / 4`` logits of every block pair: the estimate's own cost is its
+by one sum of squares. With ``SPREAD_QUERY_STRIDE = 4`` and the default sampling (``s_q = b_q / 4``
+queries, ``s_k = b_k / 4`` keys per block) the spread matmul has a quarter of the importance
+estimate's rows and half its columns: ``1/8`` of its multiply-adds, at any block size; the
+variance's one query per block adds ``4 / b_q`` of them. Neither makes a pass over the
+``s_q * s_k`` logits of every block pair: the importance estimate's own cost is its
 max over them. The differences are taken in float32 before the matmul's ``importance_dtype``,
 so no two large rounded logits are subtracted. A key block whose samples are all one position
 (a block of one key) has ``S = 0``: pooling it is exact.
@@ -78,8 +79,13 @@ from ..layout import BlockOrder
 from .psa_importance import chunk_elements, sample_positions
 
 #: The importance estimate's sampled queries that also measure the logit spread: every this
-#: many-th sampled query of a query block (at least one).
-SPREAD_QUERY_STRIDE = 16
+#: many-th sampled query of a query block (at least one). A block's spread seen from one query
+#: is noisy: in ``bench/fidelity.py`` on seeds 0 and 2 (not the committed seed 1), every 16th
+#: sampled query (one per 64-token block) left one case per seed over 3% worse than binary
+#: block-sparse (1.038, 1.36: a very local head pooling a block its one query saw as flat);
+#: every 8th, 1.032 and 1.363; every 4th, none (worst 1.000 on both), at 1/8 of the
+#: importance estimate's multiply-adds (module docstring).
+SPREAD_QUERY_STRIDE = 4
 
 # Pool factors from the coarsest (cheapest) to full resolution.
 LEVELS_COARSE_FIRST = (8, 4, 2, 1)
