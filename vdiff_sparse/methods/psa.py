@@ -31,8 +31,9 @@ Semantics, per batch and head:
      * n)`` at ``p = 2``, and so on; the rest are skipped. ``fractions={1: 1.0}`` is dense,
      ``fractions={2: 1.0}`` puts every pair at ``p = 2`` (density 1/2).
    * ``"budget"``: each row spends a FLOP-equivalent ``density`` where an estimate of the
-     output error says it helps most, from the sampled logits of step 2 (the spread of each key
-     block's logits within pool groups, and how alike a head's keys are within groups): see
+     output error says it helps most, from the importance of step 2 and the logits of the
+     same sampled tokens (the spread of each key block's logits within pool groups, and how
+     alike a head's keys are within groups): see
      :mod:`vdiff_sparse.methods.psa_budget`. Where pooling cannot help it is binary
      block-sparse attention at the same density.
 
@@ -144,8 +145,8 @@ class PSAConfig:
         tile: ``(c_t, c_h, c_w)`` cube of ``reorder="tile"``.
         samples_per_block: tokens sampled per block for the importance estimate; ``None`` is
             a quarter of the block (at least one).
-        importance: ``"sampled"`` or ``"mean_pooled"`` (not in budget mode, which reads its
-            spread estimate off the sampled logits).
+        importance: ``"sampled"`` or ``"mean_pooled"`` (not in budget mode, whose error
+            estimate weighs the sampled importance and reads its spread off the same samples).
         importance_dtype: operand dtype of the sampled importance matmul: ``"bfloat16"``,
             ``"float32"``, ``"float64"`` or ``"auto"``: float64 for float64 inputs, else
             bfloat16 on CUDA GPUs of compute capability 8.0 or more and on CPUs with
@@ -221,7 +222,7 @@ class PSAConfig:
         self.budget_levels = tuple(sorted(set(budget_levels)))
         if self.mode == "budget" and self.importance != "sampled":
             raise ValueError(
-                f"mode='budget' reads its error estimate off the sampled logits and needs "
+                f"mode='budget' weighs the sampled importance and reads its spread off the same samples: it needs "
                 f"importance='sampled', got importance={self.importance!r}"
             )
         if self.similarity_cap is not None:
