@@ -189,29 +189,88 @@ def test_plan_is_binary_when_the_keys_forbid_pooling(block, seed):
 
 
 # --- the spread estimate -----------------------------------------------------------------------
-@pytest.mark.parametrize("n,block", [(70, 32), (96, 16), (200, 64), (45, 12), (300, 128)],
-                         ids=["n70-b32", "n96-b16", "n200-b64", "n45-b12", "n300-b128"])  # b128: 2 spread queries
-def test_spread_and_variance_match_a_loop_over_sampled_logits(n, block, seed):
-    q, k, _ = random_qkv(1, n, 2, 8, dtype=torch.float64, seed=seed)
-    offsets = uniform_offsets(n, block)
-    order = psa_module.sequence_order(n, block)
-    s = max(1, block // 4)
+def _loop_spread(q, k, order, q_offsets, k_offsets, sq, sk, scale):
+    """spread and variance by their definition, one logit at a time, through the reorder."""
+    B, _, H, _ = q.shape
+    q_pos = psa_importance.sample_positions(q_offsets, sq)
+    k_pos = psa_importance.sample_positions(k_offsets, sk)
+    token = (lambda p: p) if order.perm is None else (lambda p: int(order.perm[p]))
+    spread = torch.zeros(B * H, q_pos.shape[0], k_pos.shape[0], dtype=torch.float64)
+    variance = torch.zeros_like(spread)
+    for b in range(B):
+        for h in range(H):
+            for i in range(q_pos.shape[0]):
+                queries = [token(p) for p in q_pos[i, ::SPREAD_QUERY_STRIDE].tolist()]
+                for j in range(k_pos.shape[0]):
+                    positions = k_pos[j].tolist()
+                    keys = [token(p) for p in positions]
+                    logits = [[float(q[b, t, h].double() @ k[b, u, h].double()) * scale for u in keys] for t in queries]
+                    terms = [(row[2 * m] - row[2 * m + 1]) ** 2 for row in logits for m in range(sk // 2)
+                             if positions[2 * m] != positions[2 * m + 1]]  # a short block repeats positions
+                    spread[b * H + h, i, j] = sum(terms) / len(terms) if terms else 0.0
+                    row = logits[0]  # the first sampled query
+                    variance[b * H + h, i, j] = sum((x - sum(row) / len(row)) ** 2 for x in row) / len(row)
+    return spread, variance
+
+
+SPREAD_CASES = {  # grid, block_q, block_k, sq, sk, reorder
+    "seq-b12": ((3, 3, 5), 12, 12, 3, 3, "none"),
+    "seq-q16-k8": ((2, 5, 7), 16, 8, 4, 2, "none"),
+    "tile-q32-k24": ((3, 5, 7), 32, 24, 8, 6, "tile"),
+    "hilbert-b64": ((2, 9, 11), 64, 64, 16, 16, "hilbert"),
+    "seq-b128-sq32": ((3, 5, 23), 128, 128, 32, 32, "none"),  # 8 spread queries per block
+    "hilbert-short-blocks": ((1, 6, 10), 8, 8, 12, 12, "hilbert"),  # more samples than keys: repeats
+    "seq-sk1": ((2, 3, 5), 8, 8, 2, 1, "none"),  # no pairs: spread 0
+}
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES.values(), ids=SPREAD_CASES.keys())
+def test_spread_and_variance_match_a_loop_over_sampled_logits(case, seed, monkeypatch):
+    grid, block_q, block_k, sq, sk, reorder = case
+    n = math.prod(grid)
+    q, k, _ = random_qkv(2, n, 2, 8, dtype=torch.float64, seed=seed)
+    config = PSAConfig(block_q=block_q, block_k=block_k, reorder=reorder, tile=(1, 2, 4))
+    order = psa_module._order(grid, n, config, q.device)
+    q_offsets, k_offsets = uniform_offsets(n, block_q), uniform_offsets(n, block_k)
     scale = 8**-0.5
-    spread, variance = logit_spread(q, k, order, offsets, offsets, s, s, scale, torch.float64)
-    positions = psa_importance.sample_positions(offsets, s)
-    for h in range(2):
-        for i in range(offsets.numel() - 1):
-            queries = positions[i, ::SPREAD_QUERY_STRIDE].tolist()
-            for j in range(offsets.numel() - 1):
-                keys = positions[j].tolist()
-                logits = [[float(q[0, t, h] @ k[0, u, h]) * scale for u in keys] for t in queries]
-                terms = [(row[2 * m] - row[2 * m + 1]) ** 2 for row in logits for m in range(s // 2)
-                         if keys[2 * m] != keys[2 * m + 1]]  # a short block repeats positions
-                want = sum(terms) / len(terms) if terms else 0.0
-                assert spread[h, i, j].item() == pytest.approx(want, rel=1e-9, abs=1e-12), (h, i, j)
-                row = logits[0]  # the first sampled query
-                var = sum((x - sum(row) / len(row)) ** 2 for x in row) / len(row)
-                assert variance[h, i, j].item() == pytest.approx(var, rel=1e-9, abs=1e-12)
+    want_spread, want_variance = _loop_spread(q, k, order, q_offsets, k_offsets, sq, sk, scale)
+    for chunk in (None, 1, 3 * 8 * k_offsets.numel()):  # whole rows, one query block, a few
+        if chunk is not None:
+            monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", chunk)
+        spread, variance = logit_spread(q, k, order, q_offsets, k_offsets, sq, sk, scale, torch.float64)
+        assert spread.dtype == variance.dtype == torch.float64
+        torch.testing.assert_close(spread, want_spread, rtol=1e-9, atol=1e-12, msg=f"spread, chunk {chunk}")
+        torch.testing.assert_close(variance, want_variance, rtol=1e-9, atol=1e-12, msg=f"variance, chunk {chunk}")
+
+
+def test_spread_on_cpu_runs_in_float32_whatever_the_importance_dtype(seed):
+    grid = (2, 9, 11)
+    n = math.prod(grid)
+    q, k, _ = random_qkv(2, n, 2, 8, seed=seed)
+    order = psa_module.sequence_order(n, 32)
+    offsets = uniform_offsets(n, 32)
+    want = _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5)
+    for dtype in (torch.bfloat16, torch.float32):
+        got = logit_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5, dtype)
+        for name, g, w in zip(("spread", "variance"), got, want):
+            assert g.dtype == torch.float32, (dtype, name)
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6, msg=f"{name} with {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_spread_in_bfloat16_on_gpu_is_close_to_the_definition(seed):
+    grid = (2, 9, 11)
+    n = math.prod(grid)
+    q, k, _ = random_qkv(2, n, 2, 8, seed=seed)
+    order = psa_module.sequence_order(n, 32)
+    offsets = uniform_offsets(n, 32)
+    want = _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5)
+    got = logit_spread(q.cuda(), k.cuda(), order.to("cuda"),
+                       offsets.cuda(), offsets.cuda(), 8, 8, 8**-0.5, torch.bfloat16)
+    for name, g, w in zip(("spread", "variance"), got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double().cpu(), w, rtol=3e-2, atol=1e-3, msg=name)
 
 
 # --- plans: budget met, valid, on ragged grids and every block size -----------------------------
@@ -326,6 +385,8 @@ def test_triton_backend_matches_reference_on_a_budget_plan(monkeypatch, seed):
         (dict(mode="budget", block_k=7), ValueError,
          r"at least 2 sampled keys per key block .* samples_per_block=None with block_k=7"),
         (dict(mode="budget", block_k=64, samples_per_block=1), ValueError, r"samples_per_block=1 with block_k=64"),
+        (dict(mode="budget", block_k=8, samples_per_block=16), ValueError,
+         r"samples_per_block <= block_k .* got samples_per_block=16 with block_k=8"),
         (dict(mode="budget", thresholds={1: 0.3}), ValueError,
          r"thresholds=\{1: 0.3\} applies to mode='threshold' only, but mode='budget'"),
         (dict(mode="threshold", density=0.3), ValueError, r"density=0.3 applies to mode='budget' only"),
@@ -333,7 +394,7 @@ def test_triton_backend_matches_reference_on_a_budget_plan(monkeypatch, seed):
         (dict(mode="threshold", fractions={1: 0.3}), ValueError, r"fractions=.* applies to mode='quantile' only"),
     ],
     ids=["density-0", "density-big", "density-bool", "density-str", "levels-empty", "levels-3", "levels-bool",
-         "levels-int", "mean-pooled", "one-sample", "one-sample-given", "thresholds-in-budget", "density-in-threshold",
+         "levels-int", "mean-pooled", "one-sample", "one-sample-given", "more-samples-than-keys", "thresholds-in-budget", "density-in-threshold",
          "min-full-in-quantile", "fractions-in-threshold"],
 )
 def test_budget_config_errors(kwargs, error, match):

@@ -246,6 +246,13 @@ class PSAConfig:
                 f"loses, got samples_per_block={self.samples_per_block!r} with block_k={self.block_k} "
                 f"(give samples_per_block >= 2, or block_k >= 8)"
             )
+        if self.mode == "budget" and key_samples > self.block_k:
+            # More samples than keys repeat positions: a full block's pairs would all be one key
+            # twice, show no spread, and the estimate would call pooling free.
+            raise ValueError(
+                f"mode='budget' needs samples_per_block <= block_k so that a key block's sampled pairs are "
+                f"distinct keys, got samples_per_block={self.samples_per_block!r} with block_k={self.block_k}"
+            )
         self._check_mode_fields()
 
     def _check_mode_fields(self) -> None:

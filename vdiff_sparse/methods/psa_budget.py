@@ -37,15 +37,16 @@ apart: 4 at the default quarter-block sampling) and every :data:`SPREAD_QUERY_ST
 query of query block ``i``; ``Var_ij`` the variance over key block ``j``'s samples of the first
 sampled query's logits (it only enters the per-head sum). Neither reads the importance
 estimate's logits: ``s_a - s_b = q . (k_a - k_b)`` and ``s_t - mean s = q . (k_t - mean k)``, so
-both are one matmul of the few spread queries against the key pairs' differences (``s / 2`` per
-key block) and one against the block-centred sampled keys (``s`` per key block), each followed
-by one sum of squares. With ``SPREAD_QUERY_STRIDE = 4`` and the default sampling (``s_q = b_q / 4``
-queries, ``s_k = b_k / 4`` keys per block) the spread matmul has a quarter of the importance
-estimate's rows and half its columns: ``1/8`` of its multiply-adds, at any block size; the
-variance's one query per block adds ``4 / b_q`` of them. Neither makes a pass over the
-``s_q * s_k`` logits of every block pair: the importance estimate's own cost is its
-max over them. The differences are taken in float32 before the matmul's ``importance_dtype``,
-so no two large rounded logits are subtracted. A key block whose samples are all one position
+they are one matmul of the spread queries against the key pairs' differences (``s_k / 2`` per
+key block) and one of the first sampled query against the block-centred sampled keys (``s_k``
+per key block), each followed by one sum of squares. With ``SPREAD_QUERY_STRIDE = 4`` and the
+default sampling (``s_q = b_q / 4`` queries, ``s_k = b_k / 4`` keys per block) the spread matmul
+has a quarter of the importance estimate's rows and half its columns, ``1/8`` of its
+multiply-adds (when ``b_q`` is a multiple of 16 and ``b_k`` of 8; other sizes round the counts),
+and the variance's one query per block adds ``4 / b_q`` of them. Neither makes a pass over the
+``s_q * s_k`` logits of every block pair, which is the importance estimate's own cost (its
+max). The differences are taken in float32 before the matmul (in ``importance_dtype`` on a GPU,
+in float32 on the CPU), so no two large rounded logits are subtracted. A key block whose samples are all one position
 (a block of one key) has ``S = 0``: pooling it is exact.
 
 **Allocation** (:func:`allocate_budget`). The errors and costs of a block's options are the
@@ -78,13 +79,12 @@ import torch
 from ..layout import BlockOrder
 from .psa_importance import chunk_elements, sample_positions
 
-#: The importance estimate's sampled queries that also measure the logit spread: every this
-#: many-th sampled query of a query block (at least one). A block's spread seen from one query
-#: is noisy: in ``bench/fidelity.py`` on seeds 0 and 2 (not the committed seed 1), every 16th
-#: sampled query (one per 64-token block) left one case per seed over 3% worse than binary
-#: block-sparse (1.038, 1.36: a very local head pooling a block its one query saw as flat);
-#: every 8th, 1.032 and 1.363; every 4th, none (worst 1.000 on both), at 1/8 of the
-#: importance estimate's multiply-adds (module docstring).
+#: Which of the importance estimate's sampled query positions measure the logit spread: every
+#: this many-th one of a query block (at least one). A block's spread seen from one query is
+#: noisy: every 16th (one query per 64-token block) let a very local head pool a block its one
+#: query saw as flat, and lose to binary block-sparse by over 3% (``bench/results/
+#: psa_budget_stride/``: seeds 0-2 at strides 16 and 4); at 1/8 of the importance estimate's
+#: multiply-adds (module docstring).
 SPREAD_QUERY_STRIDE = 4
 
 # Pool factors from the coarsest (cheapest) to full resolution.
@@ -99,63 +99,67 @@ def logit_spread(
 
     Args:
         q, k: ``[B, N, heads, D]`` in the original order; only the sampled tokens are read,
-            through ``order``'s reorder.
+            through ``order``'s reorder, one (batch, head) row at a time.
         order: the plan's block order; ``q_offsets`` / ``k_offsets`` its blocks (plan positions).
         sq, sk: tokens sampled per query / key block, as the importance estimate samples them.
         scale: the logit scale.
-        matmul_dtype: operand dtype of the two matmuls on a GPU (the importance estimate's,
-            for its tensor cores). On the CPU they run in float32 (float64 for float64
-            inputs): oneDNN's bfloat16 path is slower there for these thin ``K = D`` products
-            (in a scratch run on 2 cores, ``[256, 64] x [64, 4096]``: 0.9 ms in bfloat16, 0.5 ms
-            in float32; the whole estimate at 16K tokens: 12.1 vs 8.0 ms).
+        matmul_dtype: operand dtype of the two matmuls off the CPU (the importance estimate's,
+            for a GPU's tensor cores). On the CPU they run in float32 (float64 when
+            ``matmul_dtype`` is float64): oneDNN's bfloat16 path is slower there for these thin
+            ``K = D`` products (in a scratch run on 2 cores, ``[256, 64] x [64, 4096]``: 0.9 ms
+            in bfloat16, 0.5 ms in float32; the whole estimate at 16K tokens: 12.1 vs 8.0 ms).
 
     Returns:
-        ``spread`` and ``variance``, ``[B*heads, n_q_blocks, n_k_blocks]`` in float32 (float64
-        for float64 inputs): the mean squared logit difference of consecutive sampled keys
-        over every :data:`SPREAD_QUERY_STRIDE`-th sampled query, and the variance of the first
-        sampled query's logits over the key block's samples.
+        ``spread`` and ``variance``, ``[B*heads, n_q_blocks, n_k_blocks]``, float32 (float64
+        when ``matmul_dtype`` is float64): the mean squared logit difference of consecutive
+        sampled keys over every :data:`SPREAD_QUERY_STRIDE`-th sampled query (0 for key
+        blocks without two distinct samples, and everywhere when ``sk < 2``), and the variance
+        of the first sampled query's logits over the key block's samples.
     """
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
-    if not q.is_cuda:
+    if q.device.type == "cpu":
         matmul_dtype = work_dtype
-
-    def sampled(x, positions):  # [B*H, positions, D]
-        tokens = positions if order.perm is None else order.perm[positions]
-        return x.index_select(1, tokens).transpose(1, 2).reshape(B * H, -1, D).to(work_dtype)
-
     query_samples = sample_positions(q_offsets, sq)[:, ::SPREAD_QUERY_STRIDE]  # [nqb, q']
     spread_queries = query_samples.shape[1]
-    queries = (sampled(q, query_samples.reshape(-1)) * scale).view(B * H, nqb, spread_queries, D)
+    # Keys sample-major (sample, key block), so that the sums of squares reduce over strided
+    # axes with key blocks contiguous and vectorise across blocks (as the importance estimate's
+    # max does).
     key_samples = sample_positions(k_offsets, sk)  # [nkb, sk]
-    # Keys sample-major ([R, sample, key block, D]), so that the sums of squares reduce over
-    # strided axes with key blocks contiguous and vectorise across blocks (as the importance
-    # estimate's max does).
-    keys = sampled(k, key_samples.t().reshape(-1)).view(B * H, sk, nkb, D)
+    q_tokens, k_tokens = query_samples.reshape(-1), key_samples.t().reshape(-1)
+    if order.perm is not None:
+        q_tokens, k_tokens = order.perm[q_tokens], order.perm[k_tokens]
     pairs = sk // 2
     # A pair of samples at one position (a block shorter than its samples) has a zero difference
     # and says nothing: each block averages its real pairs only (none: S = 0, a block of one key).
     real_pairs = (key_samples[:, 0 : 2 * pairs : 2] != key_samples[:, 1 : 2 * pairs : 2]).sum(1)  # [nkb]
-    differences = keys[:, 0 : 2 * pairs : 2] - keys[:, 1 : 2 * pairs : 2]  # [R, pairs, nkb, D]
-    centred = keys - keys.mean(1, keepdim=True)  # [R, sk, nkb, D]
+    pair_norm = (real_pairs.clamp(min=1) * spread_queries).to(work_dtype)
+    spread = torch.zeros(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+    variance = torch.empty_like(spread)
+    limit = chunk_elements(q)
 
-    def squares(x, rows, columns):  # sum over ``rows`` x ``columns`` of (query . key)^2, [R, nqb, nkb]
-        x = x[:, :, :rows].to(matmul_dtype)  # [R, nqb, rows, D]
-        per_block = columns.shape[1]
-        columns = columns.reshape(B * H, -1, D).transpose(1, 2).to(matmul_dtype)  # [R, D, per_block*nkb]
-        out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
-        blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (rows * nkb * per_block)))
-        for r in range(B * H):
-            for b0 in range(0, nqb, blocks_per_chunk):
-                b1 = min(nqb, b0 + blocks_per_chunk)
-                logits = torch.mm(x[r, b0:b1].reshape(-1, D), columns[r]).view(b1 - b0, rows * per_block, nkb)
-                # square + sum: vector_norm over a strided axis is ~30x slower on the CPU.
-                out[r, b0:b1] = (logits * logits).sum(1, dtype=work_dtype)
-        return out
+    def squares(out, queries, columns):  # out[i, j] = sum over queries x columns of (query . key)^2
+        rows, per_block = queries.shape[1], columns.shape[0]
+        queries = queries.to(matmul_dtype)
+        columns = columns.reshape(-1, D).t().to(matmul_dtype)  # [D, per_block*nkb]
+        blocks_per_chunk = max(1, min(nqb, limit // (rows * nkb * per_block)))
+        for b0 in range(0, nqb, blocks_per_chunk):
+            b1 = min(nqb, b0 + blocks_per_chunk)
+            logits = torch.mm(queries[b0:b1].reshape(-1, D), columns).view(b1 - b0, rows * per_block, nkb)
+            # square + sum: vector_norm over a strided axis is ~30x slower on the CPU.
+            out[b0:b1] = (logits * logits).sum(1, dtype=work_dtype)
 
-    spread = squares(queries, spread_queries, differences) / (real_pairs.clamp(min=1) * spread_queries).to(work_dtype)
-    variance = squares(queries, 1, centred) / sk
+    for b in range(B):
+        for h in range(H):  # one row at a time: its sampled keys are all that is gathered
+            r = b * H + h
+            queries = (q[b, q_tokens, h].to(work_dtype) * scale).view(nqb, spread_queries, D)
+            keys = k[b, k_tokens, h].to(work_dtype).view(sk, nkb, D)
+            if pairs:
+                squares(spread[r], queries, keys[0 : 2 * pairs : 2] - keys[1 : 2 * pairs : 2])  # [pairs, nkb, D]
+                spread[r].div_(pair_norm)
+            squares(variance[r], queries[:, :1], keys - keys.mean(0))  # first query; centred keys
+            variance[r].div_(sk)
     return spread, variance
 
 
