@@ -243,13 +243,18 @@ def test_spread_and_variance_match_a_loop_over_sampled_logits(case, seed, monkey
         torch.testing.assert_close(variance, want_variance, rtol=1e-9, atol=1e-12, msg=f"variance, chunk {chunk}")
 
 
-def test_spread_on_cpu_runs_in_float32_whatever_the_importance_dtype(seed):
-    grid = (2, 9, 11)
-    n = math.prod(grid)
+def _float32_spread_case(seed):
+    """float32 q, k on a 2x9x11 grid in blocks of 32 (8 samples), their order and offsets, and
+    the float64 loop's spread and variance."""
+    n = 2 * 9 * 11
     q, k, _ = random_qkv(2, n, 2, 8, seed=seed)
     order = psa_module.sequence_order(n, 32)
     offsets = uniform_offsets(n, 32)
-    want = _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5)
+    return q, k, order, offsets, _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5)
+
+
+def test_spread_on_cpu_runs_in_float32_whatever_the_importance_dtype(seed):
+    q, k, order, offsets, want = _float32_spread_case(seed)
     for dtype in (torch.bfloat16, torch.float32):
         got = logit_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5, dtype)
         for name, g, w in zip(("spread", "variance"), got, want):
@@ -260,12 +265,7 @@ def test_spread_on_cpu_runs_in_float32_whatever_the_importance_dtype(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_spread_in_bfloat16_on_gpu_is_close_to_the_definition(seed):
-    grid = (2, 9, 11)
-    n = math.prod(grid)
-    q, k, _ = random_qkv(2, n, 2, 8, seed=seed)
-    order = psa_module.sequence_order(n, 32)
-    offsets = uniform_offsets(n, 32)
-    want = _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5)
+    q, k, order, offsets, want = _float32_spread_case(seed)
     got = logit_spread(q.cuda(), k.cuda(), order.to("cuda"),
                        offsets.cuda(), offsets.cuda(), 8, 8, 8**-0.5, torch.bfloat16)
     for name, g, w in zip(("spread", "variance"), got, want):
