@@ -19,8 +19,17 @@ fixed noise levels, uniform in sigma; training draws sigma uniformly too) at the
 after/before, both models' held-out flow-matching loss, the student's attention density, and
 the wall time (indicative only: a shared 2-core machine).
 
+With ``--diagnostics`` it looks for what keeps the distilled student above half the gap:
+GNA with full fine-tuning and ``distill`` only, once as above (``baseline``) and once per
+variant: the held-out pair replaced by copies of two training clips (``training_clips_held_out``:
+is the student memorising its clips?), effective batch 16 by gradient accumulation (gradient
+noise?), two wider windows (less to recover?), a 4-layer base (too few layers to route around the
+window?) and a base trained ``--long-pretrain-steps`` (an under-trained teacher?). Each row keeps
+the gap per held-out noise level (``teacher_gap_by_sigma`` of ``report.json``).
+
     python bench/finetune_gap_cpu.py                         # writes bench/results/finetune_gap_cpu.json
     python bench/finetune_gap_cpu.py --steps 20 --pretrain-steps 20 --out /tmp/gap.json   # quick
+    python bench/finetune_gap_cpu.py --diagnostics           # writes results/finetune_gap_diagnostics_cpu.json
 """
 
 from __future__ import annotations
@@ -70,36 +79,68 @@ def common(args, clips: Path, output_dir: Path, cache: Path) -> list[str]:
             "train.timestep_sampling=uniform", "train.shift=1.0"]
 
 
-def pretrained_base(args, clips: Path, work: Path) -> Path:
-    """The tiny Wan trained densely with flow matching, saved as a diffusers pipeline folder."""
+def pretrained_base(args, clips: Path, work: Path, steps: int | None = None, layers: int | None = None) -> Path:
+    """The tiny Wan (``layers`` transformer blocks: the tiny config's 2 if ``None``) trained
+    densely with flow matching for ``steps`` (``--pretrain-steps`` if ``None``), saved as a
+    diffusers pipeline folder."""
     from diffusers import WanTransformer3DModel
 
     from vdiff_sparse.pipelines import finetune as ft
+    from vdiff_sparse.tiny_models import tiny_wan_transformer
 
-    out = work / "pretrain"
-    config = ft.load_config("tiny_wan_vmoba", common(args, clips, out, work / "cache-pretrain") + [
-        "sparse.method=dense", "train.objective=flow_matching", f"train.max_steps={args.pretrain_steps}",
+    steps = args.pretrain_steps if steps is None else steps
+    name = f"base-{steps}-{layers or 2}"
+    start = []
+    if layers is not None:  # the random start as a folder the pipeline loads like any checkpoint
+        pipe = ft.load_pipeline(ft.ModelConfig(), seed=args.seed)
+        pipe.transformer = tiny_wan_transformer(seed=args.seed, num_layers=layers)
+        pipe.save_pretrained(str(work / f"{name}-init"))
+        start = [f"model.name={work / f'{name}-init'}"]
+    out = work / f"pretrain-{name}"
+    config = ft.load_config("tiny_wan_vmoba", common(args, clips, out, work / f"cache-{name}") + start + [
+        "sparse.method=dense", "train.objective=flow_matching", f"train.max_steps={steps}",
         f"train.lr={args.pretrain_lr}", "train.lr_scheduler=cosine", "validation.every=0", "eval.holdout=0"])
     ft.train(config)
     pipe = ft.load_pipeline(ft.ModelConfig(), seed=args.seed)
     pipe.transformer = WanTransformer3DModel.from_pretrained(str(out / "final" / "transformer"))
-    base = work / "base"
+    base = work / name
     pipe.save_pretrained(str(base))
     return base
 
 
-def run(args, clips: Path, work: Path, base: Path | None, method: str, fine_tuning: str, objective: str) -> dict:
+def training_clips_held_out(clips: Path, dest: Path, count: int, holdout: int, seed: int) -> Path:
+    """``clips`` copied to ``dest`` with each clip the run holds out replaced by a copy (video
+    and caption) of a training clip: the held-out gap is then measured on clips it trains on."""
+    import shutil
+
+    from vdiff_sparse.pipelines.finetune.schedule import holdout_split
+
+    train, held = holdout_split(count, holdout, seed)
+    dest.mkdir()
+    lines = (clips / "captions.jsonl").read_text().splitlines()
+    for i in range(count):
+        shutil.copy(clips / f"clip{i}.mp4", dest / f"clip{i}.mp4")
+    for held_index, train_index in zip(held, train):
+        shutil.copy(clips / f"clip{train_index}.mp4", dest / f"clip{held_index}.mp4")
+        caption = json.loads(lines[train_index])["caption"]
+        lines[held_index] = json.dumps({"video": f"clip{held_index}.mp4", "caption": caption})
+    (dest / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def run(args, clips: Path, work: Path, base: Path | None, method: str, fine_tuning: str, objective: str,
+        extra: tuple[str, ...] = (), name: str = "") -> dict:
     from vdiff_sparse.pipelines import finetune as ft
 
-    out = work / f"{method}-{fine_tuning}-{objective}"
+    out = work / f"{method}-{fine_tuning}-{objective}{'-' + name if name else ''}"
     lr = args.lora_lr if fine_tuning == "lora" else args.full_lr
     settings = [f"sparse.method={method}", f"train.objective={objective}", f"train.max_steps={args.steps}",
                 f"train.lr={lr}", "train.lr_scheduler=cosine", f"validation.every={args.eval_every}",
-                *FINE_TUNING[fine_tuning]]
+                *FINE_TUNING[fine_tuning], *extra]
     if base is not None:
         settings.append(f"model.name={base}")
     start = time.perf_counter()
-    result = ft.train(ft.load_config("tiny_wan_vmoba", common(args, clips, out, work / "cache") + settings))
+    result = ft.train(ft.load_config("tiny_wan_vmoba", common(args, clips, out, work / f"cache-{clips.name}") + settings))
     wall = time.perf_counter() - start
     report = json.loads(result.report.read_text())
     row = {
@@ -107,6 +148,8 @@ def run(args, clips: Path, work: Path, base: Path | None, method: str, fine_tuni
         "settings": settings, "teacher_gap_before": report["teacher_gap_before"],
         "teacher_gap_after": report["teacher_gap_after"], "teacher_gap_ratio": report["teacher_gap_ratio"],
         "gap_by_step": {e["step"]: e["teacher_gap"] for e in report["evaluations"]},
+        "gap_by_sigma_before": report["evaluations"][0]["teacher_gap_by_sigma"],
+        "gap_by_sigma_after": report["evaluations"][-1]["teacher_gap_by_sigma"],
         "student_heldout_loss_before": report["student_heldout_loss_before"],
         "student_heldout_loss_after": report["student_heldout_loss_after"],
         "teacher_heldout_loss": report["teacher_heldout_loss_after"],
@@ -117,6 +160,28 @@ def run(args, clips: Path, work: Path, base: Path | None, method: str, fine_tuni
           f"{row['student_heldout_loss_before']:.4f} -> {row['student_heldout_loss_after']:.4f} "
           f"(teacher {row['teacher_heldout_loss']:.4f}), density {row['heldout_density']:.3f}, {wall:.0f} s", flush=True)
     return row
+
+
+def diagnostics(args, clips: Path, work: Path, base: Path) -> list[dict]:
+    """GNA, full fine-tuning, ``distill``: the baseline and one run per variant (module docstring)."""
+    copies = training_clips_held_out(clips, work / "clips-copies", args.clips, args.holdout, args.seed)
+    variants = [  # name, what it tests, clips, base, extra settings
+        ("baseline", "as in the main grid", clips, base, ()),
+        ("training_clips_held_out", "memorising the training clips", copies, base, ()),
+        ("effective_batch_16", "gradient noise", clips, base, ("train.grad_accum=4",)),
+        ("window_2x3x3", "density", clips, base, ("sparse.options.gna.window=[2,3,3]",)),
+        ("window_3x3x4", "density", clips, base, ("sparse.options.gna.window=[3,3,4]",)),
+        ("4_layers", "depth", clips, lambda: pretrained_base(args, clips, work, layers=4), ()),
+        (f"teacher_{args.long_pretrain_steps}_steps", "the teacher's training", clips,
+         lambda: pretrained_base(args, clips, work, steps=args.long_pretrain_steps), ()),
+    ]
+    rows = []
+    for name, tests, variant_clips, variant_base, extra in variants:
+        print(f"{name}: {tests}", flush=True)
+        variant_base = variant_base() if callable(variant_base) else variant_base
+        rows.append({"variant": name, "tests": tests, **run(args, variant_clips, work, variant_base, "gna", "full",
+                                                               "distill", extra, name)})
+    return rows
 
 
 def main() -> None:
@@ -133,20 +198,31 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "finetune_gap_cpu.json"))
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="GNA full distill under the variants of the module docstring instead of the grid")
+    parser.add_argument("--long-pretrain-steps", type=int, default=1500, help="--diagnostics: the longer-trained base")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default results/finetune_gap_cpu.json, or finetune_gap_diagnostics_cpu.json)")
     args = parser.parse_args()
+    if args.diagnostics and not args.pretrain_steps:
+        parser.error("--diagnostics needs a trained base: give --pretrain-steps > 0")
+    name = "finetune_gap_diagnostics_cpu" if args.diagnostics else "finetune_gap_cpu"
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
     rows = []
     with tempfile.TemporaryDirectory(prefix="finetune-gap-") as tmp:
         work = Path(tmp)
         (work / "clips").mkdir()
         clips = write_clips(work / "clips", args.clips, args.seed)
         base = pretrained_base(args, clips, work) if args.pretrain_steps else None
-        for method in args.methods:
-            for fine_tuning in FINE_TUNING:
-                for objective in OBJECTIVES:
-                    rows.append(run(args, clips, work, base, method, fine_tuning, objective))
+        if args.diagnostics:
+            rows = diagnostics(args, clips, work, base)
+        else:
+            for method in args.methods:
+                for fine_tuning in FINE_TUNING:
+                    for objective in OBJECTIVES:
+                        rows.append(run(args, clips, work, base, method, fine_tuning, objective))
     report = {
-        "benchmark": "finetune_gap_cpu",
+        "benchmark": name,
         **run_metadata(command_line()),
         "model": "tiny Wan 2.1 T2V (configs/finetune/tiny_wan_vmoba.yaml: 2 layers, 2 heads x 32, a 3x3x5 token "
                  "grid)" + (f", trained densely with flow matching for {args.pretrain_steps} steps first" if

@@ -82,6 +82,11 @@ def test_uninterrupted_run_writes_checkpoints_logs_samples_and_report(reference_
     assert [e["step"] for e in report["evaluations"]] == [0, 2, 4]
     assert report["teacher_gap_before"] == rows[0]["teacher_gap"] and report["teacher_gap_after"] == rows[4]["teacher_gap"]
     assert report["heldout"] == {"samples": 1, "sigmas": [0.125, 0.375, 0.625, 0.875], "inputs": 4}
+    for evaluation in report["evaluations"]:  # the gap per noise level brackets the overall one
+        by_sigma = evaluation["teacher_gap_by_sigma"]
+        assert list(by_sigma) == ["0.1250", "0.3750", "0.6250", "0.8750"]
+        assert min(by_sigma.values()) <= evaluation["teacher_gap"] <= max(by_sigma.values())
+        assert max(by_sigma.values()) > min(by_sigma.values())  # measured per level, not copied
     assert report["teacher"]["extra_parameter_bytes"] == 0  # flow matching needs no teacher in memory
 
 

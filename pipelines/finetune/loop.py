@@ -269,7 +269,7 @@ def train(config: FinetuneConfig) -> RunResult:
         accelerator.wait_for_everyone()
         if main:
             logger.info("evaluation at step %d: %s", at_step,
-                        ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "step"))
+                        ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float)))
         return values
 
     world, rank = accelerator.num_processes, accelerator.process_index
