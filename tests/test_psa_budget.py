@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,12 +20,15 @@ from vdiff_sparse.methods import psa as psa_module
 from vdiff_sparse.methods import psa_importance
 from vdiff_sparse.methods.psa import PSAConfig, plan_psa, psa_attention
 from vdiff_sparse.methods.psa_budget import (
+    KEY_LEVELS,
+    KEY_STEPS_PER_OCTAVE,
     LEVELS_COARSE_FIRST,
     SPREAD_QUERY_STRIDE,
     allocate_budget,
+    efficiency_key,
     head_variation_ratio,
-    logit_spread,
     pooling_distortion,
+    sampled_estimates,
 )
 
 RAGGED_GRIDS = {"3x5x7": (3, 5, 7), "2x9x11": (2, 9, 11), "1x6x10": (1, 6, 10)}
@@ -34,8 +38,11 @@ BLOCKS = [(5, 5), (8, 8), (16, 16), (16, 24), (32, 32), (64, 64), (128, 128)]
 # --- a loop definition of the allocation ------------------------------------------------------
 def loop_allocation(importance, distortion, sizes, budget):
     """One row: every block's lower convex hull over its allowed points ``(1/p, e(p))`` (``e``
-    finite) plus skip ``(0, 1)``, its moves ranked by ``importance * slope`` (ties: block, then
-    chain order), taken while the spent keys are below the budget."""
+    finite) plus skip ``(0, 1)``, its moves ranked by the key of ``importance * slope`` (ties:
+    block, then chain order), taken while the spent keys are below the budget. Slopes and
+    efficiencies in float32 arithmetic, as the allocator computes them, so the keys are the
+    same numbers."""
+    f32 = np.float32
     moves = []
     for j, (w, n) in enumerate(zip(importance, sizes)):
         points = [(0.0, 1.0, 0)] + [(1 / p, distortion[p][j], p) for p in (8, 4, 2, 1)
@@ -49,15 +56,34 @@ def loop_allocation(importance, distortion, sizes, budget):
                    for a in points[:k] for c in points[k + 1:]):
                 hull.append(points[k])
         for order, (a, b) in enumerate(zip(hull, hull[1:])):
-            moves.append((-(w * (a[1] - b[1]) / (b[0] - a[0])), j, order, n * (b[0] - a[0]), b[2]))
-    moves.sort(key=lambda m: (m[0], m[1], m[2]))
+            slope = (f32(a[1]) - f32(b[1])) / (f32(b[0]) - f32(a[0]))
+            moves.append((f32(w) * slope, j, order, n * (b[0] - a[0]), b[2]))
+    if not moves:
+        return [0] * len(importance)
+    keys = efficiency_key(torch.tensor([m[0] for m in moves], dtype=torch.float32)[None])[0].tolist()
+    ranked = sorted(zip(keys, moves), key=lambda km: (km[0], km[1][1], km[1][2]))
     level, spent = [0] * len(importance), 0.0
-    limit = budget - 1e-9 * max(1.0, float(sum(sizes)))
-    for _, j, _, cost, p in moves:
+    limit = budget - 1e-9 * max(1.0, budget)
+    for _, (_, j, _, cost, p) in ranked:
         if spent >= limit:
             break
         level[j], spent = p, spent + cost
     return level
+
+
+def test_efficiency_key():
+    eff = torch.tensor([[1.0, 0.5, 0.5 * 2 ** (-1 / 128), 2.0**-40, 0.0, -1.0, 2.0 ** (-1 / 64) * 1.0001]])
+    key = efficiency_key(eff)[0].tolist()
+    assert key[:3] == [0, KEY_STEPS_PER_OCTAVE, KEY_STEPS_PER_OCTAVE]  # a key spans 1/64 octave
+    assert key[3] == key[4] == KEY_LEVELS - 1 and key[5] == KEY_LEVELS and key[6] == 0
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(6, 300, generator=g) ** 6
+    keys = efficiency_key(rows)
+    order = rows.argsort(dim=-1, descending=True)
+    assert bool((keys.gather(-1, order).diff(dim=-1) >= 0).all()), "keys never fall as efficiencies do"
+    same = (keys[:, :, None] == keys[:, None, :]) & (keys[:, :, None] < KEY_LEVELS - 1)  # the last key: the rest
+    ratio = rows[:, :, None] / rows[:, None, :]
+    assert bool((ratio[same] < 2 ** (1 / KEY_STEPS_PER_OCTAVE) * (1 + 1e-6)).all())
 
 
 def _random_rows(gen, rows, nk, levels, ties: bool):
@@ -129,6 +155,18 @@ def test_distortion_values():
 
 
 # --- forbidden pooling: exactly binary ---------------------------------------------------------
+def assert_like_quantile(binary, w, d):
+    """Binary at a budget keeps as many blocks as quantile mode at ``fractions={1: d}`` does
+    (``ceil(d n)``), the most important up to the efficiency key's resolution: a kept block is
+    never less important than a skipped one by more than a key's factor."""
+    quantile = psa_module.allocate_levels(w, PSAConfig(mode="quantile", fractions={1: d}))
+    assert set(binary.unique().tolist()) <= {0, 1}
+    assert torch.equal((binary > 0).sum(-1), (quantile > 0).sum(-1))
+    kept_min = torch.where(binary > 0, w, math.inf).amin(-1)
+    skipped_max = torch.where(binary > 0, -math.inf, w).amax(-1)
+    assert bool((kept_min * 2 ** (1 / KEY_STEPS_PER_OCTAVE) * (1 + 1e-6) >= skipped_max).all())
+
+
 def test_binary_exactly_when_every_pooling_is_forbidden(seed):
     gen = torch.Generator().manual_seed(seed)
     nk, sizes = 30, torch.full((30,), 64)
@@ -139,8 +177,7 @@ def test_binary_exactly_when_every_pooling_is_forbidden(seed):
     for d in (0.05, 0.1, 0.2, 0.5):
         budget = d * float(sizes.sum())
         binary = allocate_budget(w, lambda x: pooling_distortion(zero, torch.tensor(0.0), x), sizes, budget, full)
-        # Binary at a budget ranks blocks by importance, ceil(d n) of them, like quantile mode.
-        assert torch.equal(binary, psa_module.allocate_levels(w, PSAConfig(mode="quantile", fractions={1: d})))
+        assert_like_quantile(binary, w, d)
         # White keys (rho = 1): every pooled level on or above the skip-to-full chord.
         for spread in (zero, torch.rand(w.shape, generator=gen) * 3):
             white = allocate_budget(w, lambda x: pooling_distortion(spread, torch.tensor(1.0), x), sizes, budget, every)
@@ -181,7 +218,8 @@ def test_plan_is_binary_when_the_keys_forbid_pooling(block, seed):
             budget = plan_psa(q, k, grid, base.replace(mode="budget", density=d))
             binary = plan_psa(q, k, grid, base.replace(mode="budget", density=d, budget_levels=(1,)))
             quantile = plan_psa(q, k, grid, base.replace(mode="quantile", fractions={1: d}))
-            assert torch.equal(binary.kv_index, quantile.kv_index) and torch.equal(binary.kv_level, quantile.kv_level)
+            kept = (binary.kv_index >= 0).sum(-1)
+            assert torch.equal(kept, (quantile.kv_index >= 0).sum(-1)) and bool((binary.kv_level[binary.kv_index >= 0] == 1).all())
             same = torch.equal(budget.kv_index, binary.kv_index) and torch.equal(budget.kv_level, binary.kv_level)
             assert same == binary_expected, (name, d)
             if not binary_expected:  # alike keys: the budget buys x8 of many blocks
@@ -234,43 +272,64 @@ def test_spread_and_variance_match_a_loop_over_sampled_logits(case, seed, monkey
     q_offsets, k_offsets = uniform_offsets(n, block_q), uniform_offsets(n, block_k)
     scale = 8**-0.5
     want_spread, want_variance = _loop_spread(q, k, order, q_offsets, k_offsets, sq, sk, scale)
+    want_importance = psa_importance.sampled_importance(q, k, order, q_offsets, k_offsets, sq, sk, scale, torch.float64)
     for chunk in (None, 1, 3 * 8 * k_offsets.numel()):  # whole rows, one query block, a few
         if chunk is not None:
             monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", chunk)
-        spread, variance = logit_spread(q, k, order, q_offsets, k_offsets, sq, sk, scale, torch.float64)
-        assert spread.dtype == variance.dtype == torch.float64
+        importance, spread, variance = sampled_estimates(q, k, order, q_offsets, k_offsets, sq, sk, scale,
+                                                         torch.float64)
+        assert importance.dtype == spread.dtype == variance.dtype == torch.float64
+        # The importance is the importance estimate's (the samples' order inside the logits
+        # differs, the maxima do not).
+        torch.testing.assert_close(importance, want_importance, rtol=1e-12, atol=1e-15, msg=f"chunk {chunk}")
         torch.testing.assert_close(spread, want_spread, rtol=1e-9, atol=1e-12, msg=f"spread, chunk {chunk}")
         torch.testing.assert_close(variance, want_variance, rtol=1e-9, atol=1e-12, msg=f"variance, chunk {chunk}")
 
 
-def _float32_spread_case(seed):
-    """float32 q, k on a 2x9x11 grid in blocks of 32 (8 samples), their order and offsets, and
-    the float64 loop's spread and variance."""
+def _low_precision_spread_case(seed):
+    """float32 q, k on a 2x9x11 grid in blocks of 32 (8 samples), their order and offsets, the
+    float64 loop's spread and variance, and the largest ``scale * |q| * |k|`` (what bounds a
+    logit's rounding)."""
     n = 2 * 9 * 11
     q, k, _ = random_qkv(2, n, 2, 8, seed=seed)
     order = psa_module.sequence_order(n, 32)
     offsets = uniform_offsets(n, 32)
-    return q, k, order, offsets, _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5)
+    norm = float(q.norm(dim=-1).max() * k.norm(dim=-1).max()) * 8**-0.5
+    return q, k, order, offsets, _loop_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5), norm
 
 
-def test_spread_on_cpu_runs_in_float32_whatever_the_importance_dtype(seed):
-    q, k, order, offsets, want = _float32_spread_case(seed)
-    for dtype in (torch.bfloat16, torch.float32):
-        got = logit_spread(q, k, order, offsets, offsets, 8, 8, 8**-0.5, dtype)
-        for name, g, w in zip(("spread", "variance"), got, want):
-            assert g.dtype == torch.float32, (dtype, name)
-            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6, msg=f"{name} with {dtype}")
+def _assert_spread_close(got, want, dtype, norm, device="cpu"):
+    """float32 logits: close to the float64 loop. bfloat16 operands and logits (8 mantissa bits)
+    put a logit off by at most ~``3 * 2**-8 * scale |q| |k|``, so the root mean square of the
+    differences (sqrt of the spread) and the standard deviation (sqrt of the variance) move by at
+    most about twice that."""
+    for name, g, w in zip(("spread", "variance"), got, want):
+        assert g.dtype == torch.float32 and g.device.type == device, name
+        g = g.double().cpu()
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            error = float((g.sqrt() - w.sqrt()).abs().max())
+            assert error <= 6 * 2**-8 * norm, (name, error, norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_spread_in_the_logits_dtype_is_close_to_the_definition(dtype, seed):
+    q, k, order, offsets, want, norm = _low_precision_spread_case(seed)
+    got = sampled_estimates(q, k, order, offsets, offsets, 8, 8, 8**-0.5, dtype)
+    _assert_spread_close(got[1:], want, dtype, norm)
+    if dtype == torch.bfloat16:  # the dtype is used, not only accepted
+        exact = sampled_estimates(q, k, order, offsets, offsets, 8, 8, 8**-0.5, torch.float32)
+        assert not torch.equal(got[1], exact[1])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_spread_in_bfloat16_on_gpu_is_close_to_the_definition(seed):
-    q, k, order, offsets, want = _float32_spread_case(seed)
-    got = logit_spread(q.cuda(), k.cuda(), order.to("cuda"),
-                       offsets.cuda(), offsets.cuda(), 8, 8, 8**-0.5, torch.bfloat16)
-    for name, g, w in zip(("spread", "variance"), got, want):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g.double().cpu(), w, rtol=3e-2, atol=1e-3, msg=name)
+    q, k, order, offsets, want, norm = _low_precision_spread_case(seed)
+    got = sampled_estimates(q.cuda(), k.cuda(), order.to("cuda"), offsets.cuda(), offsets.cuda(), 8, 8, 8**-0.5,
+                            torch.bfloat16)
+    _assert_spread_close(got[1:], want, torch.bfloat16, norm, device="cuda")
 
 
 # --- plans: budget met, valid, on ragged grids and every block size -----------------------------

@@ -62,8 +62,8 @@ from .psa_budget import (
     LEVELS_COARSE_FIRST,
     allocate_budget,
     head_variation_ratio,
-    logit_spread,
     pooling_distortion,
+    sampled_estimates,
 )
 from .psa_importance import (
     block_similarity,
@@ -411,23 +411,21 @@ def plan_psa(
         return order.permute(x.detach(), 1).transpose(1, 2).reshape(B * H, n, D).to(work_dtype)
 
     with torch.no_grad():
-        kp = None  # k in plan order, made once if the mean-pooled estimate or the cap needs it
-        if config.importance == "sampled":
-            sq = config.samples_per_block or max(1, config.block_q // 4)
-            sk = config.samples_per_block or max(1, config.block_k // 4)
-            matmul_dtype = importance_matmul_dtype(config, q)
-            importance = sampled_importance(q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
-                                            matmul_dtype)
-        else:
-            kp = plan_order(k)
-            importance = mean_pooled_importance(plan_order(q), kp, q_offsets, k_offsets, scale)
-        if config.mode == "budget":
-            if config.similarity_cap:
-                kp = plan_order(k) if kp is None else kp
-            spread, variance = logit_spread(q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale,
-                                            matmul_dtype)
+        sq = config.samples_per_block or max(1, config.block_q // 4)
+        sk = config.samples_per_block or max(1, config.block_k // 4)
+        matmul_dtype = importance_matmul_dtype(config, q)
+        sampled = (q.detach(), k.detach(), order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype)
+        if config.mode == "budget":  # always sampled: the spread is read off the same logits
+            importance, spread, variance = sampled_estimates(*sampled)
+            kp = plan_order(k) if config.similarity_cap else None
             levels = _budget_levels(importance, spread, variance, kp, k_offsets, config, n)
         else:
+            kp = None  # k in plan order, made once if the mean-pooled estimate or the cap needs it
+            if config.importance == "sampled":
+                importance = sampled_importance(*sampled)
+            else:
+                kp = plan_order(k)
+                importance = mean_pooled_importance(plan_order(q), kp, q_offsets, k_offsets, scale)
             levels = allocate_levels(importance, config)
             if config.similarity_cap:
                 kp = plan_order(k) if kp is None else kp

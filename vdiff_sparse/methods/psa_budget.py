@@ -77,7 +77,7 @@ from typing import Callable
 import torch
 
 from ..layout import BlockOrder
-from .psa_importance import chunk_elements, sample_positions
+from .psa_importance import chunk_importance, sample_positions, sampled_logit_chunks
 
 #: Which of the importance estimate's sampled query positions measure the logit spread: every
 #: this many-th one of a query block (at least one). A block's spread seen from one query is
@@ -87,80 +87,81 @@ from .psa_importance import chunk_elements, sample_positions
 #: multiply-adds (module docstring).
 SPREAD_QUERY_STRIDE = 4
 
+#: Moves are ranked by their efficiency rounded down to this fraction of an octave (a factor
+#: 1.011), ties in key block order: a radix select finds where a row's budget runs out
+#: without sorting its moves (module docstring, *Allocation*).
+KEY_STEPS_PER_OCTAVE = 64
+#: Efficiencies down to ``2 ** -KEY_OCTAVES`` of a row's best are told apart; below, the
+#: moves share the last key.
+KEY_OCTAVES = 32
+KEY_LEVELS = KEY_STEPS_PER_OCTAVE * KEY_OCTAVES
+
 # Pool factors from the coarsest (cheapest) to full resolution.
 LEVELS_COARSE_FIRST = (8, 4, 2, 1)
 
 
-def logit_spread(
+def sampled_estimates(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
     sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The budget mode's two logit statistics per block pair (module docstring, *Estimates*).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The importance estimate and the budget mode's two logit statistics per block pair, from
+    one pass over the sampled logits (module docstring, *Estimates*).
 
     Args:
         q, k: ``[B, N, heads, D]`` in the original order; only the sampled tokens are read,
             through ``order``'s reorder, one (batch, head) row at a time.
         order: the plan's block order; ``q_offsets`` / ``k_offsets`` its blocks (plan positions).
-        sq, sk: tokens sampled per query / key block, as the importance estimate samples them.
+        sq, sk: tokens sampled per query / key block.
         scale: the logit scale.
-        matmul_dtype: operand dtype of the two matmuls off the CPU (the importance estimate's,
-            for a GPU's tensor cores). On the CPU they run in float32 (float64 when
-            ``matmul_dtype`` is float64): oneDNN's bfloat16 path is slower there for these thin
-            ``K = D`` products (in a scratch run on 2 cores, ``[256, 64] x [64, 4096]``: 0.9 ms
-            in bfloat16, 0.5 ms in float32; the whole estimate at 16K tokens: 12.1 vs 8.0 ms).
+        matmul_dtype: the logits' dtype (the importance estimate's).
 
     Returns:
-        ``spread`` and ``variance``, ``[B*heads, n_q_blocks, n_k_blocks]``, float32 (float64
-        when ``matmul_dtype`` is float64): the mean squared logit difference of consecutive
+        ``importance``, ``spread`` and ``variance``, ``[B*heads, n_q_blocks, n_k_blocks]``,
+        float32 (float64 when ``matmul_dtype`` is): :func:`~vdiff_sparse.methods.
+        psa_importance.sampled_importance`; the mean squared logit difference of consecutive
         sampled keys over every :data:`SPREAD_QUERY_STRIDE`-th sampled query (0 for key
-        blocks without two distinct samples, and everywhere when ``sk < 2``), and the variance
-        of the first sampled query's logits over the key block's samples.
+        blocks without two distinct samples, and everywhere when ``sk < 2``); the variance of
+        the first sampled query's logits over the key block's samples.
     """
-    B, _, H, D = q.shape
+    B, _, H, _ = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
-    if q.device.type == "cpu":
-        matmul_dtype = work_dtype
-    query_samples = sample_positions(q_offsets, sq)[:, ::SPREAD_QUERY_STRIDE]  # [nqb, q']
-    spread_queries = query_samples.shape[1]
-    # Keys sample-major (sample, key block), so that the sums of squares reduce over strided
-    # axes with key blocks contiguous and vectorise across blocks (as the importance estimate's
-    # max does).
-    key_samples = sample_positions(k_offsets, sk)  # [nkb, sk]
-    q_tokens, k_tokens = query_samples.reshape(-1), key_samples.t().reshape(-1)
-    if order.perm is not None:
-        q_tokens, k_tokens = order.perm[q_tokens], order.perm[k_tokens]
     pairs = sk // 2
-    # A pair of samples at one position (a block shorter than its samples) has a zero difference
-    # and says nothing: each block averages its real pairs only (none: S = 0, a block of one key).
-    real_pairs = (key_samples[:, 0 : 2 * pairs : 2] != key_samples[:, 1 : 2 * pairs : 2]).sum(1)  # [nkb]
-    pair_norm = (real_pairs.clamp(min=1) * spread_queries).to(work_dtype)
-    spread = torch.zeros(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
-    variance = torch.empty_like(spread)
-    limit = chunk_elements(q)
-
-    def squares(out, queries, columns):  # out[i, j] = sum over queries x columns of (query . key)^2
-        rows, per_block = queries.shape[1], columns.shape[0]
-        queries = queries.to(matmul_dtype)
-        columns = columns.reshape(-1, D).t().to(matmul_dtype)  # [D, per_block*nkb]
-        blocks_per_chunk = max(1, min(nqb, limit // (rows * nkb * per_block)))
-        for b0 in range(0, nqb, blocks_per_chunk):
-            b1 = min(nqb, b0 + blocks_per_chunk)
-            logits = torch.mm(queries[b0:b1].reshape(-1, D), columns).view(b1 - b0, rows * per_block, nkb)
-            # square + sum: vector_norm over a strided axis is ~30x slower on the CPU.
-            out[b0:b1] = (logits * logits).sum(1, dtype=work_dtype)
-
-    for b in range(B):
-        for h in range(H):  # one row at a time: its sampled keys are all that is gathered
-            r = b * H + h
-            queries = (q[b, q_tokens, h].to(work_dtype) * scale).view(nqb, spread_queries, D)
-            keys = k[b, k_tokens, h].to(work_dtype).view(sk, nkb, D)
-            if pairs:
-                squares(spread[r], queries, keys[0 : 2 * pairs : 2] - keys[1 : 2 * pairs : 2])  # [pairs, nkb, D]
-                spread[r].div_(pair_norm)
-            squares(variance[r], queries[:, :1], keys - keys.mean(0))  # first query; centred keys
-            variance[r].div_(sk)
-    return spread, variance
+    # Sample orders that make what the spread reads contiguous: the spread queries first
+    # (query sample 0, the variance's, stays first), then the others; the first keys of the
+    # pairs, then the second ones, then an odd sample out. The importance's max and the
+    # variance do not depend on the order.
+    spread_samples = list(range(0, sq, SPREAD_QUERY_STRIDE))
+    q_sample_order = spread_samples + [s for s in range(sq) if s % SPREAD_QUERY_STRIDE]
+    k_sample_order = list(range(0, 2 * pairs, 2)) + list(range(1, 2 * pairs, 2)) + list(range(2 * pairs, sk))
+    q_spread = len(spread_samples)
+    # A pair of samples at one position (a block shorter than its samples) says nothing: each
+    # block averages its real pairs only (none: S = 0, a block of one key). Its difference is
+    # that of two logits of one key, zero up to the matmul's rounding, so it is not masked.
+    key_samples = sample_positions(k_offsets, sk)
+    real_pairs = (key_samples[:, 0 : 2 * pairs : 2] != key_samples[:, 1 : 2 * pairs : 2]).sum(1)
+    pair_norm = (real_pairs.clamp(min=1) * q_spread).to(work_dtype)
+    importance = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+    spread = torch.zeros_like(importance)
+    variance = torch.empty_like(importance)
+    differences = None
+    chunks = sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
+                                  q_sample_order, k_sample_order)
+    for r, b0, b1, logits in chunks:  # few operations per chunk: each costs as much as its work
+        chunk_importance(logits, work_dtype, importance[r, b0:b1])
+        if pairs:
+            picked = logits[:, :q_spread]  # [blocks, q', sk, nkb]; then one buffer for all chunks
+            if differences is None:
+                differences = torch.empty(picked.shape[0], q_spread, pairs, nkb, dtype=work_dtype, device=q.device)
+            diff = differences[: b1 - b0]
+            torch.sub(picked[:, :, :pairs], picked[:, :, pairs : 2 * pairs], out=diff)
+            # square + sum: vector_norm over strided axes is ~30x slower on the CPU.
+            torch.sum(diff.square_(), (1, 2), out=spread[r, b0:b1])
+        first = logits[:, 0].to(work_dtype)  # [blocks, sk, nkb]: query sample 0 (torch.var
+        centred = first - first.mean(1, keepdim=True)  # over the strided axis is far slower)
+        torch.mean(centred.square_(), 1, out=variance[r, b0:b1])
+    spread /= pair_norm
+    return importance / importance.sum(-1, keepdim=True), spread, variance
 
 
 def head_variation_ratio(importance: torch.Tensor, spread: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -188,6 +189,18 @@ def _coarse_and_fine(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         coarse = torch.where(allowed[..., i] & (coarse == 0), p, coarse)
         fine = torch.where(allowed[..., i], p, fine)
     return coarse, fine
+
+
+def efficiency_key(efficiency: torch.Tensor) -> torch.Tensor:
+    """Rank key of every move of every row (``efficiency`` ``[..., moves]``): ``floor(
+    KEY_STEPS_PER_OCTAVE * log2(row's best / efficiency))`` clamped to ``[0, KEY_LEVELS - 1]``,
+    so ``0`` is the best and a key spans a factor ``2 ** (1 / KEY_STEPS_PER_OCTAVE)``; zero
+    efficiencies get ``KEY_LEVELS - 1`` and moves that do not exist (negative) ``KEY_LEVELS``.
+    int64."""
+    best = efficiency.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    steps = (best.log2() - efficiency.clamp(min=0).log2()).mul_(KEY_STEPS_PER_OCTAVE)
+    key = steps.clamp_(0, KEY_LEVELS - 1).long()  # log2(0) = -inf: clamped to the last key
+    return key.masked_fill_(efficiency < 0, KEY_LEVELS)
 
 
 def allocate_budget(
@@ -233,22 +246,47 @@ def allocate_budget(
         torch.where(some, weight * torch.where(two, to_coarse, to_fine), -1.0),
         torch.where(two, weight * coarse_to_fine, -1.0),
     ], -1).view(-1, 2 * shape[-1])
-    sizes = k_sizes.float()
+    # Costs are multiples of 1/8 key: float64 sums of them are exact.
+    sizes = k_sizes.double()
     cost = torch.stack([
         sizes * torch.where(two, x_coarse, x_fine), sizes * torch.where(two, x_fine - x_coarse, 0.0),
     ], -1).expand(*shape, 2).reshape(-1, 2 * shape[-1])
-    # Block-major flattening + stable sort: ties go by key block, then first move first.
-    order = efficiency.argsort(dim=-1, descending=True, stable=True)
-    sorted_cost = cost.gather(-1, order).double()
-    spent_before = sorted_cost.cumsum(-1) - sorted_cost
+    cost = cost.masked_fill(efficiency < 0, 0.0)
     # Slack against rounding: a row that spent its budget exactly takes nothing more.
     limit = budget - 1e-9 * max(1.0, budget)
-    taken = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, spent_before < limit)
+    taken = _take_in_key_order(efficiency_key(efficiency), cost, limit)
     taken = (taken & (efficiency >= 0)).view(*shape, 2)
     # Moves are taken in chain order: the level is that of the last one taken.
     reached_coarse = torch.where(two, coarse, fine)
     return torch.where(taken[..., 1], fine, torch.where(taken[..., 0], reached_coarse, 0))
 
 
-__all__ = ["LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "head_variation_ratio", "logit_spread",
-           "pooling_distortion"]
+def _take_in_key_order(key: torch.Tensor, cost: torch.Tensor, limit: float) -> torch.Tensor:
+    """Which moves ``[rows, moves]`` a row takes going through them by ascending ``key``, then
+    position, while what it has spent is below ``limit``: the moves of every key below the
+    crossing key (where the spending reaches ``limit``) and those of the crossing key while the
+    spending is. The crossing key is found digit by digit (octave, then step within it) from
+    the summed costs per digit value, a radix select: two scatter-adds, no sort."""
+    rows = key.shape[0]
+    octave, step = key.div(KEY_STEPS_PER_OCTAVE, rounding_mode="floor"), key % KEY_STEPS_PER_OCTAVE
+    # Spending per octave (the last value holds the moves that do not exist, at cost 0).
+    per_octave = cost.new_zeros(rows, KEY_OCTAVES + 1).scatter_add_(1, octave, cost)
+    through = per_octave.cumsum(1)
+    crossing_octave = (through[:, :KEY_OCTAVES] < limit).sum(1, keepdim=True)  # KEY_OCTAVES: none
+    spent_before_octave = (through - per_octave).gather(1, crossing_octave)
+    # Within the crossing octave; the other moves land in an extra last slot.
+    in_octave = octave == crossing_octave
+    per_step = cost.new_zeros(rows, KEY_STEPS_PER_OCTAVE + 1).scatter_add_(
+        1, torch.where(in_octave, step, KEY_STEPS_PER_OCTAVE), cost)
+    through_step = spent_before_octave + per_step[:, :KEY_STEPS_PER_OCTAVE].cumsum(1)
+    crossing = crossing_octave * KEY_STEPS_PER_OCTAVE + (through_step < limit).sum(1, keepdim=True)
+    # In the crossing key, moves in position order.
+    spent_before_key = spent_before_octave + torch.where(in_octave & (key < crossing), cost, 0.0).sum(1, keepdim=True)
+    at_crossing = torch.where(key == crossing, cost, 0.0)
+    spent_before = spent_before_key + at_crossing.cumsum(1) - at_crossing
+    return (key < crossing) | ((key == crossing) & (spent_before < limit))
+
+
+__all__ = ["KEY_LEVELS", "KEY_OCTAVES", "KEY_STEPS_PER_OCTAVE", "LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE",
+           "allocate_budget", "efficiency_key", "head_variation_ratio", "pooling_distortion",
+           "sampled_estimates"]

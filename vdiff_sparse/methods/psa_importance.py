@@ -9,6 +9,8 @@ levels.
 from __future__ import annotations
 
 import functools
+from typing import Iterator, Sequence
+
 import torch
 
 from ..layout import BlockOrder
@@ -71,14 +73,30 @@ def importance_matmul_dtype(config, q: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
-def sampled_importance(
+def sampled_logit_chunks(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
-    rows summing to 1. Only the sampled tokens are read (through the reorder), never a
-    reordered copy of q or k. The logits are ``matmul_dtype``; the rest runs in float32 or
-    float64."""
+    q_sample_order: Sequence[int] | None = None, k_sample_order: Sequence[int] | None = None,
+) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """The sampled logits, a few query blocks of one (batch, head) row at a time.
+
+    ``q``, ``k`` are ``[B, N, heads, D]`` in the original order; only the sampled tokens
+    (:func:`sample_positions` of every block, in plan order) are read, through the reorder,
+    never a reordered copy of q or k.
+
+    Args:
+        q_sample_order, k_sample_order: permutations of ``range(sq)`` / ``range(sk)``: the
+            order of each block's samples along the logits' sample axes (``None``: ascending).
+            A consumer that reads some samples together lays them out contiguously this way.
+
+    Yields:
+        ``(row, b0, b1, logits)``: ``row = b * heads + h``, query blocks ``b0:b1`` and
+        ``logits`` ``[b1 - b0, sq, sk, n_k_blocks]`` in ``matmul_dtype``, ``logits[i, s, t, j]``
+        the scaled logit of query block ``b0 + i``'s sample ``q_sample_order[s]`` and key block
+        ``j``'s sample ``k_sample_order[t]``, valid until the next chunk is asked for (one
+        buffer holds them all). At most :func:`chunk_elements` logits per chunk (one query
+        block when a block's are more).
+    """
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
@@ -87,25 +105,48 @@ def sampled_importance(
         tokens = positions if order.perm is None else order.perm[positions]
         return x.index_select(1, tokens).transpose(1, 2).reshape(B * H, -1, D)
 
-    # Queries block-major (a chunk is a few query blocks); keys sample-major, so that the max
-    # over a key block's samples reduces over a strided axis with key blocks contiguous: the
-    # reduction vectorises across blocks (in a scratch run in bfloat16: 0.09 ms per chunk,
-    # against 1.09 ms reducing over 32 adjacent samples).
-    q_positions = sample_positions(q_offsets, sq).reshape(-1)
-    k_positions = sample_positions(k_offsets, sk).t().reshape(-1)
+    def in_order(positions, sample_order):  # [n_blocks, samples], samples reordered
+        return positions if sample_order is None else positions[:, list(sample_order)]
+
+    # Queries block-major (a chunk is a few query blocks); keys sample-major, so that a
+    # reduction over a key block's samples runs over a strided axis with key blocks contiguous
+    # and vectorises across blocks (in a scratch run, the importance's max in bfloat16: 0.09 ms
+    # per chunk, against 1.09 ms reducing over 32 adjacent samples).
+    q_positions = in_order(sample_positions(q_offsets, sq), q_sample_order).reshape(-1)
+    k_positions = in_order(sample_positions(k_offsets, sk), k_sample_order).t().reshape(-1)
     scaled = sampled(q, q_positions).to(work_dtype) * scale  # scaled here, not the logits
     qs = scaled.to(matmul_dtype).view(B * H, nqb, sq, D)
     ks = sampled(k, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
     blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (sq * nkb * sk)))
-    out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+    buffer = torch.empty(blocks_per_chunk * sq, sk * nkb, dtype=matmul_dtype, device=q.device)
     for r in range(B * H):
         for b0 in range(0, nqb, blocks_per_chunk):
             b1 = min(nqb, b0 + blocks_per_chunk)
-            logits = torch.mm(qs[r, b0:b1].reshape(-1, D), ks[r])  # [(b1-b0)*sq, sk*nkb]
-            per_block = logits.view(b1 - b0, sq, sk, nkb)
-            block_max = per_block.amax(2).to(work_dtype)
-            row_max = block_max.amax(-1, keepdim=True)
-            out[r, b0:b1] = (block_max - row_max).exp_().amax(1)
+            logits = torch.mm(qs[r, b0:b1].reshape(-1, D), ks[r], out=buffer[: (b1 - b0) * sq])
+            yield r, b0, b1, logits.view(b1 - b0, sq, sk, nkb)
+
+
+def chunk_importance(logits: torch.Tensor, work_dtype: torch.dtype, out: torch.Tensor) -> None:
+    """One chunk of :func:`sampled_logit_chunks` -> ``out`` ``[b1 - b0, n_k_blocks]``
+    (``work_dtype``), the unnormalised importance: per query block, the largest over its sampled
+    queries of ``exp(max logit over the key block's samples - the query's largest logit)``."""
+    block_max = logits.amax(2).to(work_dtype)  # [blocks, sq, nkb]
+    block_max.sub_(block_max.amax(-1, keepdim=True)).exp_()
+    torch.amax(block_max, 1, out=out)
+
+
+def sampled_importance(
+    q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
+    k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
+    rows summing to 1 (:func:`chunk_importance` over :func:`sampled_logit_chunks`). The logits
+    are ``matmul_dtype``; the rest runs in float32 or float64."""
+    B, _, H, _ = q.shape
+    work_dtype = torch.promote_types(matmul_dtype, torch.float32)
+    out = torch.empty(B * H, q_offsets.numel() - 1, k_offsets.numel() - 1, dtype=work_dtype, device=q.device)
+    for r, b0, b1, logits in sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype):
+        chunk_importance(logits, work_dtype, out[r, b0:b1])
     return out / out.sum(-1, keepdim=True)
 
 
