@@ -1,13 +1,15 @@
 """PSA planning time: budget mode against the quantile and threshold modes, interleaved.
 
 ``plan_psa`` alone (importance estimate + level allocation + packing) on video-like attention
-(``video_attention_qkv``, 4 heads, D = 64, float32), for block sizes 64 and 128. The modes run
+(``video_attention_qkv``, 4 heads, D = 64, float32; on a GPU bfloat16, where the estimate runs
+on its Triton kernel), for block sizes 64 and 128. The modes run
 in turn within every repeat (A/B/C, A/B/C, ...), so a shared machine's load hits them alike;
 reported per mode: median wall and process CPU time, and the median of the per-repeat ratios
 budget / quantile and budget / threshold.
 
     python bench/psa_planning.py                          # writes bench/results/psa_planning_cpu.json
     python bench/psa_planning.py --tokens 8192 --repeats 5 --threads 1 --out /tmp/p.json
+    python bench/psa_planning.py --device cuda --tokens 32768 --out bench/results/psa_planning_gpu.json
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 inputs there)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "psa_planning_cpu.json"))
     args = parser.parse_args()
     if args.threads:
@@ -45,6 +48,13 @@ def main() -> None:
 
     grid = GRIDS[args.tokens]
     q, k, _ = video_attention_qkv(grid, heads=4, head_dim=64)
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    q, k = q.to(args.device, dtype), k.to(args.device, dtype)
+
+    def sync():  # a GPU's work is done when the clock is read
+        if cuda:
+            torch.cuda.synchronize()
     results = []
     for block in args.blocks:
         configs = {name: PSAConfig(block_q=block, block_k=block, **options) for name, options in MODES.items()}
@@ -54,8 +64,10 @@ def main() -> None:
             plan_psa(q, k, grid, config)  # warm-up
         for _ in range(args.repeats):
             for name, config in configs.items():
+                sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 plan_psa(q, k, grid, config)
+                sync()
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
         row = {"block": block}
@@ -73,7 +85,8 @@ def main() -> None:
     write_json(args.out, {
         "benchmark": "psa_planning",
         **run_metadata(command_line()),
-        "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64, "dtype": "float32",
+        "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64, "dtype": str(dtype).removeprefix("torch."),
+                  "device": args.device,
                   "data": "video_attention_qkv(seed=0)", "importance_dtype": "auto"},
         "timing": f"{args.repeats} interleaved repeats after one warm-up each; medians",
         "results": results,

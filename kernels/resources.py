@@ -27,13 +27,13 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from . import blocks, common, routed, window
+from . import blocks, common, estimate, routed, window
 from .common import INTERPRET
 from .tiles import GPU_TILES, HOPPER, MIN_TILE, Tiles, gpu_tiles, launch_options
 
 # Pointer arguments by kind (others: the dtype of q, k, v); every other argument is an int32
 # except the two scales.
-_POINTERS_F32 = {"LSE", "DELTA", "ACC", "M", "L"}
+_POINTERS_F32 = {"LSE", "DELTA", "ACC", "M", "L", "BLOCK_MAX", "SPREAD", "VARIANCE"}
 _POINTERS_I8 = {"EMASK", "KMASK"}
 _POINTERS_I64 = {"WORK"}
 _POINTERS_I32 = {"Q_OFF", "ENT", "COUNTS", "ROWS_PER_ENTRY", "CODE", "GROUP", "LO_CODE", "HI_CODE", "LO_GROUP", "RANGES",
@@ -67,6 +67,7 @@ KERNELS = {
     "box_rows": window._box_rows_kernel,
     "box_keys": window._box_keys_kernel,
     "routed_rows": routed._routed_rows_kernel,
+    "estimate": estimate.sampled_stats,
 }
 
 
@@ -110,6 +111,20 @@ def variants(head_dim: int, dtype: str, major: int = HOPPER) -> list[Variant]:
         constexprs = {**base, **switches, "BLOCK_M": block_m, "BLOCK_N": block_n}
         for warps, stages, maxnreg in launch_options(tiles, block_m, block_n):
             out.append(Variant(kernel, constexprs, warps, stages, maxnreg, dtype))
+    return out
+
+
+def estimate_variants(head_dim: int, dtype: str) -> list[Variant]:
+    """The PSA importance-estimate kernel as planning launches it (Triton's default 4 warps and
+    3 stages) at the default sampling of blocks of 64 and 128 (a quarter of the block: 16 and 32
+    samples), with and without the budget mode's statistics. Not in :func:`variants` (nor the
+    committed attention-kernel table): the spill test compiles these directly."""
+    out = []
+    for samples in (16, 32):
+        for stats in (False, True):
+            constexprs = dict(SQ=samples, SK=samples, SPREAD_STRIDE=4, HEAD_D=head_dim, SQ_PAD=samples,
+                              SK_PAD=samples, STATS=stats, UPCAST=False, PRECISION="ieee")
+            out.append(Variant("estimate", constexprs, 4, 3, None, dtype))
     return out
 
 
@@ -201,4 +216,5 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             "spills": stack > 0 or local > 0}
 
 
-__all__ = ["KERNELS", "Variant", "code_key", "compile_variant", "cuobjdump", "variants", "why_not_available"]
+__all__ = ["KERNELS", "Variant", "code_key", "compile_variant", "cuobjdump", "estimate_variants", "variants",
+           "why_not_available"]

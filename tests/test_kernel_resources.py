@@ -76,3 +76,15 @@ def test_heaviest_variants_do_not_spill(resources, arch):
         usage = resources.compile_variant(variant, arch)
         assert not usage["spills"], (variant.label(), usage)
         assert usage["registers"] <= 255
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm_90", "sm_80"])
+def test_importance_estimate_kernel_does_not_spill(resources, arch):
+    """PSA's sampled-estimate kernel (:mod:`vdiff_sparse.kernels.estimate`) at head dims 64 and
+    128, in bfloat16 and float32, with and without the budget mode's statistics."""
+    for head_dim in (64, 128):
+        for dtype in ("bf16", "fp32"):
+            for variant in resources.estimate_variants(head_dim, dtype):
+                usage = resources.compile_variant(variant, arch)
+                assert not usage["spills"], (variant.label(), usage)

@@ -72,10 +72,11 @@ def loop_allocation(importance, distortion, sizes, budget):
 
 
 def test_efficiency_key():
-    eff = torch.tensor([[1.0, 0.5, 0.5 * 2 ** (-1 / 128), 2.0**-40, 0.0, -1.0, 2.0 ** (-1 / 64) * 1.0001]])
+    eff = torch.tensor([[1.0, 0.5, 0.999, 2.0**-40, 0.0, -1.0, 1.0 + 1 / 128]])
     key = efficiency_key(eff)[0].tolist()
-    assert key[:3] == [0, KEY_STEPS_PER_OCTAVE, KEY_STEPS_PER_OCTAVE]  # a key spans 1/64 octave
-    assert key[3] == key[4] == KEY_LEVELS - 1 and key[5] == KEY_LEVELS and key[6] == 0
+    # 1 + 1/128 is the best, with 1 in its step; 0.999 is in the octave below, in its top step.
+    assert key[:3] == [0, KEY_STEPS_PER_OCTAVE, 1] and key[6] == 0
+    assert key[3] == key[4] == KEY_LEVELS - 1 and key[5] == KEY_LEVELS
     g = torch.Generator().manual_seed(0)
     rows = torch.rand(6, 300, generator=g) ** 6
     keys = efficiency_key(rows)
@@ -83,7 +84,8 @@ def test_efficiency_key():
     assert bool((keys.gather(-1, order).diff(dim=-1) >= 0).all()), "keys never fall as efficiencies do"
     same = (keys[:, :, None] == keys[:, None, :]) & (keys[:, :, None] < KEY_LEVELS - 1)  # the last key: the rest
     ratio = rows[:, :, None] / rows[:, None, :]
-    assert bool((ratio[same] < 2 ** (1 / KEY_STEPS_PER_OCTAVE) * (1 + 1e-6)).all())
+    assert bool((ratio[same] < 65 / 64).all())
+    assert bool((keys[rows < rows.amax(-1, keepdim=True) * 2.0**-33] == KEY_LEVELS - 1).all())
 
 
 def _random_rows(gen, rows, nk, levels, ties: bool):
@@ -164,7 +166,7 @@ def assert_like_quantile(binary, w, d):
     assert torch.equal((binary > 0).sum(-1), (quantile > 0).sum(-1))
     kept_min = torch.where(binary > 0, w, math.inf).amin(-1)
     skipped_max = torch.where(binary > 0, -math.inf, w).amax(-1)
-    assert bool((kept_min * 2 ** (1 / KEY_STEPS_PER_OCTAVE) * (1 + 1e-6) >= skipped_max).all())
+    assert bool((kept_min * 65 / 64 >= skipped_max).all())
 
 
 def test_binary_exactly_when_every_pooling_is_forbidden(seed):
@@ -330,6 +332,59 @@ def test_spread_in_bfloat16_on_gpu_is_close_to_the_definition(seed):
     got = sampled_estimates(q.cuda(), k.cuda(), order.to("cuda"), offsets.cuda(), offsets.cuda(), 8, 8, 8**-0.5,
                             torch.bfloat16)
     _assert_spread_close(got[1:], want, torch.bfloat16, norm, device="cuda")
+
+
+# --- the estimate on the Triton kernel (interpreter) ---------------------------------------------
+KERNEL_CASES = {  # grid, block_q, block_k, sq, sk, reorder, head dim
+    "seq-q32-k24-d16": ((2, 9, 11), 32, 24, 8, 6, "none", 16),
+    "hilbert-b16-odd-sk": ((2, 9, 11), 16, 16, 4, 5, "hilbert", 16),
+    "tile-b64-d32": ((3, 5, 7), 64, 64, 16, 16, "tile", 32),
+    "hilbert-short-blocks": ((1, 6, 10), 8, 8, 12, 12, "hilbert", 16),  # repeated samples
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_estimate_kernel_matches_the_torch_path(case, seed, monkeypatch):
+    pytest.importorskip("triton", reason="the kernel needs the triton package")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grid, block_q, block_k, sq, sk, reorder, head_dim = case
+    n = math.prod(grid)
+    q, k = (x.to(device) for x in random_qkv(2, n, 2, head_dim, seed=seed)[:2])
+    config = PSAConfig(block_q=block_q, block_k=block_k, reorder=reorder, tile=(1, 2, 4))
+    order = psa_module._order(grid, n, config, q.device)
+    offsets = (uniform_offsets(n, block_q).to(device), uniform_offsets(n, block_k).to(device))
+    args = (q, k, order, *offsets, sq, sk, head_dim**-0.5)
+    want = sampled_estimates(*args, torch.float32, kernel=False)
+    for chunk in (None, 1):  # every row in one launch, one row per launch
+        if chunk is not None:
+            monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", chunk)
+        got = sampled_estimates(*args, torch.float32, kernel=True)
+        for name, g, w in zip(("importance", "spread", "variance"), got, want):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"{name}, chunk {chunk}")
+        importance = psa_importance.sampled_importance(*args, torch.float32, kernel=True)
+        torch.testing.assert_close(importance, got[0], rtol=1e-6, atol=1e-7)
+    # bfloat16 operands, float32 logits: within the operands' rounding of the float32 path.
+    norm = float(q.norm(dim=-1).max() * k.norm(dim=-1).max()) * head_dim**-0.5
+    low = sampled_estimates(*args, torch.bfloat16, kernel=True)
+    for name, g, w in zip(("spread", "variance"), low[1:], want[1:]):
+        assert float((g.sqrt() - w.sqrt()).abs().max()) <= 6 * 2**-8 * norm, name
+
+
+def test_estimate_kernel_refuses_what_it_cannot_take():
+    pytest.importorskip("triton", reason="the kernel needs the triton package")
+    q, k, _ = random_qkv(1, 64, 1, 8)
+    order = psa_module.sequence_order(64, 16)
+    offsets = uniform_offsets(64, 16)
+    with pytest.raises(ValueError, match="head dim 8 is not a power of two of at least 16"):
+        sampled_estimates(q, k, order, offsets, offsets, 4, 4, 0.3, torch.float32, kernel=True)
+    q, k, _ = random_qkv(1, 64, 1, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"torch.float64 operands \(float16, bfloat16 or float32 are\)"):
+        psa_importance.sampled_importance(q, k, order, offsets, offsets, 4, 4, 0.3, torch.float64, kernel=True)
+    # On the CPU the default is the torch path (the kernel only runs there under the interpreter).
+    assert not psa_importance.estimate_on_kernel(q, torch.float32, None)
 
 
 # --- plans: budget met, valid, on ragged grids and every block size -----------------------------

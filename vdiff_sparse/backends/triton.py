@@ -18,7 +18,7 @@ from .base import Backend
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernel modules in dependency order (each imports only those before it).
-_KERNEL_MODULES = ("common", "tiles", "blocks", "window", "routed", "tables", "ops", "work", "resources")
+_KERNEL_MODULES = ("common", "estimate", "tiles", "blocks", "window", "routed", "tables", "ops", "work", "resources")
 
 
 def _interpreting() -> bool:

@@ -31,23 +31,27 @@ part of the block's attention mass and, of that, a part of its variation (``x = 
 
 So ``e_j(p) = 1 - exp(-S_ij u / 4) * max(0, 1 - rho u)``, a concave function of ``x``.
 
-**Estimates** (:func:`logit_spread`). ``S_ij`` is the mean of ``(s_a - s_b)^2`` over consecutive
-pairs of key block ``j``'s sampled keys (samples ``2m`` and ``2m + 1``, ``b_k / s`` positions
-apart: 4 at the default quarter-block sampling) and every :data:`SPREAD_QUERY_STRIDE`-th sampled
-query of query block ``i``; ``Var_ij`` the variance over key block ``j``'s samples of the first
-sampled query's logits (it only enters the per-head sum). Neither reads the importance
-estimate's logits: ``s_a - s_b = q . (k_a - k_b)`` and ``s_t - mean s = q . (k_t - mean k)``, so
-they are one matmul of the spread queries against the key pairs' differences (``s_k / 2`` per
-key block) and one of the first sampled query against the block-centred sampled keys (``s_k``
-per key block), each followed by one sum of squares. With ``SPREAD_QUERY_STRIDE = 4`` and the
-default sampling (``s_q = b_q / 4`` queries, ``s_k = b_k / 4`` keys per block) the spread matmul
-has a quarter of the importance estimate's rows and half its columns, ``1/8`` of its
-multiply-adds (when ``b_q`` is a multiple of 16 and ``b_k`` of 8; other sizes round the counts),
-and the variance's one query per block adds ``4 / b_q`` of them. Neither makes a pass over the
-``s_q * s_k`` logits of every block pair, which is the importance estimate's own cost (its
-max). The differences are taken in float32 before the matmul (in ``importance_dtype`` on a GPU,
-in float32 on the CPU), so no two large rounded logits are subtracted. A key block whose samples are all one position
-(a block of one key) has ``S = 0``: pooling it is exact.
+**Estimates** (:func:`sampled_estimates`). ``S_ij`` is the mean of ``(s_a - s_b)^2`` over
+consecutive pairs of key block ``j``'s sampled keys (samples ``2m`` and ``2m + 1``, ``b_k / s``
+positions apart: 4 at the default quarter-block sampling) and every
+:data:`SPREAD_QUERY_STRIDE`-th sampled query of query block ``i``; ``Var_ij`` the variance over
+key block ``j``'s samples of the first sampled query's logits (it only enters the per-head sum).
+Both are read off the importance estimate's own sampled logits, in the same pass: no
+multiply-add is added. On a GPU the Triton kernel (:mod:`vdiff_sparse.kernels.estimate`)
+computes each ``[s_q, s_k]`` tile of logits in registers and reduces it there to the
+importance's maxima, the spread's sum of squared pair differences and the variance: the budget
+mode's statistics cost a subtraction and two sums per tile, and no memory traffic but their
+outputs (``2`` floats per block pair, against the maxima's ``s_q``). On the CPU, torch matmuls
+write each chunk of logits to memory and the statistics read them back: the spread reads a
+quarter of them (the spread queries, laid out first) and writes an eighth (their pair
+differences, squared in place and summed); the variance reads one query's. In a scratch run on
+2 cores at N = 16K, 4 heads, D = 64 this made the estimate ~1.25x the importance estimate
+alone (about 9 ms on 35): the importance is bound by its matmul, its one reduction vectorised
+over key blocks, and the statistics' passes cost as much per element. The logits are in the
+importance's ``matmul_dtype``: bfloat16 operands on a GPU (float32 accumulation in the kernel),
+so a logit is off by about ``2**-8`` of ``scale |q| |k|`` and ``sqrt(S)`` by about twice that
+(tested). A key block whose samples are all one position (a block of one key) has ``S = 0``:
+pooling it is exact.
 
 **Allocation** (:func:`allocate_budget`). The errors and costs of a block's options are the
 points ``(x, e)`` and ``(0, 1)`` for skipping, scaled by ``w_ij`` and ``n_j``, so its useful
@@ -61,13 +65,19 @@ resolution; when every pooled level of every block of a row is there (white keys
 skip-or-full and the row is binary block-sparse at the same budget, blocks taken in order of
 importance. Moving along a block's hull is a *move* with a cost and an error drop; its
 efficiency (drop per key) is ``w_ij / b_k`` times the hull segment's slope. A row takes moves in
-decreasing efficiency (ties: key block order, then along the hull) while what it has spent is
-below its budget, so it spends at least the budget (unless every block is at its finest allowed
-level) and at most one move, less than one key block, more. This greedy is the optimum of the
-relaxed problem where a block may sit between two hull points.
+decreasing efficiency while what it has spent is below its budget, so it spends at least the
+budget (unless every block is at its finest allowed level) and at most one move, less than one
+key block, more. This greedy is the optimum of the relaxed problem where a block may sit
+between two hull points. Efficiencies are ranked at a resolution of 1/64 octave
+(:func:`efficiency_key`: moves within a factor 65/64 of each other share a key and go in key
+block order, then along the hull), which is what lets the allocation skip the sort: where a row's
+budget runs out is found by summing costs per key, digit by digit (a radix select: two
+scatter-adds and cumulative sums over 33 and 65 values per row), and the moves of the crossing
+key in position order. Binary at a budget therefore keeps the blocks quantile mode keeps, up to
+swaps of blocks within a factor 65/64 in importance.
 
-**Cost of the allocation:** a sort of two moves per (query block, key block) pair, against the
-one-per-pair sort of the quantile and threshold modes.
+**Cost of the allocation:** elementwise passes over the ``2`` moves per (query block, key block)
+pair, against the quantile and threshold modes' sort of one value per pair.
 """
 
 from __future__ import annotations
@@ -77,7 +87,13 @@ from typing import Callable
 import torch
 
 from ..layout import BlockOrder
-from .psa_importance import chunk_importance, sample_positions, sampled_logit_chunks
+from .psa_importance import (
+    chunk_importance,
+    estimate_on_kernel,
+    sample_positions,
+    sampled_logit_chunks,
+    sampled_stats_on_kernel,
+)
 
 #: Which of the importance estimate's sampled query positions measure the logit spread: every
 #: this many-th one of a query block (at least one). A block's spread seen from one query is
@@ -87,10 +103,11 @@ from .psa_importance import chunk_importance, sample_positions, sampled_logit_ch
 #: multiply-adds (module docstring).
 SPREAD_QUERY_STRIDE = 4
 
-#: Moves are ranked by their efficiency rounded down to this fraction of an octave (a factor
-#: 1.011), ties in key block order: a radix select finds where a row's budget runs out
-#: without sorting its moves (module docstring, *Allocation*).
+#: Moves are ranked by their efficiency cut to this many steps per octave (float32 bits: each a
+#: factor of at most 65/64), ties in key block order: a radix select finds where a row's budget
+#: runs out without sorting its moves (module docstring, *Allocation*).
 KEY_STEPS_PER_OCTAVE = 64
+_KEY_SHIFT = 23 - 6  # float32 bits below the top 6 (log2 of the steps) of the 23 mantissa bits
 #: Efficiencies down to ``2 ** -KEY_OCTAVES`` of a row's best are told apart; below, the
 #: moves share the last key.
 KEY_OCTAVES = 32
@@ -102,10 +119,12 @@ LEVELS_COARSE_FIRST = (8, 4, 2, 1)
 
 def sampled_estimates(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
-    sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
+    sq: int, sk: int, scale: float, matmul_dtype: torch.dtype, kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The importance estimate and the budget mode's two logit statistics per block pair, from
-    one pass over the sampled logits (module docstring, *Estimates*).
+    one pass over the sampled logits (module docstring, *Estimates*): on the Triton kernel
+    (``kernel``: :func:`~vdiff_sparse.methods.psa_importance.estimate_on_kernel`, a GPU's
+    default) in registers, else from torch matmuls' logits, a chunk at a time.
 
     Args:
         q, k: ``[B, N, heads, D]`` in the original order; only the sampled tokens are read,
@@ -141,6 +160,10 @@ def sampled_estimates(
     key_samples = sample_positions(k_offsets, sk)
     real_pairs = (key_samples[:, 0 : 2 * pairs : 2] != key_samples[:, 1 : 2 * pairs : 2]).sum(1)
     pair_norm = (real_pairs.clamp(min=1) * q_spread).to(work_dtype)
+    if estimate_on_kernel(q, matmul_dtype, kernel):
+        importance, spread, variance = sampled_stats_on_kernel(q, k, order, q_offsets, k_offsets, sq, sk, scale,
+                                                               matmul_dtype, SPREAD_QUERY_STRIDE)
+        return importance, spread / pair_norm, variance
     importance = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
     spread = torch.zeros_like(importance)
     variance = torch.empty_like(importance)
@@ -192,15 +215,15 @@ def _coarse_and_fine(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def efficiency_key(efficiency: torch.Tensor) -> torch.Tensor:
-    """Rank key of every move of every row (``efficiency`` ``[..., moves]``): ``floor(
-    KEY_STEPS_PER_OCTAVE * log2(row's best / efficiency))`` clamped to ``[0, KEY_LEVELS - 1]``,
-    so ``0`` is the best and a key spans a factor ``2 ** (1 / KEY_STEPS_PER_OCTAVE)``; zero
-    efficiencies get ``KEY_LEVELS - 1`` and moves that do not exist (negative) ``KEY_LEVELS``.
-    int64."""
+    """Rank key of every move of every row (``efficiency`` ``[..., moves]`` float32): the row's
+    best's float32 bits minus the move's, both cut to sign, exponent and the top 6 mantissa
+    bits (``KEY_STEPS_PER_OCTAVE = 64`` steps per octave, each at most a factor ``65/64``),
+    clamped to ``[0, KEY_LEVELS - 1]``: ``0`` is the best key; efficiencies below
+    ``2 ** -KEY_OCTAVES`` of the best and zero ones get ``KEY_LEVELS - 1``, moves that do not
+    exist (negative) ``KEY_LEVELS``. Exactly monotone (no logarithm is rounded). int64."""
     best = efficiency.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    steps = (best.log2() - efficiency.clamp(min=0).log2()).mul_(KEY_STEPS_PER_OCTAVE)
-    key = steps.clamp_(0, KEY_LEVELS - 1).long()  # log2(0) = -inf: clamped to the last key
-    return key.masked_fill_(efficiency < 0, KEY_LEVELS)
+    key = (best.view(torch.int32) >> _KEY_SHIFT) - (efficiency.clamp(min=0).view(torch.int32) >> _KEY_SHIFT)
+    return key.clamp_(0, KEY_LEVELS - 1).masked_fill_(efficiency < 0, KEY_LEVELS).long()
 
 
 def allocate_budget(
@@ -268,7 +291,7 @@ def _take_in_key_order(key: torch.Tensor, cost: torch.Tensor, limit: float) -> t
     spending is. The crossing key is found digit by digit (octave, then step within it) from
     the summed costs per digit value, a radix select: two scatter-adds, no sort."""
     rows = key.shape[0]
-    octave, step = key.div(KEY_STEPS_PER_OCTAVE, rounding_mode="floor"), key % KEY_STEPS_PER_OCTAVE
+    octave, step = key >> 6, key & (KEY_STEPS_PER_OCTAVE - 1)  # 64 = 2 ** 6 steps per octave
     # Spending per octave (the last value holds the moves that do not exist, at cost 0).
     per_octave = cost.new_zeros(rows, KEY_OCTAVES + 1).scatter_add_(1, octave, cost)
     through = per_octave.cumsum(1)

@@ -73,6 +73,69 @@ def importance_matmul_dtype(config, q: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+def _sampled_rows(x: torch.Tensor, order: BlockOrder, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, N, heads, D]`` -> ``[B*heads, len(positions), D]``: the tokens at plan positions
+    ``positions`` (through the reorder), every row one (batch, head)."""
+    B, _, H, D = x.shape
+    tokens = positions if order.perm is None else order.perm[positions]
+    return x.index_select(1, tokens).transpose(1, 2).reshape(B * H, -1, D)
+
+
+def _sampled_queries(q, order, positions, scale, matmul_dtype):
+    work_dtype = torch.promote_types(matmul_dtype, torch.float32)
+    return (_sampled_rows(q, order, positions).to(work_dtype) * scale).to(matmul_dtype)  # scaled here, not the logits
+
+
+def estimate_on_kernel(q: torch.Tensor, matmul_dtype: torch.dtype, kernel: bool | None) -> bool:
+    """Whether the sampled estimate runs on the Triton kernel (:mod:`vdiff_sparse.kernels.estimate`)
+    rather than on torch matmuls: ``kernel`` if given (``True`` raises where it cannot), else
+    on a GPU when the kernel can take the head dim and dtype and triton imports."""
+    if kernel is False or (kernel is None and not q.is_cuda):
+        return False
+    try:
+        from ..backends.triton import _kernels
+
+        reason = _kernels("estimate").why_not(q.shape[-1], matmul_dtype)
+    except ImportError as err:
+        reason = f"triton cannot be imported ({err})"
+    if kernel and reason:
+        raise ValueError(f"the sampled estimate cannot run on the Triton kernel: {reason}")
+    return kernel or (q.is_cuda and reason is None)
+
+
+def sampled_stats_on_kernel(
+    q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    sq: int, sk: int, scale: float, matmul_dtype: torch.dtype, spread_stride: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The sampled estimate on the Triton kernel, a few (batch, head) rows per launch.
+
+    Returns:
+        ``importance`` ``[B*heads, n_q_blocks, n_k_blocks]`` rows summing to 1 and, with a
+        ``spread_stride``, the kernel's ``spread_sum`` and ``variance`` (else ``None``), all
+        float32 (:func:`vdiff_sparse.kernels.estimate.sampled_block_stats`).
+    """
+    from ..backends.triton import _kernels
+
+    estimate = _kernels("estimate")
+    nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
+    qs = _sampled_queries(q, order, sample_positions(q_offsets, sq).reshape(-1), scale, matmul_dtype)
+    ks = _sampled_rows(k, order, sample_positions(k_offsets, sk).reshape(-1)).to(matmul_dtype)
+    rows = qs.shape[0]
+    importance = torch.empty(rows, nqb, nkb, dtype=torch.float32, device=q.device)
+    spread = torch.empty_like(importance) if spread_stride else None
+    variance = torch.empty_like(importance) if spread_stride else None
+    # The per-query block maxima are 1/sk of the logits; a chunk of rows keeps them bounded.
+    rows_per_chunk = max(1, chunk_elements(q) // (nqb * nkb * sq))
+    for r0 in range(0, rows, rows_per_chunk):
+        r1 = min(rows, r0 + rows_per_chunk)
+        block_max, spread_sum, var = estimate.sampled_block_stats(qs[r0:r1], ks[r0:r1], sq, sk, spread_stride or 1,
+                                                                  stats=bool(spread_stride))
+        importance[r0:r1] = (block_max - block_max.amax(2, keepdim=True)).exp_().amax(-1)
+        if spread_stride:
+            spread[r0:r1], variance[r0:r1] = spread_sum, var
+    return importance / importance.sum(-1, keepdim=True), spread, variance
+
+
 def sampled_logit_chunks(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
@@ -99,11 +162,6 @@ def sampled_logit_chunks(
     """
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
-    work_dtype = torch.promote_types(matmul_dtype, torch.float32)
-
-    def sampled(x, positions):  # [B*H, positions, D]
-        tokens = positions if order.perm is None else order.perm[positions]
-        return x.index_select(1, tokens).transpose(1, 2).reshape(B * H, -1, D)
 
     def in_order(positions, sample_order):  # [n_blocks, samples], samples reordered
         return positions if sample_order is None else positions[:, list(sample_order)]
@@ -114,9 +172,8 @@ def sampled_logit_chunks(
     # per chunk, against 1.09 ms reducing over 32 adjacent samples).
     q_positions = in_order(sample_positions(q_offsets, sq), q_sample_order).reshape(-1)
     k_positions = in_order(sample_positions(k_offsets, sk), k_sample_order).t().reshape(-1)
-    scaled = sampled(q, q_positions).to(work_dtype) * scale  # scaled here, not the logits
-    qs = scaled.to(matmul_dtype).view(B * H, nqb, sq, D)
-    ks = sampled(k, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
+    qs = _sampled_queries(q, order, q_positions, scale, matmul_dtype).view(B * H, nqb, sq, D)
+    ks = _sampled_rows(k, order, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
     blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (sq * nkb * sk)))
     buffer = torch.empty(blocks_per_chunk * sq, sk * nkb, dtype=matmul_dtype, device=q.device)
     for r in range(B * H):
@@ -138,10 +195,16 @@ def chunk_importance(logits: torch.Tensor, work_dtype: torch.dtype, out: torch.T
 def sampled_importance(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
+    kernel: bool | None = None,
 ) -> torch.Tensor:
     """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
-    rows summing to 1 (:func:`chunk_importance` over :func:`sampled_logit_chunks`). The logits
-    are ``matmul_dtype``; the rest runs in float32 or float64."""
+    rows summing to 1: per query block and key block, the largest over the block's sampled
+    queries of ``exp(max logit over the key block's samples - the query's largest logit)``.
+    The logits are ``matmul_dtype``; the rest runs in float32 or float64. On the Triton kernel
+    (``kernel``: :func:`estimate_on_kernel`) the logits stay in registers; else torch matmuls
+    (:func:`chunk_importance` over :func:`sampled_logit_chunks`)."""
+    if estimate_on_kernel(q, matmul_dtype, kernel):
+        return sampled_stats_on_kernel(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype, None)[0]
     B, _, H, _ = q.shape
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
     out = torch.empty(B * H, q_offsets.numel() - 1, k_offsets.numel() - 1, dtype=work_dtype, device=q.device)
