@@ -1,8 +1,8 @@
 """Does sparse-aware fine-tuning bring the sparse model back to the dense one? The tiny Wan on
 the CPU, through the fine-tuning pipeline itself (``vdiff_sparse.pipelines.finetune.train``).
 
-The base model is the tiny Wan 2.1 T2V of ``configs/finetune/tiny_wan_vmoba.yaml`` (random
-weights, seed 0), first trained densely with flow matching for ``--pretrain-steps`` on the
+Per seed of ``--seeds`` (its own clips, base and runs): the base model is the tiny Wan 2.1 T2V of
+``configs/finetune/tiny_wan_vmoba.yaml`` (random weights of that seed), first trained densely with flow matching for ``--pretrain-steps`` on the
 bench's clips (a random network's attention is nearly uniform, which no sparse pattern can
 reproduce; a trained one's is not), then saved as a diffusers folder and loaded from there like
 any checkpoint. That dense base is the teacher. The data are ``--clips`` synthetic clips
@@ -27,9 +27,10 @@ noise?), two wider windows (less to recover?), a 4-layer base (too few layers to
 window?) and a base trained ``--long-pretrain-steps`` (an under-trained teacher?). Each row keeps
 the gap per held-out noise level (``teacher_gap_by_sigma`` of ``report.json``).
 
-    python bench/finetune_gap_cpu.py                         # writes bench/results/finetune_gap_cpu.json
-    python bench/finetune_gap_cpu.py --steps 20 --pretrain-steps 20 --out /tmp/gap.json   # quick
-    python bench/finetune_gap_cpu.py --diagnostics           # writes results/finetune_gap_diagnostics_cpu.json
+    python bench/finetune_gap_cpu.py                         # seeds 0-2 -> bench/results/finetune_gap_cpu.json
+    python bench/finetune_gap_cpu.py --steps 20 --pretrain-steps 20 --seeds 0 --out /tmp/gap.json   # quick
+    python bench/finetune_gap_cpu.py --diagnostics --steps 300 --pretrain-steps 300 --long-pretrain-steps 1500 \
+        --seeds 0                                            # results/finetune_gap_diagnostics_cpu.json
 """
 
 from __future__ import annotations
@@ -184,11 +185,26 @@ def diagnostics(args, clips: Path, work: Path, base: Path) -> list[dict]:
     return rows
 
 
+def summary(rows: list[dict]) -> dict:
+    """Per (method, fine-tuning, objective): the gap ratio after/before of every seed, their
+    median, and on how many seeds the gap was at least halved."""
+    out = {}
+    for row in rows:
+        key = f"{row['method']} {row['fine_tuning']} {row['objective']}"
+        out.setdefault(key, {"ratio_by_seed": {}})["ratio_by_seed"][str(row["seed"])] = row["teacher_gap_ratio"]
+    for entry in out.values():
+        ratios = sorted(entry["ratio_by_seed"].values())
+        entry["median_ratio"] = float(np.median(ratios))
+        entry["seeds_halved"] = sum(r <= 0.5 for r in ratios)
+        entry["seeds"] = len(ratios)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="dense flow-matching steps of the base (0: random)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="dense flow-matching steps of the base (0: random)")
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--full-lr", type=float, default=3e-4)
@@ -196,7 +212,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="learning-rate warm-up steps")
     parser.add_argument("--clips", type=int, default=12)
     parser.add_argument("--holdout", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one base, data and set of runs per seed (--diagnostics: the first only)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--diagnostics", action="store_true",
                         help="GNA full distill under the variants of the module docstring instead of the grid")
@@ -209,18 +226,21 @@ def main() -> None:
     name = "finetune_gap_diagnostics_cpu" if args.diagnostics else "finetune_gap_cpu"
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="finetune-gap-") as tmp:
-        work = Path(tmp)
-        (work / "clips").mkdir()
-        clips = write_clips(work / "clips", args.clips, args.seed)
-        base = pretrained_base(args, clips, work) if args.pretrain_steps else None
-        if args.diagnostics:
-            rows = diagnostics(args, clips, work, base)
-        else:
-            for method in args.methods:
-                for fine_tuning in FINE_TUNING:
-                    for objective in OBJECTIVES:
-                        rows.append(run(args, clips, work, base, method, fine_tuning, objective))
+    for seed in args.seeds[:1] if args.diagnostics else args.seeds:
+        args.seed = seed
+        print(f"seed {seed}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="finetune-gap-") as tmp:
+            work = Path(tmp)
+            (work / "clips").mkdir()
+            clips = write_clips(work / "clips", args.clips, seed)
+            base = pretrained_base(args, clips, work) if args.pretrain_steps else None
+            if args.diagnostics:
+                rows = diagnostics(args, clips, work, base)
+            else:
+                for method in args.methods:
+                    for fine_tuning in FINE_TUNING:
+                        for objective in OBJECTIVES:
+                            rows.append({"seed": seed, **run(args, clips, work, base, method, fine_tuning, objective)})
     report = {
         "benchmark": name,
         **run_metadata(command_line()),
@@ -228,9 +248,11 @@ def main() -> None:
                  "grid)" + (f", trained densely with flow matching for {args.pretrain_steps} steps first" if
                              args.pretrain_steps else ", random weights"),
         "data": f"{args.clips} synthetic clips, {args.holdout} held out; held-out gap on them at 4 noise levels",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "seed")},
         "runs": rows,
     }
+    if not args.diagnostics:
+        report["summary"] = summary(rows)
     print("wrote", write_json(args.out, report))
 
 
