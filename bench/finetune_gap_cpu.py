@@ -1,13 +1,14 @@
 """Does sparse-aware fine-tuning bring the sparse model back to the dense one? The tiny Wan on
 the CPU, through the fine-tuning pipeline itself (``vdiff_sparse.pipelines.finetune.train``).
 
-Per seed of ``--seeds`` (its own clips, base and runs): the base model is the tiny Wan 2.1 T2V of
-``configs/finetune/tiny_wan_vmoba.yaml`` (random weights of that seed), first trained densely with flow matching for ``--pretrain-steps`` on the
-bench's clips (a random network's attention is nearly uniform, which no sparse pattern can
-reproduce; a trained one's is not), then saved as a diffusers folder and loaded from there like
-any checkpoint. That dense base is the teacher. The data are ``--clips`` synthetic clips
-(moving colour gradients of random frequency, direction and phase, 9 frames at 48x80, a 3x3x5
-token grid), ``--holdout`` of them kept out of training for the held-out gap.
+Per seed of ``--seeds`` (its own clips, base and runs): the base model is the tiny Wan 2.1 T2V
+of ``configs/finetune/tiny_wan_vmoba.yaml`` (random weights of that seed), first trained densely
+with flow matching for ``--pretrain-steps`` on the bench's clips (a random network's attention
+is nearly uniform, which no sparse pattern can reproduce; a trained one's is not), then saved as
+a diffusers folder and loaded from there like any checkpoint. That dense base is the teacher.
+The data are ``--clips`` synthetic clips (moving colour gradients of random frequency, direction
+and phase, 9 frames at 48x80, a 3x3x5 token grid), ``--holdout`` of them kept out of training
+for the held-out gap.
 
 For each sparse method (VMoBA with its training selection, GNA) and each fine-tuning (LoRA rank
 8 on the attention projections, full), ``train.objective=distill`` and
@@ -19,18 +20,21 @@ fixed noise levels, uniform in sigma; training draws sigma uniformly too) at the
 after/before, both models' held-out flow-matching loss, the student's attention density, and
 the wall time (indicative only: a shared 2-core machine).
 
-With ``--diagnostics`` it looks for what keeps the distilled student above half the gap:
-GNA with full fine-tuning and ``distill`` only, once as above (``baseline``) and once per
-variant: the held-out pair replaced by copies of two training clips (``training_clips_held_out``:
-is the student memorising its clips?), effective batch 16 by gradient accumulation (gradient
-noise?), two wider windows (less to recover?), a 4-layer base (too few layers to route around the
-window?) and a base trained ``--long-pretrain-steps`` (an under-trained teacher?). Each row keeps
-the gap per held-out noise level (``teacher_gap_by_sigma`` of ``report.json``).
+With ``--diagnostics`` it looks for what keeps the distilled student above half the gap: GNA
+with full fine-tuning and ``distill`` only, once as above (``baseline``) and once per variant:
+the held-out pair replaced by copies of two training clips (``training_clips_held_out``: is the
+student memorising its clips?), effective batch 16 by gradient accumulation (gradient noise?), a
+3x higher learning rate and twice the steps (under-trained?), two wider windows (less to
+recover?), a 4-layer base (too few layers to route around the window?) and a base trained
+``--long-pretrain-steps`` (an under-trained teacher?). Each row keeps the gap per held-out noise
+level (``teacher_gap_by_sigma`` of ``report.json``).
 
     python bench/finetune_gap_cpu.py                         # seeds 0-2 -> bench/results/finetune_gap_cpu.json
     python bench/finetune_gap_cpu.py --steps 20 --pretrain-steps 20 --seeds 0 --out /tmp/gap.json   # quick
-    python bench/finetune_gap_cpu.py --diagnostics --steps 300 --pretrain-steps 300 --long-pretrain-steps 1500 \
-        --seeds 0                                            # results/finetune_gap_diagnostics_cpu.json
+    python bench/finetune_gap_cpu.py --diagnostics --seeds 1 \
+        --out bench/results/finetune_gap_diagnostics_seed1_cpu.json   # the seed the gap is not halved on
+    python bench/finetune_gap_cpu.py --diagnostics --steps 300 --pretrain-steps 300 --eval-every 50 \
+        --long-pretrain-steps 1500 --seeds 0   # finetune_gap_diagnostics_cpu.json (1e148b9, before lr_x3, steps_x2)
 """
 
 from __future__ import annotations
@@ -170,6 +174,8 @@ def diagnostics(args, clips: Path, work: Path, base: Path) -> list[dict]:
         ("baseline", "as in the main grid", clips, base, ()),
         ("training_clips_held_out", "memorising the training clips", copies, base, ()),
         ("effective_batch_16", "gradient noise", clips, base, ("train.grad_accum=4",)),
+        ("lr_x3", "optimisation: a 3x higher learning rate", clips, base, (f"train.lr={3 * args.full_lr}",)),
+        ("steps_x2", "optimisation: twice the steps", clips, base, (f"train.max_steps={2 * args.steps}",)),
         ("window_2x3x3", "density", clips, base, ("sparse.options.gna.window=[2,3,3]",)),
         ("window_3x3x4", "density", clips, base, ("sparse.options.gna.window=[3,3,4]",)),
         ("4_layers", "depth", clips, lambda: pretrained_base(args, clips, work, layers=4), ()),
@@ -217,7 +223,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--diagnostics", action="store_true",
                         help="GNA full distill under the variants of the module docstring instead of the grid")
-    parser.add_argument("--long-pretrain-steps", type=int, default=1500, help="--diagnostics: the longer-trained base")
+    parser.add_argument("--long-pretrain-steps", type=int, default=6000, help="--diagnostics: the longer-trained base")
     parser.add_argument("--out", default=None,
                         help="JSON path (default results/finetune_gap_cpu.json, or finetune_gap_diagnostics_cpu.json)")
     args = parser.parse_args()

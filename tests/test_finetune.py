@@ -188,6 +188,31 @@ def test_tiny_config_trains_with_every_method(videos, tmp_path):
             assert 0 < rows[0]["density"] < 0.9, f"{method} must actually be sparse on the tiny grid"
 
 
+def test_lora_adapters_start_from_the_run_seed():
+    """The adapters' random start depends on the run's seed only, not on what the process drew
+    before (two runs in one process, e.g. a benchmark's, start alike), and leaves the process's
+    random stream where it was."""
+    from vdiff_sparse.pipelines.finetune.config import TrainConfig
+    from vdiff_sparse.pipelines.finetune.loop import _trainable_setup
+    from vdiff_sparse.tiny_models import tiny_wan_transformer
+
+    def adapters(seed, earlier_draws):
+        model = tiny_wan_transformer(seed=0)
+        torch.manual_seed(7)
+        torch.rand(earlier_draws)
+        _trainable_setup(model, TrainConfig(lora_rank=4), seed)
+        after = torch.rand(1)
+        torch.manual_seed(7)
+        torch.rand(earlier_draws)
+        assert torch.equal(after, torch.rand(1)), "the global stream moved"
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    a, b, c = adapters(3, 1), adapters(3, 5), adapters(4, 1)
+    assert a and a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
 def test_lora_with_alpha_other_than_rank_loads_at_the_trained_scale(videos, tmp_path):
     # The final adapters loaded with pipe.load_lora_weights give the trained model's outputs:
     # lora_alpha is saved with them (a loader assuming alpha = rank scales them by 1/4 here).

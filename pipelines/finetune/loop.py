@@ -22,7 +22,7 @@ from .encoders import clip_encoders
 from .metrics import HeldOutGap, MetricsLog, write_report
 from .models import ModelTask, describe_model, is_tiny, load_pipeline
 from .objectives import DenseTeacher, draw_sample, model_inputs, objective_loss, predict
-from .schedule import NOISE_STREAM, global_batch, holdout_split, lr_factor, seed_of
+from .schedule import ADAPTER_STREAM, NOISE_STREAM, global_batch, holdout_split, lr_factor, seed_of
 from .sparse import training_processor
 from .validation import compare_videos, generate, save_videos, validation_images
 
@@ -125,17 +125,21 @@ def _build_dataset(config: FinetuneConfig, pipe, task: ModelTask, accelerator) -
     return LatentDataset(report.files, task.sample_keys)
 
 
-def _trainable_setup(transformer, config: TrainConfig) -> list[torch.nn.Parameter]:
+def _trainable_setup(transformer, config: TrainConfig, seed: int) -> list[torch.nn.Parameter]:
     if config.lora_rank == 0:
         transformer.requires_grad_(True)
     else:
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights=True,
-            target_modules=list(config.lora_targets),
-        ))
+        # The adapters' random start comes from the run's seed, not from whatever the process
+        # drew before (two runs in one process would otherwise start differently).
+        with torch.random.fork_rng():
+            torch.manual_seed(seed_of(seed, ADAPTER_STREAM))
+            transformer.add_adapter(LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights=True,
+                target_modules=list(config.lora_targets),
+            ))
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # fp32 master copy of the adapter weights
@@ -221,7 +225,7 @@ def train(config: FinetuneConfig) -> RunResult:
     teacher = None
     if t.uses_teacher and not t.lora_rank:
         teacher = DenseTeacher.frozen_copy(transformer, transformer, processor, weight_dtype, accelerator.autocast)
-    params = _trainable_setup(transformer, t)
+    params = _trainable_setup(transformer, t, config.seed)
     enable(transformer, processor)
     if t.uses_teacher and t.lora_rank:
         teacher = DenseTeacher(transformer, processor)

@@ -14,7 +14,7 @@ from vdiff_sparse.pipelines.data import DataError
 from .config import TrainConfig
 
 # Independent random streams, one per use.
-EPOCH_STREAM, NOISE_STREAM, VALIDATION_STREAM, HOLDOUT_STREAM, HELDOUT_NOISE_STREAM = range(5)
+EPOCH_STREAM, NOISE_STREAM, VALIDATION_STREAM, HOLDOUT_STREAM, HELDOUT_NOISE_STREAM, ADAPTER_STREAM = range(6)
 
 
 def seed_of(*parts: int) -> int:
