@@ -57,7 +57,7 @@ def run_configuration(method: str, objective: str, args, device: torch.device) -
     train = ft.TrainConfig(objective=objective, lora_rank=args.lora_rank, lr=1e-4, gradient_checkpointing=not args.smoke,
                            mixed_precision=None if args.smoke else "bf16")
     processor = ft.training_processor(sparse)
-    params = _trainable_setup(model, train)
+    params = _trainable_setup(model, train, seed=0)
     enable(model, processor)
     teacher = ft.DenseTeacher(model, processor) if train.uses_teacher else None
     optimizer = torch.optim.AdamW(params, lr=train.lr)

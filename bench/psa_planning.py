@@ -38,8 +38,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 inputs there)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "psa_planning_cpu.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default results/psa_planning_<cpu|gpu>.json)")
     args = parser.parse_args()
+    if args.out is None:
+        kind = "gpu" if args.device.startswith("cuda") else "cpu"
+        args.out = str(Path(__file__).parent / "results" / f"psa_planning_{kind}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -16,8 +16,9 @@ for the max and again for the spread; here the spread costs a subtraction and a 
 already computed, and no multiply-add beyond the importance's. Samples are gathered (through the
 plan's reorder) by the caller; queries come scaled.
 
-Requirements: ``HEAD_D`` a power of two of at least 16 (``tl.dot``); float16, bfloat16 or
-float32 operands (float32 with IEEE products).
+Requirements (:func:`why_not`): ``HEAD_D`` a power of two of at least 16 (``tl.dot``), at most
+:data:`MAX_SAMPLES` samples per block (a tile of logits in registers), float16, bfloat16 or
+float32 operands (float32 with IEEE products), CUDA tensors (CPU ones under the interpreter).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def sampled_stats(Q, K, BLOCK_MAX, SPREAD, VARIANCE, n_q_blocks, n_k_blocks,
                   PRECISION: tl.constexpr):
     """``Q`` ``[R, n_q_blocks * SQ, HEAD_D]`` sampled scaled queries and ``K`` ``[R, n_k_blocks *
     SK, HEAD_D]`` sampled keys, block-major, contiguous; outputs float32 (module docstring)."""
-    i = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64)  # rows on the first axis (up to 2**31 programs)
+    i = tl.program_id(1)
     qs = tl.arange(0, SQ_PAD)
     q_ok = qs < SQ
     q = load_rows(Q, (r * n_q_blocks + i) * SQ + qs, q_ok, HEAD_D, HEAD_D, UPCAST)
@@ -65,12 +66,21 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def why_not(head_dim: int, dtype: torch.dtype) -> str | None:
+#: Samples per query or key block the kernel takes (the default sampling, a quarter of the
+#: block, of blocks up to 256): the ``[sq, sk]`` float32 tile lives in registers.
+MAX_SAMPLES = 64
+
+
+def why_not(head_dim: int, dtype: torch.dtype, sq: int, sk: int, device: torch.device) -> str | None:
     """Why :func:`sampled_block_stats` cannot take these samples (``None`` when it can)."""
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head dim {head_dim} is not a power of two of at least 16"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"{dtype} operands (float16, bfloat16 or float32 are)"
+    if max(sq, sk) > MAX_SAMPLES:
+        return f"{max(sq, sk)} samples per block (at most {MAX_SAMPLES} are)"
+    if device.type != "cuda" and not INTERPRET:
+        return f"{device.type} tensors (CUDA ones are, or CPU ones under TRITON_INTERPRET=1)"
     return None
 
 
@@ -90,15 +100,21 @@ def sampled_block_stats(
         and ``variance`` ``[R, n_q_blocks, n_k_blocks]`` (else ``None``), float32.
     """
     R, _, D = qs.shape
-    reason = why_not(D, qs.dtype)
+    reason = why_not(D, qs.dtype, sq, sk, qs.device)
     if reason:
         raise ValueError(f"sampled_block_stats cannot run: {reason}")
+    if ks.shape[0] != R or ks.shape[2] != D or ks.dtype != qs.dtype or ks.device != qs.device:
+        raise ValueError(f"sampled keys {tuple(ks.shape)} {ks.dtype} on {ks.device} do not match the queries "
+                         f"{tuple(qs.shape)} {qs.dtype} on {qs.device} (same rows, head dim, dtype and device)")
+    if qs.shape[1] % sq or ks.shape[1] % sk:
+        raise ValueError(f"{qs.shape[1]} sampled queries / {ks.shape[1]} keys are not whole blocks of {sq} / {sk}")
     nqb, nkb = qs.shape[1] // sq, ks.shape[1] // sk
     qs, ks = qs.contiguous(), ks.contiguous()
     block_max = torch.empty(R, nqb, nkb, sq, dtype=torch.float32, device=qs.device)
+    # Without STATS the kernel never touches SPREAD / VARIANCE: any float32 pointer will do.
     spread = torch.empty(R, nqb, nkb, dtype=torch.float32, device=qs.device) if stats else block_max
     variance = torch.empty_like(spread) if stats else block_max
-    sampled_stats[(nqb, R)](
+    sampled_stats[(R, nqb)](
         qs, ks, block_max, spread, variance, nqb, nkb,
         SQ=sq, SK=sk, SPREAD_STRIDE=spread_stride, HEAD_D=D, SQ_PAD=_pad(sq), SK_PAD=_pad(sk), STATS=stats,
         UPCAST=INTERPRET, PRECISION="ieee",

@@ -88,3 +88,4 @@ def test_importance_estimate_kernel_does_not_spill(resources, arch):
             for variant in resources.estimate_variants(head_dim, dtype):
                 usage = resources.compile_variant(variant, arch)
                 assert not usage["spills"], (variant.label(), usage)
+                assert usage["registers"] <= 255

@@ -324,6 +324,7 @@ def test_estimate_kernel_matches_the_torch_path(case, seed, monkeypatch):
     for chunk in (None, 1):  # every row in one launch, one row per launch
         if chunk is not None:
             monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", chunk)
+            monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS_GPU", chunk)
         got = sampled_estimates(*args, torch.float32, kernel=True)
         for name, g, w in zip(("importance", "spread", "variance"), got, want):
             assert g.dtype == torch.float32
@@ -347,8 +348,28 @@ def test_estimate_kernel_refuses_what_it_cannot_take():
     q, k, _ = random_qkv(1, 64, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"torch.float64 operands \(float16, bfloat16 or float32 are\)"):
         psa_importance.sampled_importance(q, k, order, offsets, offsets, 4, 4, 0.3, torch.float64, kernel=True)
+    with pytest.raises(ValueError, match="80 samples per block"):
+        psa_importance.sampled_importance(q.float(), k.float(), order, offsets, offsets, 80, 4, 0.3, torch.float32,
+                                          kernel=True)
     # On the CPU the default is the torch path (the kernel only runs there under the interpreter).
-    assert not psa_importance.estimate_on_kernel(q, torch.float32, None)
+    assert not psa_importance.estimate_on_kernel(q, torch.float32, 4, 4, None)
+
+
+def test_estimate_kernel_needs_the_interpreter_for_cpu_tensors(monkeypatch):
+    pytest.importorskip("triton", reason="the kernel needs the triton package")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, _ = random_qkv(1, 64, 1, 16)
+    order = psa_module.sequence_order(64, 16)
+    offsets = uniform_offsets(64, 16)
+    with pytest.raises(ValueError, match=r"cpu tensors \(CUDA ones are, or CPU ones under TRITON_INTERPRET=1\)"):
+        sampled_estimates(q, k, order, offsets, offsets, 4, 4, 0.3, torch.float32, kernel=True)
+
+
+def test_sample_orders_are_permutations():
+    samples = torch.arange(3 * 11).view(3, 11)
+    assert psa_importance.by_residue(samples, 4)[0].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7]
+    assert psa_importance.pairs_split(samples)[1].tolist() == [11 + i for i in (0, 2, 4, 6, 8, 1, 3, 5, 7, 9, 10)]
+    assert torch.equal(psa_importance.by_residue(samples, 1), samples)
 
 
 # --- plans: budget met, valid, on ragged grids and every block size -----------------------------

@@ -133,9 +133,15 @@ def _trainable_setup(transformer, config: TrainConfig, seed: int) -> list[torch.
 
         transformer.requires_grad_(False)
         # The adapters' random start comes from the run's seed, not from whatever the process
-        # drew before (two runs in one process would otherwise start differently).
-        with torch.random.fork_rng():
-            torch.manual_seed(seed_of(seed, ADAPTER_STREAM))
+        # drew before (two runs in one process would otherwise start differently). Only the
+        # generators of the CPU and of the model's device are seeded, and restored after.
+        device = next(transformer.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            adapter_seed = seed_of(seed, ADAPTER_STREAM)
+            torch.default_generator.manual_seed(adapter_seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(adapter_seed)
             transformer.add_adapter(LoraConfig(
                 r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights=True,
                 target_modules=list(config.lora_targets),

@@ -50,8 +50,8 @@ alone (about 9 ms on 35): the importance is bound by its matmul, its one reducti
 over key blocks, and the statistics' passes cost as much per element. The logits are in the
 importance's ``matmul_dtype``: bfloat16 operands on a GPU (float32 accumulation in the kernel),
 so a logit is off by about ``2**-8`` of ``scale |q| |k|`` and ``sqrt(S)`` by about twice that
-(tested). A key block whose samples are all one position (a block of one key) has ``S = 0``:
-pooling it is exact.
+(tested). A key block whose samples are all one position (a block of one key) has ``S = 0``
+up to rounding: pooling it is exact.
 
 **Allocation** (:func:`allocate_budget`). The errors and costs of a block's options are the
 points ``(x, e)`` and ``(0, 1)`` for skipping, scaled by ``w_ij`` and ``n_j``, so its useful
@@ -94,8 +94,8 @@ from .psa_importance import (
 #: this many-th one of a query block (at least one). A block's spread seen from one query is
 #: noisy: every 16th (one query per 64-token block) let a very local head pool a block its one
 #: query saw as flat, and lose to binary block-sparse by over 3% (``bench/results/
-#: psa_budget_stride/``: seeds 0-2 at strides 16 and 4); at 1/8 of the importance estimate's
-#: multiply-adds (module docstring).
+#: psa_budget_stride/``: seeds 0-2 at strides 16 and 4). Read off the importance estimate's
+#: logits, the spread adds no multiply-add; on the CPU its passes read a quarter of them.
 SPREAD_QUERY_STRIDE = 4
 
 # Pool factors from the coarsest (cheapest) to full resolution.
@@ -123,29 +123,28 @@ def sampled_estimates(
         ``importance``, ``spread`` and ``variance``, ``[B*heads, n_q_blocks, n_k_blocks]``,
         float32 (float64 when ``matmul_dtype`` is): :func:`~vdiff_sparse.methods.
         psa_importance.sampled_importance`; the mean squared logit difference of consecutive
-        sampled keys over every :data:`SPREAD_QUERY_STRIDE`-th sampled query (0 for key
-        blocks without two distinct samples, and everywhere when ``sk < 2``); the variance of
-        the first sampled query's logits over the key block's samples.
+        sampled keys over every :data:`SPREAD_QUERY_STRIDE`-th sampled query (for key blocks
+        without two distinct samples the difference of two logits of one key, 0 up to the
+        matmul's rounding; 0 everywhere when ``sk < 2``); the variance of the first sampled
+        query's logits over the key block's samples. Both from logits in ``matmul_dtype`` on
+        the torch path (bfloat16 rounds each by about ``2**-8`` of ``scale |q| |k|``) and from
+        float32-accumulated ones on the kernel: equal up to that rounding.
     """
     B, _, H, _ = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
     pairs = sk // 2
     # Sample orders that make what the spread reads contiguous: the spread queries first
-    # (query sample 0, the variance's, stays first), then the others; the first keys of the
-    # pairs, then the second ones, then an odd sample out. The importance's max and the
-    # variance do not depend on the order.
-    spread_samples = list(range(0, sq, SPREAD_QUERY_STRIDE))
-    q_sample_order = spread_samples + [s for s in range(sq) if s % SPREAD_QUERY_STRIDE]
-    k_sample_order = list(range(0, 2 * pairs, 2)) + list(range(1, 2 * pairs, 2)) + list(range(2 * pairs, sk))
-    q_spread = len(spread_samples)
+    # (query sample 0, the variance's, leads), the pairs' first keys, then their second ones.
+    # The importance's max and the variance do not depend on the order.
+    q_spread = len(range(0, sq, SPREAD_QUERY_STRIDE))
     # A pair of samples at one position (a block shorter than its samples) says nothing: each
     # block averages its real pairs only (none: S = 0, a block of one key). Its difference is
     # that of two logits of one key, zero up to the matmul's rounding, so it is not masked.
     key_samples = sample_positions(k_offsets, sk)
     real_pairs = (key_samples[:, 0 : 2 * pairs : 2] != key_samples[:, 1 : 2 * pairs : 2]).sum(1)
     pair_norm = (real_pairs.clamp(min=1) * q_spread).to(work_dtype)
-    if estimate_on_kernel(q, matmul_dtype, kernel):
+    if estimate_on_kernel(q, matmul_dtype, sq, sk, kernel):
         importance, spread, variance = sampled_stats_on_kernel(q, k, order, q_offsets, k_offsets, sq, sk, scale,
                                                                matmul_dtype, SPREAD_QUERY_STRIDE)
         return importance, spread / pair_norm, variance
@@ -154,7 +153,7 @@ def sampled_estimates(
     variance = torch.empty_like(importance)
     differences = None
     chunks = sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
-                                  q_sample_order, k_sample_order)
+                                  q_sample_stride=SPREAD_QUERY_STRIDE, k_pairs_first=True)
     for r, b0, b1, logits in chunks:  # few operations per chunk: each costs as much as its work
         chunk_importance(logits, work_dtype, importance[r, b0:b1])
         if pairs:

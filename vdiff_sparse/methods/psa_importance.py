@@ -3,13 +3,17 @@ sampled or block-mean logits, and how alike a key block's keys are (the similari
 
 Everything here works in plan order (``BlockOrder``) on ``[B, N, heads, D]`` inputs or
 ``[R, N, D]`` rows (``R = B * heads``); :mod:`vdiff_sparse.methods.psa` turns the estimate into
-levels.
+levels. The sampled estimate has two paths with one result: on a GPU a Triton kernel
+(:mod:`vdiff_sparse.kernels.estimate`, :func:`sampled_stats_on_kernel`) that keeps the logits
+in registers, elsewhere torch matmuls over chunks of logits (:func:`sampled_logit_chunks`);
+:func:`estimate_on_kernel` picks, and the budget mode's statistics
+(:func:`vdiff_sparse.methods.psa_budget.sampled_estimates`) ride on either.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -73,6 +77,20 @@ def importance_matmul_dtype(config, q: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+def by_residue(samples: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[n_blocks, s]`` sample positions reordered along the last axis: those whose index is
+    ``0 mod stride`` first (index 0 leading), then ``1 mod stride``, and so on."""
+    return samples if stride == 1 else torch.cat([samples[:, r::stride] for r in range(stride)], 1)
+
+
+def pairs_split(samples: torch.Tensor) -> torch.Tensor:
+    """``[n_blocks, s]`` sample positions reordered along the last axis: ``0, 2, 4, ...`` (the
+    first of each pair ``(2m, 2m + 1)``), then ``1, 3, 5, ...``, then sample ``s - 1`` when
+    ``s`` is odd."""
+    pairs = samples.shape[1] // 2
+    return torch.cat([samples[:, 0 : 2 * pairs : 2], samples[:, 1 : 2 * pairs : 2], samples[:, 2 * pairs :]], 1)
+
+
 def _sampled_rows(x: torch.Tensor, order: BlockOrder, positions: torch.Tensor) -> torch.Tensor:
     """``[B, N, heads, D]`` -> ``[B*heads, len(positions), D]``: the tokens at plan positions
     ``positions`` (through the reorder), every row one (batch, head)."""
@@ -86,21 +104,21 @@ def _sampled_queries(q, order, positions, scale, matmul_dtype):
     return (_sampled_rows(q, order, positions).to(work_dtype) * scale).to(matmul_dtype)  # scaled here, not the logits
 
 
-def estimate_on_kernel(q: torch.Tensor, matmul_dtype: torch.dtype, kernel: bool | None) -> bool:
+def estimate_on_kernel(q: torch.Tensor, matmul_dtype: torch.dtype, sq: int, sk: int, kernel: bool | None) -> bool:
     """Whether the sampled estimate runs on the Triton kernel (:mod:`vdiff_sparse.kernels.estimate`)
     rather than on torch matmuls: ``kernel`` if given (``True`` raises where it cannot), else
-    on a GPU when the kernel can take the head dim and dtype and triton imports."""
+    on a GPU when the kernel can take the head dim, dtype and sample counts and triton imports."""
     if kernel is False or (kernel is None and not q.is_cuda):
         return False
     try:
         from ..backends.triton import _kernels
 
-        reason = _kernels("estimate").why_not(q.shape[-1], matmul_dtype)
+        reason = _kernels("estimate").why_not(q.shape[-1], matmul_dtype, sq, sk, q.device)
     except ImportError as err:
         reason = f"triton cannot be imported ({err})"
     if kernel and reason:
         raise ValueError(f"the sampled estimate cannot run on the Triton kernel: {reason}")
-    return kernel or (q.is_cuda and reason is None)
+    return reason is None
 
 
 def sampled_stats_on_kernel(
@@ -122,16 +140,18 @@ def sampled_stats_on_kernel(
     ks = _sampled_rows(k, order, sample_positions(k_offsets, sk).reshape(-1)).to(matmul_dtype)
     rows = qs.shape[0]
     importance = torch.empty(rows, nqb, nkb, dtype=torch.float32, device=q.device)
-    spread = torch.empty_like(importance) if spread_stride else None
-    variance = torch.empty_like(importance) if spread_stride else None
+    spread = torch.empty_like(importance) if spread_stride is not None else None
+    variance = torch.empty_like(importance) if spread_stride is not None else None
     # The per-query block maxima are 1/sk of the logits; a chunk of rows keeps them bounded.
     rows_per_chunk = max(1, chunk_elements(q) // (nqb * nkb * sq))
     for r0 in range(0, rows, rows_per_chunk):
         r1 = min(rows, r0 + rows_per_chunk)
+        stats = spread_stride is not None
         block_max, spread_sum, var = estimate.sampled_block_stats(qs[r0:r1], ks[r0:r1], sq, sk, spread_stride or 1,
-                                                                  stats=bool(spread_stride))
-        importance[r0:r1] = (block_max - block_max.amax(2, keepdim=True)).exp_().amax(-1)
-        if spread_stride:
+                                                                  stats=stats)
+        # In place: the maxima are the launch's one large tensor.
+        importance[r0:r1] = block_max.sub_(block_max.amax(2, keepdim=True)).exp_().amax(-1)
+        if stats:
             spread[r0:r1], variance[r0:r1] = spread_sum, var
     return importance / importance.sum(-1, keepdim=True), spread, variance
 
@@ -139,7 +159,7 @@ def sampled_stats_on_kernel(
 def sampled_logit_chunks(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-    q_sample_order: Sequence[int] | None = None, k_sample_order: Sequence[int] | None = None,
+    q_sample_stride: int = 1, k_pairs_first: bool = False,
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """The sampled logits, a few query blocks of one (batch, head) row at a time.
 
@@ -148,30 +168,31 @@ def sampled_logit_chunks(
     never a reordered copy of q or k.
 
     Args:
-        q_sample_order, k_sample_order: permutations of ``range(sq)`` / ``range(sk)``: the
-            order of each block's samples along the logits' sample axes (``None``: ascending).
-            A consumer that reads some samples together lays them out contiguously this way.
+        q_sample_stride: each query block's samples along the logits' query axis in the
+            order :func:`by_residue` gives (samples ``0, s, 2s, ...`` first; ``1``: ascending).
+        k_pairs_first: each key block's samples in the order :func:`pairs_split` gives (the
+            first samples of the pairs ``(2m, 2m + 1)``, then the second ones, then an odd one
+            out), else ascending. A consumer that reads some samples together lays them out
+            contiguously this way (slices of the positions: no index list reaches the device).
 
     Yields:
         ``(row, b0, b1, logits)``: ``row = b * heads + h``, query blocks ``b0:b1`` and
         ``logits`` ``[b1 - b0, sq, sk, n_k_blocks]`` in ``matmul_dtype``, ``logits[i, s, t, j]``
-        the scaled logit of query block ``b0 + i``'s sample ``q_sample_order[s]`` and key block
-        ``j``'s sample ``k_sample_order[t]``, valid until the next chunk is asked for (one
+        the scaled logit of query block ``b0 + i``'s ``s``-th sample and key block ``j``'s
+        ``t``-th sample in those orders, valid until the next chunk is asked for (one
         buffer holds them all). At most :func:`chunk_elements` logits per chunk (one query
         block when a block's are more).
     """
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
 
-    def in_order(positions, sample_order):  # [n_blocks, samples], samples reordered
-        return positions if sample_order is None else positions[:, list(sample_order)]
-
     # Queries block-major (a chunk is a few query blocks); keys sample-major, so that a
     # reduction over a key block's samples runs over a strided axis with key blocks contiguous
     # and vectorises across blocks (in a scratch run, the importance's max in bfloat16: 0.09 ms
     # per chunk, against 1.09 ms reducing over 32 adjacent samples).
-    q_positions = in_order(sample_positions(q_offsets, sq), q_sample_order).reshape(-1)
-    k_positions = in_order(sample_positions(k_offsets, sk), k_sample_order).t().reshape(-1)
+    q_positions = by_residue(sample_positions(q_offsets, sq), q_sample_stride).reshape(-1)
+    k_samples = sample_positions(k_offsets, sk)
+    k_positions = (pairs_split(k_samples) if k_pairs_first else k_samples).t().reshape(-1)
     qs = _sampled_queries(q, order, q_positions, scale, matmul_dtype).view(B * H, nqb, sq, D)
     ks = _sampled_rows(k, order, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
     blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (sq * nkb * sk)))
@@ -203,7 +224,7 @@ def sampled_importance(
     The logits are ``matmul_dtype``; the rest runs in float32 or float64. On the Triton kernel
     (``kernel``: :func:`estimate_on_kernel`) the logits stay in registers; else torch matmuls
     (:func:`chunk_importance` over :func:`sampled_logit_chunks`)."""
-    if estimate_on_kernel(q, matmul_dtype, kernel):
+    if estimate_on_kernel(q, matmul_dtype, sq, sk, kernel):
         return sampled_stats_on_kernel(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype, None)[0]
     B, _, H, _ = q.shape
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
