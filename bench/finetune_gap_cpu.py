@@ -31,6 +31,7 @@ level (``teacher_gap_by_sigma`` of ``report.json``).
 
     python bench/finetune_gap_cpu.py                         # seeds 0-2 -> bench/results/finetune_gap_cpu.json
     python bench/finetune_gap_cpu.py --steps 20 --pretrain-steps 20 --seeds 0 --out /tmp/gap.json   # quick
+    python bench/finetune_gap_cpu.py --layers 4 --methods gna --out bench/results/finetune_gap_4layers_cpu.json
     python bench/finetune_gap_cpu.py --diagnostics --seeds 1 \
         --out bench/results/finetune_gap_diagnostics_seed1_cpu.json   # the seed the gap is not halved on
     python bench/finetune_gap_cpu.py --diagnostics --steps 300 --pretrain-steps 300 --eval-every 50 \
@@ -221,12 +222,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one base, data and set of runs per seed (--diagnostics: the first only)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks of the base (default: the tiny "
+                        "config's 2)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="GNA full distill under the variants of the module docstring instead of the grid")
     parser.add_argument("--long-pretrain-steps", type=int, default=6000, help="--diagnostics: the longer-trained base")
     parser.add_argument("--out", default=None,
                         help="JSON path (default results/finetune_gap_cpu.json, or finetune_gap_diagnostics_cpu.json)")
     args = parser.parse_args()
+    if args.layers and not args.pretrain_steps:
+        parser.error("--layers sets the trained base's depth: give --pretrain-steps > 0")
     if args.diagnostics and not args.pretrain_steps:
         parser.error("--diagnostics needs a trained base: give --pretrain-steps > 0")
     name = "finetune_gap_diagnostics_cpu" if args.diagnostics else "finetune_gap_cpu"
@@ -239,7 +244,7 @@ def main() -> None:
             work = Path(tmp)
             (work / "clips").mkdir()
             clips = write_clips(work / "clips", args.clips, seed)
-            base = pretrained_base(args, clips, work) if args.pretrain_steps else None
+            base = pretrained_base(args, clips, work, layers=args.layers) if args.pretrain_steps else None
             if args.diagnostics:
                 rows = diagnostics(args, clips, work, base)
             else:
@@ -250,8 +255,8 @@ def main() -> None:
     report = {
         "benchmark": name,
         **run_metadata(command_line()),
-        "model": "tiny Wan 2.1 T2V (configs/finetune/tiny_wan_vmoba.yaml: 2 layers, 2 heads x 32, a 3x3x5 token "
-                 "grid)" + (f", trained densely with flow matching for {args.pretrain_steps} steps first" if
+        "model": f"tiny Wan 2.1 T2V (configs/finetune/tiny_wan_vmoba.yaml: {args.layers or 2} layers, 2 heads x 32, "
+                 "a 3x3x5 token grid)" + (f", trained densely with flow matching for {args.pretrain_steps} steps first" if
                              args.pretrain_steps else ", random weights"),
         "data": f"{args.clips} synthetic clips, {args.holdout} held out; held-out gap on them at 4 noise levels",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "seed")},
