@@ -116,11 +116,11 @@ def variants(head_dim: int, dtype: str, major: int = HOPPER) -> list[Variant]:
 
 def estimate_variants(head_dim: int, dtype: str) -> list[Variant]:
     """The PSA importance-estimate kernel as planning launches it (Triton's default 4 warps and
-    3 stages) at the default sampling of blocks of 64, 128 and 256 (a quarter of the block: 16,
-    32 and 64 samples, the most it takes), with and without the budget mode's statistics. Not in
+    3 stages) at the default sampling of blocks of 64 and 128 (a quarter of the block: 16 and 32
+    samples, the most it takes), with and without the budget mode's statistics. Not in
     :func:`variants` (nor the committed attention-kernel table): the spill test compiles these."""
     out = []
-    for samples in (16, 32, 64):
+    for samples in (16, 32):
         for stats in (False, True):
             constexprs = dict(SQ=samples, SK=samples, SPREAD_STRIDE=4, HEAD_D=head_dim, SQ_PAD=samples,
                               SK_PAD=samples, STATS=stats, UPCAST=False, PRECISION="ieee")

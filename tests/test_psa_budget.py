@@ -348,8 +348,8 @@ def test_estimate_kernel_refuses_what_it_cannot_take():
     q, k, _ = random_qkv(1, 64, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"torch.float64 operands \(float16, bfloat16 or float32 are\)"):
         psa_importance.sampled_importance(q, k, order, offsets, offsets, 4, 4, 0.3, torch.float64, kernel=True)
-    with pytest.raises(ValueError, match="80 samples per block"):
-        psa_importance.sampled_importance(q.float(), k.float(), order, offsets, offsets, 80, 4, 0.3, torch.float32,
+    with pytest.raises(ValueError, match=r"40 samples per block \(at most 32 are\)"):
+        psa_importance.sampled_importance(q.float(), k.float(), order, offsets, offsets, 40, 4, 0.3, torch.float32,
                                           kernel=True)
     # On the CPU the default is the torch path (the kernel only runs there under the interpreter).
     assert not psa_importance.estimate_on_kernel(q, torch.float32, 4, 4, None)
