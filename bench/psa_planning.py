@@ -5,7 +5,9 @@
 on its Triton kernel), for block sizes 64 and 128. The modes run
 in turn within every repeat (A/B/C, A/B/C, ...), so a shared machine's load hits them alike;
 reported per mode: median wall and process CPU time, and the median of the per-repeat ratios
-budget / quantile and budget / threshold.
+budget / quantile and budget / threshold. Then the parts, interleaved the same way (wall time
+medians): the importance estimate alone against the budget mode's (importance, spread and
+variance), and the quantile mode's allocation against the budget mode's.
 
     python bench/psa_planning.py                          # writes bench/results/psa_planning_cpu.json
     python bench/psa_planning.py --tokens 8192 --repeats 5 --threads 1 --out /tmp/p.json
@@ -29,6 +31,38 @@ MODES = {
     "threshold": {},
     "budget": dict(mode="budget", density=0.125),
 }
+
+
+def time_parts(q, k, grid, configs, repeats: int, sync) -> dict:
+    """Median wall seconds of the estimates and the allocations of the quantile and budget
+    configs (the steps ``plan_psa`` runs, on the same inputs)."""
+    from vdiff_sparse.layout import uniform_offsets
+    from vdiff_sparse.methods import psa
+    from vdiff_sparse.methods.psa_budget import sampled_estimates
+    from vdiff_sparse.methods.psa_importance import importance_matmul_dtype, sampled_importance
+
+    quantile, budget = configs["quantile"], configs["budget"]
+    n = q.shape[1]
+    offsets = uniform_offsets(n, budget.block_q).to(q.device)
+    samples = max(1, budget.block_q // 4)
+    args = (q, k, psa._order(grid, n, budget, q.device), offsets, offsets, samples, samples, q.shape[-1] ** -0.5,
+            importance_matmul_dtype(budget, q))
+    importance, spread, variance = sampled_estimates(*args)
+    parts = {
+        "importance_estimate": lambda: sampled_importance(*args),
+        "budget_estimate": lambda: sampled_estimates(*args),
+        "quantile_allocation": lambda: psa.allocate_levels(importance, quantile),
+        "budget_allocation": lambda: psa._budget_levels(importance, spread, variance, None, offsets, budget, n),
+    }
+    times = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, part in parts.items():
+            sync()
+            start = time.perf_counter()
+            part()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -80,7 +114,9 @@ def main() -> None:
             for clock, times in (("wall", wall), ("cpu", cpu)):
                 row[f"budget_over_{base}_{clock}"] = statistics.median(
                     b / a for a, b in zip(times[base], times["budget"]))
+        row["parts_wall_s"] = time_parts(q, k, grid, configs, args.repeats, sync)
         results.append(row)
+        print(f"block {block}: parts " + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in row["parts_wall_s"].items()))
         print(f"block {block}: " + ", ".join(f"{n} {row[n]['wall_s'] * 1e3:.1f} ms" for n in configs)
               + f"; budget / quantile {row['budget_over_quantile_wall']:.3f} (cpu {row['budget_over_quantile_cpu']:.3f}),"
               f" budget / threshold {row['budget_over_threshold_wall']:.3f} (cpu {row['budget_over_threshold_cpu']:.3f})",
@@ -88,8 +124,8 @@ def main() -> None:
     write_json(args.out, {
         "benchmark": "psa_planning",
         **run_metadata(command_line()),
-        "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64, "dtype": str(dtype).removeprefix("torch."),
-                  "device": args.device,
+        "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64,
+                  "dtype": str(dtype).removeprefix("torch."), "device": args.device,
                   "data": "video_attention_qkv(seed=0)", "importance_dtype": "auto"},
         "timing": f"{args.repeats} interleaved repeats after one warm-up each; medians",
         "results": results,

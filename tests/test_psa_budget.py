@@ -331,6 +331,10 @@ def test_estimate_kernel_matches_the_torch_path(case, seed, monkeypatch):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"{name}, chunk {chunk}")
         importance = psa_importance.sampled_importance(*args, torch.float32, kernel=True)
         torch.testing.assert_close(importance, got[0], rtol=1e-6, atol=1e-7)
+    # And against the definition: the float64 loop over the sampled logits.
+    loop = _loop_spread(q.cpu(), k.cpu(), order.to("cpu"), offsets[0].cpu(), offsets[1].cpu(), sq, sk, head_dim**-0.5)
+    for name, g, w in zip(("spread", "variance"), got[1:], loop):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-6, msg=f"{name} vs the float64 loop")
     # bfloat16 operands, float32 logits: within the operands' rounding of the float32 path.
     norm = float(q.norm(dim=-1).max() * k.norm(dim=-1).max()) * head_dim**-0.5
     low = sampled_estimates(*args, torch.bfloat16, kernel=True)

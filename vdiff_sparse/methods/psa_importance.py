@@ -100,6 +100,7 @@ def _sampled_rows(x: torch.Tensor, order: BlockOrder, positions: torch.Tensor) -
 
 
 def _sampled_queries(q, order, positions, scale, matmul_dtype):
+    """:func:`_sampled_rows` of ``q``, times ``scale``, in ``matmul_dtype``."""
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
     return (_sampled_rows(q, order, positions).to(work_dtype) * scale).to(matmul_dtype)  # scaled here, not the logits
 
@@ -139,18 +140,17 @@ def sampled_stats_on_kernel(
     qs = _sampled_queries(q, order, sample_positions(q_offsets, sq).reshape(-1), scale, matmul_dtype)
     ks = _sampled_rows(k, order, sample_positions(k_offsets, sk).reshape(-1)).to(matmul_dtype)
     rows = qs.shape[0]
+    stats = spread_stride is not None
     importance = torch.empty(rows, nqb, nkb, dtype=torch.float32, device=q.device)
-    spread = torch.empty_like(importance) if spread_stride is not None else None
-    variance = torch.empty_like(importance) if spread_stride is not None else None
+    spread = torch.empty_like(importance) if stats else None
+    variance = torch.empty_like(importance) if stats else None
     # The per-query block maxima are 1/sk of the logits; a chunk of rows keeps them bounded.
     rows_per_chunk = max(1, chunk_elements(q) // (nqb * nkb * sq))
     for r0 in range(0, rows, rows_per_chunk):
         r1 = min(rows, r0 + rows_per_chunk)
-        stats = spread_stride is not None
         block_max, spread_sum, var = estimate.sampled_block_stats(qs[r0:r1], ks[r0:r1], sq, sk, spread_stride or 1,
                                                                   stats=stats)
-        # In place: the maxima are the launch's one large tensor.
-        importance[r0:r1] = block_max.sub_(block_max.amax(2, keepdim=True)).exp_().amax(-1)
+        importance_of_block_max(block_max.transpose(2, 3), importance[r0:r1])  # as [..., sq, nkb]
         if stats:
             spread[r0:r1], variance[r0:r1] = spread_sum, var
     return importance / importance.sum(-1, keepdim=True), spread, variance
@@ -204,13 +204,19 @@ def sampled_logit_chunks(
             yield r, b0, b1, logits.view(b1 - b0, sq, sk, nkb)
 
 
+def importance_of_block_max(block_max: torch.Tensor, out: torch.Tensor) -> None:
+    """Each sampled query's largest logit per key block, ``[..., sq, n_k_blocks]`` (overwritten)
+    -> ``out`` ``[..., n_k_blocks]``, the unnormalised importance: per query block, the largest
+    over its sampled queries of ``exp(max logit over the key block's samples - the query's
+    largest logit)``."""
+    block_max.sub_(block_max.amax(-1, keepdim=True)).exp_()
+    torch.amax(block_max, -2, out=out)
+
+
 def chunk_importance(logits: torch.Tensor, work_dtype: torch.dtype, out: torch.Tensor) -> None:
     """One chunk of :func:`sampled_logit_chunks` -> ``out`` ``[b1 - b0, n_k_blocks]``
-    (``work_dtype``), the unnormalised importance: per query block, the largest over its sampled
-    queries of ``exp(max logit over the key block's samples - the query's largest logit)``."""
-    block_max = logits.amax(2).to(work_dtype)  # [blocks, sq, nkb]
-    block_max.sub_(block_max.amax(-1, keepdim=True)).exp_()
-    torch.amax(block_max, 1, out=out)
+    (``work_dtype``): :func:`importance_of_block_max` of its maxima over the key samples."""
+    importance_of_block_max(logits.amax(2).to(work_dtype), out)  # [blocks, sq, nkb]
 
 
 def sampled_importance(
