@@ -44,10 +44,11 @@ mode's statistics cost a subtraction and two sums per tile, and no memory traffi
 outputs (``2`` floats per block pair, against the maxima's ``s_q``). On the CPU, torch matmuls
 write each chunk of logits to memory and the statistics read them back: the spread reads a
 quarter of them (the spread queries, laid out first) and writes an eighth (their pair
-differences, squared in place and summed); the variance reads one query's. In a scratch run on
-2 cores at N = 16K, 4 heads, D = 64 this made the estimate ~1.25x the importance estimate
-alone (about 9 ms on 35): the importance is bound by its matmul, its one reduction vectorised
-over key blocks, and the statistics' passes cost as much per element. The logits are in the
+differences, squared in place and summed); the variance reads one query's. On 2 cores at
+N = 16K, 4 heads, D = 64 this makes the estimate ~1.3x the importance estimate alone (51 vs 39
+ms with 64-token blocks, ``bench/results/psa_planning_cpu.json``): the importance is bound by its
+matmul and one reduction vectorised over key blocks, and the statistics' passes cost as much
+per element. The logits are in the
 importance's ``matmul_dtype``: bfloat16 operands on a GPU (float32 accumulation in the kernel),
 so a logit is off by about ``2**-8`` of ``scale |q| |k|`` and ``sqrt(S)`` by about twice that
 (tested). A key block whose samples are all one position (a block of one key) has ``S = 0``
@@ -72,7 +73,8 @@ relaxed problem where a block may sit between two hull points.
 
 **Cost of the allocation:** a sort of two moves per (query block, key block) pair and a few
 elementwise passes over them, against the one-per-pair sort of the quantile and threshold
-modes (on 2 CPU cores at N = 16K, 4 heads, 64-token blocks: ~13 ms against ~5 ms).
+modes (on 2 CPU cores at N = 16K, 4 heads, 64-token blocks: 16 ms against 6 ms,
+``bench/results/psa_planning_cpu.json``).
 """
 
 from __future__ import annotations
