@@ -390,7 +390,10 @@ def _launch(videos: Path, output_dir: Path, *extra: str, kill_after_first_checkp
             family += family[0].children(recursive=True)  # the workers run in sessions of their own
             for process in family:
                 process.send_signal(signal.SIGKILL)
-        returncode = launcher.wait(timeout=240)
+        try:
+            returncode = launcher.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the 2-process run did not end within 240 s:\n" + log.read_text()[-6000:]) from None
     finally:
         for process in family:
             with contextlib.suppress(psutil.NoSuchProcess):
