@@ -384,6 +384,24 @@ def test_train_cpu_script_runs_small(tmp_path):
     assert saved["speedup"] > 0 and "machine" in saved
 
 
+@pytest.mark.slow
+def test_planning_history_script_runs_old_and_new_code(tmp_path):
+    """bench/psa_planning_history.py against HEAD's package, extracted: both workers plan, the
+    old one from the extracted copy (its worker asserts where it imported plan_psa from)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "psa_planning_history.py"
+    out = tmp_path / "history.json"
+    subprocess.run([sys.executable, str(script), "--baseline", "HEAD", "--tokens", "8192", "--blocks", "128",
+                    "--rounds", "1", "--repeats", "1", "--out", str(out)], check=True, capture_output=True, text=True)
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["wall_s"]) == {"baseline:quantile", "baseline:threshold", "now:quantile", "now:threshold",
+                                  "now:budget"}
+    assert all(t > 0 for t in row["wall_s"].values()) and row["over_baseline_quantile"]["baseline:quantile"] == 1
+
+
 def test_every_result_file_names_a_clean_commit():
     """A committed result was made from committed code: its ``git_commit`` is a commit of this
     repository, not a modified tree (``-dirty``) or none."""
