@@ -393,6 +393,7 @@ def _launch(videos: Path, output_dir: Path, *extra: str, kill_after_first_checkp
         try:
             returncode = launcher.wait(timeout=240)
         except subprocess.TimeoutExpired:
+            family += family[0].children(recursive=True)  # killed below, workers included
             raise AssertionError("the 2-process run did not end within 240 s:\n" + log.read_text()[-6000:]) from None
     finally:
         for process in family:

@@ -19,10 +19,14 @@ from vdiff_sparse.layout import uniform_offsets
 from vdiff_sparse.methods import psa as psa_module
 from vdiff_sparse.methods import psa_importance
 from vdiff_sparse.methods.psa import PSAConfig, plan_psa, psa_attention
+from vdiff_sparse.methods import psa_budget
 from vdiff_sparse.methods.psa_budget import (
+    FUSED_CPU_MIN_LOGITS,
     LEVELS_COARSE_FIRST,
     SPREAD_QUERY_STRIDE,
     allocate_budget,
+    chunk_statistics,
+    fused_on_cpu,
     head_variation_ratio,
     pooling_distortion,
     sampled_estimates,
@@ -367,6 +371,93 @@ def test_estimate_kernel_needs_the_interpreter_for_cpu_tensors(monkeypatch):
     offsets = uniform_offsets(64, 16)
     with pytest.raises(ValueError, match=r"cpu tensors \(CUDA ones are, or CPU ones under TRITON_INTERPRET=1\)"):
         sampled_estimates(q, k, order, offsets, offsets, 4, 4, 0.3, torch.float32, kernel=True)
+
+
+# --- the fused CPU reduction (torch.compile) -----------------------------------------------------
+FUSED_CASES = {  # grid, block_q, block_k, sq, sk, reorder, matmul dtype
+    "hilbert-b64-bf16": ((2, 9, 11), 64, 64, 16, 16, "hilbert", torch.bfloat16),
+    "tile-q32-k24-odd-sk-f32": ((3, 5, 7), 32, 24, 8, 5, "tile", torch.float32),
+    "hilbert-short-blocks-f64": ((1, 6, 10), 8, 8, 12, 12, "hilbert", torch.float64),  # repeated samples
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FUSED_CASES.values(), ids=FUSED_CASES.keys())
+def test_fused_cpu_estimate_matches_the_eager_one(case, seed, monkeypatch):
+    grid, block_q, block_k, sq, sk, reorder, dtype = case
+    n = math.prod(grid)
+    q, k, _ = random_qkv(2, n, 2, 16, dtype=torch.float64 if dtype == torch.float64 else torch.float32, seed=seed)
+    config = PSAConfig(block_q=block_q, block_k=block_k, reorder=reorder, tile=(1, 2, 4))
+    order = psa_module._order(grid, n, config, q.device)
+    args = (q, k, order, uniform_offsets(n, block_q), uniform_offsets(n, block_k), sq, sk, 16**-0.5, dtype)
+    want = sampled_estimates(*args, fused=False)
+    tolerance = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    for chunk in (None, 1):  # whole rows, then one query block per chunk (other shapes: a recompile)
+        if chunk is not None:
+            monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", chunk)
+        got = sampled_estimates(*args, fused=True)
+        for name, g, w in zip(("importance", "spread", "variance"), got, want):
+            assert g.dtype == w.dtype
+            # bfloat16 logits: the pair differences are rounded to bfloat16 on both paths
+            # (unrounded, the spreads would differ by up to 2**-8 relative).
+            torch.testing.assert_close(g, w, **tolerance, msg=f"{name}, chunk {chunk}")
+
+
+def test_fused_estimate_runs_on_large_cpu_calls_only():
+    q = torch.zeros(1, 64, 1, 16)
+    assert fused_on_cpu(q, 8, FUSED_CPU_MIN_LOGITS, None)
+    assert not fused_on_cpu(q, 8, FUSED_CPU_MIN_LOGITS - 1, None)
+    assert not fused_on_cpu(q, 0, FUSED_CPU_MIN_LOGITS, None)  # no key pairs: nothing to fuse
+    assert not fused_on_cpu(q, 8, FUSED_CPU_MIN_LOGITS, False)
+    assert fused_on_cpu(q, 8, 1, True)
+    with pytest.raises(ValueError, match="runs on the CPU with at least 2 key samples per block; got device meta"):
+        fused_on_cpu(q.to("meta"), 8, 1, True)
+    with pytest.raises(ValueError, match="got device cpu and 0 samples"):
+        fused_on_cpu(q, 0, 1, True)
+
+
+def test_plans_above_the_size_take_the_fused_reduction(monkeypatch, seed):
+    """plan_psa reaches the fused path by size alone, and the function it compiles gives the
+    eager loop's plan (run eagerly here: the compiled one is checked above)."""
+    calls = []
+
+    def eager_chunk_statistics(*args):
+        calls.append(args[0].shape)
+        return chunk_statistics(*args)
+
+    grid = (2, 9, 11)
+    q, k, _ = random_qkv(2, math.prod(grid), 2, 16, seed=seed)
+    config = PSAConfig(mode="budget", density=0.3, block_q=32, block_k=32)
+    eager = plan_psa(q, k, grid, config)
+    assert not calls
+    monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_LOGITS", 1)
+    monkeypatch.setattr(psa_budget, "_compiled_chunk_statistics", lambda: eager_chunk_statistics)
+    fused = plan_psa(q, k, grid, config)
+    assert calls
+    assert torch.equal(fused.kv_index, eager.kv_index) and torch.equal(fused.kv_level, eager.kv_level)
+
+
+def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch, seed):
+    def no_toolchain(*args):
+        raise RuntimeError("C++ compile error: no compiler")
+
+    grid = (2, 9, 11)
+    n = math.prod(grid)
+    q, k, _ = random_qkv(2, n, 2, 16, seed=seed)
+    offsets = uniform_offsets(n, 32)
+    args = (q, k, psa_module.sequence_order(n, 32), offsets, offsets, 8, 8, 0.25, torch.float32)
+    want = sampled_estimates(*args, fused=False)
+    monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_LOGITS", 1)
+    monkeypatch.setattr(psa_budget, "_FUSED_FAILED", [])
+    monkeypatch.setattr(psa_budget, "_compiled_chunk_statistics", lambda: no_toolchain)
+    with pytest.raises(RuntimeError, match="no compiler"):  # asked for by name: the error itself
+        sampled_estimates(*args, fused=True)
+    with pytest.warns(RuntimeWarning, match="did not compile .RuntimeError: C.. compile error: no compiler.; "
+                                            "estimating eagerly"):
+        got = sampled_estimates(*args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert not fused_on_cpu(q, 4, 10**9, None)  # and from then on eagerly without a word
 
 
 def test_sample_orders_are_permutations():

@@ -3,6 +3,7 @@ evaluations against the teacher, checkpoints, and the final weights and report."
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -368,12 +369,17 @@ def train(config: FinetuneConfig) -> RunResult:
                                   evaluations=evaluations, teacher=teacher_info, heldout=heldout, steps=step,
                                   load=how)
     log.close()
-    # gloo frees a finished collective's tensors on its own worker thread, which needs the GIL;
-    # the DDP wrapper's reducer, freed when this function returns, joins those threads while
-    # holding the GIL. Returning within milliseconds of the last collective (train.stop_after
-    # right after a step's loss reduction) deadlocked 1 run in 3 on CPU. Waiting here, with the
-    # GIL released, lets every worker thread finish first.
+    # gloo frees a finished collective's tensors on its own worker thread, which takes the GIL
+    # to do it. Were the DDP wrapper's reducer the last holder of the process group, freeing it
+    # would join those threads while holding the GIL: with train.stop_after right after a
+    # step's loss reduction, 1 run in 3 on 2 CPU processes deadlocked so as this function
+    # returned. So the wrapper goes first (the group is still registered, so nothing joins),
+    # after a barrier that leaves the threads time to finish; then end_training destroys the
+    # group through its Python binding, which releases the GIL before joining.
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the accelerator's own references to the wrapper
+    del model, evaluate
+    gc.collect()
     accelerator.end_training()
     return RunResult(step, stopped_early, output_dir, last_checkpoint, final_dir, losses, videos, evaluations, report)
 
