@@ -7,7 +7,9 @@ in turn within every repeat (A/B/C, A/B/C, ...), so a shared machine's load hits
 reported per mode: median wall and process CPU time, and the median of the per-repeat ratios
 budget / quantile and budget / threshold. Then the parts, interleaved the same way (wall time
 medians): the importance estimate alone against the budget mode's (importance, spread and
-variance), and the quantile mode's allocation against the budget mode's.
+variance), each as ``plan_psa`` runs it (on the CPU at these sizes: every chunk of sampled
+logits reduced by one compiled function) and with eager torch's reductions, and the quantile
+mode's allocation against the budget mode's.
 
     python bench/psa_planning.py                          # writes bench/results/psa_planning_cpu.json
     python bench/psa_planning.py --tokens 8192 --repeats 5 --threads 1 --out /tmp/p.json
@@ -48,9 +50,11 @@ def time_parts(q, k, grid, configs, repeats: int, sync) -> dict:
     args = (q, k, psa._order(grid, n, budget, q.device), offsets, offsets, samples, samples, q.shape[-1] ** -0.5,
             importance_matmul_dtype(budget, q))
     importance, spread, variance = sampled_estimates(*args)
-    parts = {
+    parts = {  # as plan_psa runs them; "_eager": each chunk reduced by eager torch (on a GPU: the same)
         "importance_estimate": lambda: sampled_importance(*args),
         "budget_estimate": lambda: sampled_estimates(*args),
+        "importance_estimate_eager": lambda: sampled_importance(*args, fused=False),
+        "budget_estimate_eager": lambda: sampled_estimates(*args, fused=False),
         "quantile_allocation": lambda: psa.allocate_levels(importance, quantile),
         "budget_allocation": lambda: psa._budget_levels(importance, spread, variance, None, offsets, budget, n),
     }

@@ -402,24 +402,6 @@ def test_planning_history_script_runs_old_and_new_code(tmp_path):
     assert all(t > 0 for t in row["wall_s"].values()) and row["over_baseline_quantile"]["baseline:quantile"] == 1
 
 
-@pytest.mark.slow
-def test_planning_floor_script_checks_its_fused_reductions(tmp_path):
-    """bench/psa_planning_floor.py at 8K tokens: its compiled reductions match the library's
-    estimates (the script asserts it) and every part is timed."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "psa_planning_floor.py"
-    out = tmp_path / "floor.json"
-    subprocess.run([sys.executable, str(script), "--tokens", "8192", "--blocks", "128", "--repeats", "1",
-                    "--out", str(out)], check=True, capture_output=True, text=True)
-    (row,) = json.loads(out.read_text())["results"]
-    assert set(row["estimate_ms"]) == {"matmul_only", "importance_library", "budget_library", "importance_fused",
-                                       "budget_fused"}
-    assert all(t > 0 for t in (*row["estimate_ms"].values(), *row["sort_ms"].values()))
-
-
 def test_every_result_file_names_a_clean_commit():
     """A committed result was made from committed code: its ``git_commit`` is a commit of this
     repository, not a modified tree (``-dirty``) or none."""

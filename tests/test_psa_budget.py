@@ -19,14 +19,10 @@ from vdiff_sparse.layout import uniform_offsets
 from vdiff_sparse.methods import psa as psa_module
 from vdiff_sparse.methods import psa_importance
 from vdiff_sparse.methods.psa import PSAConfig, plan_psa, psa_attention
-from vdiff_sparse.methods import psa_budget
 from vdiff_sparse.methods.psa_budget import (
-    FUSED_CPU_MIN_LOGITS,
     LEVELS_COARSE_FIRST,
     SPREAD_QUERY_STRIDE,
     allocate_budget,
-    chunk_statistics,
-    fused_on_cpu,
     head_variation_ratio,
     pooling_distortion,
     sampled_estimates,
@@ -383,7 +379,7 @@ FUSED_CASES = {  # grid, block_q, block_k, sq, sk, reorder, matmul dtype
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FUSED_CASES.values(), ids=FUSED_CASES.keys())
-def test_fused_cpu_estimate_matches_the_eager_one(case, seed, monkeypatch):
+def test_fused_cpu_estimates_match_the_eager_ones(case, seed, monkeypatch):
     grid, block_q, block_k, sq, sk, reorder, dtype = case
     n = math.prod(grid)
     q, k, _ = random_qkv(2, n, 2, 16, dtype=torch.float64 if dtype == torch.float64 else torch.float32, seed=seed)
@@ -391,55 +387,65 @@ def test_fused_cpu_estimate_matches_the_eager_one(case, seed, monkeypatch):
     order = psa_module._order(grid, n, config, q.device)
     args = (q, k, order, uniform_offsets(n, block_q), uniform_offsets(n, block_k), sq, sk, 16**-0.5, dtype)
     want = sampled_estimates(*args, fused=False)
+    want_importance = psa_importance.sampled_importance(*args, fused=False)
     tolerance = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
     for chunk in (None, 1):  # whole rows, then one query block per chunk (other shapes: a recompile)
         if chunk is not None:
-            monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS", chunk)
+            monkeypatch.setattr(psa_importance, "CHUNK_ELEMENTS_FUSED", chunk)
         got = sampled_estimates(*args, fused=True)
         for name, g, w in zip(("importance", "spread", "variance"), got, want):
             assert g.dtype == w.dtype
             # bfloat16 logits: the pair differences are rounded to bfloat16 on both paths
             # (unrounded, the spreads would differ by up to 2**-8 relative).
             torch.testing.assert_close(g, w, **tolerance, msg=f"{name}, chunk {chunk}")
+        importance = psa_importance.sampled_importance(*args, fused=True)
+        torch.testing.assert_close(importance, want_importance, **tolerance, msg=f"importance alone, chunk {chunk}")
 
 
 def test_fused_estimate_runs_on_large_cpu_calls_only():
     q = torch.zeros(1, 64, 1, 16)
-    assert fused_on_cpu(q, 8, FUSED_CPU_MIN_LOGITS, None)
-    assert not fused_on_cpu(q, 8, FUSED_CPU_MIN_LOGITS - 1, None)
-    assert not fused_on_cpu(q, 0, FUSED_CPU_MIN_LOGITS, None)  # no key pairs: nothing to fuse
-    assert not fused_on_cpu(q, 8, FUSED_CPU_MIN_LOGITS, False)
-    assert fused_on_cpu(q, 8, 1, True)
-    with pytest.raises(ValueError, match="runs on the CPU with at least 2 key samples per block; got device meta"):
-        fused_on_cpu(q.to("meta"), 8, 1, True)
-    with pytest.raises(ValueError, match="got device cpu and 0 samples"):
-        fused_on_cpu(q, 0, 1, True)
+    limit = psa_importance.FUSED_CPU_MIN_LOGITS
+    assert psa_importance.fused_on_cpu(q, limit, None)
+    assert not psa_importance.fused_on_cpu(q, limit - 1, None)
+    assert not psa_importance.fused_on_cpu(q, limit, False)
+    assert psa_importance.fused_on_cpu(q, 1, True)
+    with pytest.raises(ValueError, match="the fused estimate runs on the CPU; got device meta"):
+        psa_importance.fused_on_cpu(q.to("meta"), 1, True)
+    offsets = uniform_offsets(64, 16)
+    with pytest.raises(ValueError, match="needs at least 2 key samples per block; got 1"):
+        sampled_estimates(q, q, psa_module.sequence_order(64, 16), offsets, offsets, 4, 1, 0.3, torch.float32,
+                          fused=True)
 
 
-def test_plans_above_the_size_take_the_fused_reduction(monkeypatch, seed):
-    """plan_psa reaches the fused path by size alone, and the function it compiles gives the
-    eager loop's plan (run eagerly here: the compiled one is checked above)."""
+@pytest.mark.parametrize("mode", ["budget", "quantile"])
+def test_plans_above_the_size_take_the_fused_reduction(mode, monkeypatch, seed):
+    """plan_psa reaches the fused path by size alone, and the functions it compiles give the
+    eager loops' plans (run eagerly here: the compiled ones are checked above)."""
     calls = []
 
-    def eager_chunk_statistics(*args):
-        calls.append(args[0].shape)
-        return chunk_statistics(*args)
+    def count_calls(fn):
+        def eager(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return eager
 
     grid = (2, 9, 11)
     q, k, _ = random_qkv(2, math.prod(grid), 2, 16, seed=seed)
-    config = PSAConfig(mode="budget", density=0.3, block_q=32, block_k=32)
+    config = PSAConfig(block_q=32, block_k=32, **(dict(mode="budget", density=0.3) if mode == "budget" else
+                                                  dict(mode="quantile", fractions={1: 0.2, 4: 0.3})))
     eager = plan_psa(q, k, grid, config)
-    assert not calls
-    monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_LOGITS", 1)
-    monkeypatch.setattr(psa_budget, "_compiled_chunk_statistics", lambda: eager_chunk_statistics)
+    monkeypatch.setattr(psa_importance, "FUSED_CPU_MIN_LOGITS", 1)
+    monkeypatch.setattr(psa_importance, "compiled", count_calls)
     fused = plan_psa(q, k, grid, config)
-    assert calls
+    assert set(calls) == {"chunk_statistics" if mode == "budget" else "importance_reduction"}
     assert torch.equal(fused.kv_index, eager.kv_index) and torch.equal(fused.kv_level, eager.kv_level)
 
 
 def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch, seed):
-    def no_toolchain(*args):
-        raise RuntimeError("C++ compile error: no compiler")
+    def no_toolchain(fn):
+        def fail(*args):
+            raise RuntimeError("C++ compile error: no compiler")
+        return fail
 
     grid = (2, 9, 11)
     n = math.prod(grid)
@@ -447,9 +453,9 @@ def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch
     offsets = uniform_offsets(n, 32)
     args = (q, k, psa_module.sequence_order(n, 32), offsets, offsets, 8, 8, 0.25, torch.float32)
     want = sampled_estimates(*args, fused=False)
-    monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_LOGITS", 1)
-    monkeypatch.setattr(psa_budget, "_FUSED_FAILED", [])
-    monkeypatch.setattr(psa_budget, "_compiled_chunk_statistics", lambda: no_toolchain)
+    monkeypatch.setattr(psa_importance, "FUSED_CPU_MIN_LOGITS", 1)
+    monkeypatch.setattr(psa_importance, "_FUSED_FAILED", [])
+    monkeypatch.setattr(psa_importance, "compiled", no_toolchain)
     with pytest.raises(RuntimeError, match="no compiler"):  # asked for by name: the error itself
         sampled_estimates(*args, fused=True)
     with pytest.warns(RuntimeWarning, match="did not compile .RuntimeError: C.. compile error: no compiler.; "
@@ -457,7 +463,8 @@ def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch
         got = sampled_estimates(*args)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
-    assert not fused_on_cpu(q, 4, 10**9, None)  # and from then on eagerly without a word
+    assert not psa_importance.fused_on_cpu(q, 10**9, None)  # and from then on eagerly without a word
+    assert torch.equal(psa_importance.sampled_importance(*args), psa_importance.sampled_importance(*args, fused=False))
 
 
 def test_sample_orders_are_permutations():

@@ -46,10 +46,11 @@ write each chunk of logits to memory. Eager torch then reads them once for the i
 again for the statistics (a quarter of them for the spread, one query's for the variance): on 2
 cores at N = 16K, 4 heads, D = 64 the estimate took 1.4x the importance estimate alone (68.6
 vs 49.1 ms with 64-token blocks, ``bench/results/psa_planning_floor_cpu.json``). Calls of at
-least :data:`FUSED_CPU_MIN_LOGITS` sampled logits reduce each chunk in one compiled function
-instead (:func:`chunk_statistics` through ``torch.compile``, whose generated C++ fuses the
-statistics into the importance's passes over the chunk): that costs what the importance's
-reduction costs (47.2 vs 46.9 ms there). Smaller calls, where compiling would cost more than
+least :data:`~vdiff_sparse.methods.psa_importance.FUSED_CPU_MIN_LOGITS` sampled logits reduce
+each chunk in one compiled function instead (:func:`chunk_statistics` through
+``torch.compile``; the importance estimate alone does the same), whose generated C++ fuses the
+statistics into the importance's passes over the chunk: then the estimate costs about what the
+importance estimate costs. Smaller calls, where compiling would cost more than
 it saves, stay eager. The logits are in the importance's ``matmul_dtype``: bfloat16 operands
 on a GPU (float32 accumulation in the kernel), so a logit is off by about ``2**-8`` of
 ``scale |q| |k|`` and ``sqrt(S)`` by about twice that (tested). A key block whose samples are
@@ -80,16 +81,18 @@ modes (on 2 CPU cores at N = 16K, 4 heads, 64-token blocks: 16 ms against 6 ms,
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Callable
 
 import torch
 
 from ..layout import BlockOrder
 from .psa_importance import (
+    CHUNK_ELEMENTS_FUSED,
     chunk_importance,
     estimate_on_kernel,
+    fused_on_cpu,
+    importance_reduction,
+    run_fused,
     sample_positions,
     sampled_logit_chunks,
     sampled_stats_on_kernel,
@@ -106,16 +109,6 @@ SPREAD_QUERY_STRIDE = 4
 # Pool factors from the coarsest (cheapest) to full resolution.
 LEVELS_COARSE_FIRST = (8, 4, 2, 1)
 
-#: On the CPU, a call with at least this many sampled logits reduces each chunk of them in one
-#: compiled function (:func:`chunk_statistics` through ``torch.compile``: inductor's C++ fuses
-#: the spread and the variance into the importance's passes over the chunk). Eager torch runs
-#: the statistics as passes of their own over logits in memory, 1.4x the importance estimate's
-#: time at 16K tokens; fused, the budget estimate costs what the importance estimate costs
-#: (``bench/results/psa_planning_floor_cpu.json``). Compiling takes seconds, once per
-#: process and chunk shape (then once more with the shape dynamic): more than a small call
-#: saves, so smaller calls (the tests', the fidelity benchmark's 3K-token problems) run eagerly.
-FUSED_CPU_MIN_LOGITS = 2**24
-
 
 def chunk_statistics(
     logits: torch.Tensor, q_spread: int, pairs: int, work_dtype: torch.dtype
@@ -125,54 +118,12 @@ def chunk_statistics(
     spread's sum of squared pair differences over the first ``q_spread`` query samples and the
     first query's variance, each ``[blocks, nkb]`` in ``work_dtype``: what
     :func:`sampled_estimates`' eager loop computes, as one function for ``torch.compile``."""
-    block_max = logits.amax(2).to(work_dtype)
-    importance = (block_max - block_max.amax(-1, keepdim=True)).exp().amax(-2)
     picked = logits[:, :q_spread]
     # In the logits' dtype, as the eager loop's subtraction rounds it.
     difference = (picked[:, :, :pairs] - picked[:, :, pairs : 2 * pairs]).to(work_dtype)
     first = logits[:, 0].to(work_dtype)
     variance = (first - first.mean(1, keepdim=True)).square().mean(1)
-    return importance, difference.square().sum((1, 2)), variance
-
-
-@functools.cache
-def _compiled_chunk_statistics() -> Callable:
-    # emulate_precision_casts: inductor otherwise subtracts bfloat16 logits in float32 without
-    # rounding, and the two paths' spreads would differ by up to 2**-8.
-    return torch.compile(chunk_statistics, options={"emulate_precision_casts": True})
-
-
-# Set when compiling failed in this process (no C++ toolchain for inductor, say): the
-# automatic choice runs eagerly from then on, after one warning.
-_FUSED_FAILED: list[str] = []
-
-
-def _fused_chunk_statistics(logits, q_spread, pairs, work_dtype, forced: bool):
-    """The compiled :func:`chunk_statistics`, or ``None`` when it cannot compile and was not
-    asked for by name (``forced``)."""
-    try:
-        return _compiled_chunk_statistics()(logits, q_spread, pairs, work_dtype)
-    except Exception as err:  # inductor's errors have no common type short of Exception
-        if forced:
-            raise
-        _FUSED_FAILED.append(f"{type(err).__name__}: {err}")
-        warnings.warn(f"PSA budget mode: the fused CPU estimate did not compile ({_FUSED_FAILED[0][:300]}); "
-                      "estimating eagerly instead (same results, slower)", RuntimeWarning, stacklevel=3)
-        return None
-
-
-def fused_on_cpu(q: torch.Tensor, pairs: int, logits: int, fused: bool | None) -> bool:
-    """Whether :func:`sampled_estimates`' torch path reduces its chunks with the compiled
-    :func:`chunk_statistics`: ``fused`` if given (``True`` raises off the CPU or without a
-    key pair), else on the CPU for calls of at least :data:`FUSED_CPU_MIN_LOGITS` sampled
-    logits, outside ``torch.compile`` (which fuses the eager operations itself)."""
-    if fused:
-        if q.device.type != "cpu" or pairs < 1:
-            raise ValueError(f"the fused estimate runs on the CPU with at least 2 key samples per block; got device "
-                             f"{q.device} and {2 * pairs} samples")
-        return True
-    return (fused is None and q.device.type == "cpu" and pairs >= 1 and logits >= FUSED_CPU_MIN_LOGITS
-            and not torch.compiler.is_compiling() and not _FUSED_FAILED)
+    return importance_reduction(logits, work_dtype), difference.square().sum((1, 2)), variance
 
 
 def sampled_estimates(
@@ -184,8 +135,8 @@ def sampled_estimates(
     one pass over the sampled logits (module docstring, *Estimates*): on the Triton kernel
     (``kernel``: :func:`~vdiff_sparse.methods.psa_importance.estimate_on_kernel`, a GPU's
     default) in registers, else from torch matmuls' logits, a chunk at a time, each reduced
-    eagerly or (``fused``: :func:`fused_on_cpu`, large calls on the CPU) by the compiled
-    :func:`chunk_statistics`.
+    eagerly or (``fused``: :func:`~vdiff_sparse.methods.psa_importance.fused_on_cpu`, large
+    calls on the CPU, with at least one key pair) by the compiled :func:`chunk_statistics`.
 
     Args:
         q, k: ``[B, N, heads, D]`` in the original order; only the sampled tokens are read,
@@ -228,12 +179,15 @@ def sampled_estimates(
     spread = torch.zeros_like(importance)
     variance = torch.empty_like(importance)
     differences = None
+    if fused and pairs < 1:
+        raise ValueError(f"the fused estimate needs at least 2 key samples per block; got {sk}")
+    use_fused = pairs >= 1 and fused_on_cpu(q, B * H * nqb * sq * nkb * sk, fused)
     chunks = sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
-                                  q_sample_stride=SPREAD_QUERY_STRIDE, k_pairs_first=True)
-    use_fused = fused_on_cpu(q, pairs, B * H * nqb * sq * nkb * sk, fused)
+                                  q_sample_stride=SPREAD_QUERY_STRIDE, k_pairs_first=True,
+                                  max_elements=CHUNK_ELEMENTS_FUSED if use_fused else None)
     for r, b0, b1, logits in chunks:  # few operations per chunk: each costs as much as its work
         if use_fused:
-            stats = _fused_chunk_statistics(logits, q_spread, pairs, work_dtype, forced=bool(fused))
+            stats = run_fused(chunk_statistics, logits, q_spread, pairs, work_dtype, forced=bool(fused))
             if stats is not None:
                 importance[r, b0:b1], spread[r, b0:b1], variance[r, b0:b1] = stats
                 continue
@@ -343,5 +297,5 @@ def allocate_budget(
     return torch.where(taken[..., 1], fine, torch.where(taken[..., 0], reached_coarse, 0))
 
 
-__all__ = ["FUSED_CPU_MIN_LOGITS", "LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "chunk_statistics",
-           "fused_on_cpu", "head_variation_ratio", "pooling_distortion", "sampled_estimates"]
+__all__ = ["LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "chunk_statistics", "head_variation_ratio",
+           "pooling_distortion", "sampled_estimates"]

@@ -13,7 +13,8 @@ in registers, elsewhere torch matmuls over chunks of logits (:func:`sampled_logi
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+import warnings
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,6 +27,23 @@ from ..layout import BlockOrder
 # threads. A GPU has no such cache to fit and pays a few kernel launches per chunk instead.
 CHUNK_ELEMENTS = 2**20
 CHUNK_ELEMENTS_GPU = 2**26
+
+#: On the CPU, a call with at least this many sampled logits reduces each chunk of them in one
+#: compiled function (``torch.compile``: inductor's C++ fuses the reductions, the budget mode's
+#: statistics included, into the passes over the chunk) instead of eager torch's operation per
+#: pass over logits in memory. Compiling takes seconds, once per process and chunk shape (then
+#: once more with the shape dynamic), more than a small call saves: smaller calls (the tests',
+#: the fidelity benchmark's 3K-token problems) run eagerly.
+FUSED_CPU_MIN_LOGITS = 2**24
+#: Sampled logits per chunk on the fused path: each compiled call costs tens of microseconds
+#: of guards and dispatch, so it takes bigger chunks than eager torch (2^20 logits: 64 calls
+#: per estimate at 16K tokens, 4 heads, and no faster than eager; 2^22: 25-35% faster, in a
+#: scratch run on 2 cores).
+CHUNK_ELEMENTS_FUSED = 2**22
+
+# Set when compiling failed in this process (no C++ toolchain for inductor, say): the
+# automatic choice runs eagerly from then on, after one warning.
+_FUSED_FAILED: list[str] = []
 
 
 def chunk_elements(x: torch.Tensor) -> int:
@@ -159,7 +177,7 @@ def sampled_stats_on_kernel(
 def sampled_logit_chunks(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-    q_sample_stride: int = 1, k_pairs_first: bool = False,
+    q_sample_stride: int = 1, k_pairs_first: bool = False, max_elements: int | None = None,
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """The sampled logits, a few query blocks of one (batch, head) row at a time.
 
@@ -174,14 +192,15 @@ def sampled_logit_chunks(
             first samples of the pairs ``(2m, 2m + 1)``, then the second ones, then an odd one
             out), else ascending. A consumer that reads some samples together lays them out
             contiguously this way (slices of the positions: no index list reaches the device).
+        max_elements: logits per chunk (default :func:`chunk_elements`).
 
     Yields:
         ``(row, b0, b1, logits)``: ``row = b * heads + h``, query blocks ``b0:b1`` and
         ``logits`` ``[b1 - b0, sq, sk, n_k_blocks]`` in ``matmul_dtype``, ``logits[i, s, t, j]``
         the scaled logit of query block ``b0 + i``'s ``s``-th sample and key block ``j``'s
         ``t``-th sample in those orders, valid until the next chunk is asked for (one
-        buffer holds them all). At most :func:`chunk_elements` logits per chunk (one query
-        block when a block's are more).
+        buffer holds them all). At most ``max_elements`` logits per chunk (one query block
+        when a block's are more).
     """
     B, _, H, D = q.shape
     nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
@@ -195,7 +214,7 @@ def sampled_logit_chunks(
     k_positions = (pairs_split(k_samples) if k_pairs_first else k_samples).t().reshape(-1)
     qs = _sampled_queries(q, order, q_positions, scale, matmul_dtype).view(B * H, nqb, sq, D)
     ks = _sampled_rows(k, order, k_positions).to(matmul_dtype).transpose(1, 2)  # [R, D, sk*nkb]
-    blocks_per_chunk = max(1, min(nqb, chunk_elements(q) // (sq * nkb * sk)))
+    blocks_per_chunk = max(1, min(nqb, (max_elements or chunk_elements(q)) // (sq * nkb * sk)))
     buffer = torch.empty(blocks_per_chunk * sq, sk * nkb, dtype=matmul_dtype, device=q.device)
     for r in range(B * H):
         for b0 in range(0, nqb, blocks_per_chunk):
@@ -219,23 +238,75 @@ def chunk_importance(logits: torch.Tensor, work_dtype: torch.dtype, out: torch.T
     importance_of_block_max(logits.amax(2).to(work_dtype), out)  # [blocks, sq, nkb]
 
 
+def importance_reduction(logits: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`chunk_importance` as a function of the chunk alone (what the fused path compiles)."""
+    block_max = logits.amax(2).to(work_dtype)
+    return (block_max - block_max.amax(-1, keepdim=True)).exp().amax(-2)
+
+
+def fused_on_cpu(q: torch.Tensor, logits: int, fused: bool | None) -> bool:
+    """Whether a sampled estimate's torch path reduces its chunks with a compiled function:
+    ``fused`` if given (``True`` raises off the CPU), else on the CPU for calls of at least
+    :data:`FUSED_CPU_MIN_LOGITS` sampled ``logits``, outside ``torch.compile`` (which fuses
+    the eager operations itself) and unless compiling failed before in this process."""
+    if fused:
+        if q.device.type != "cpu":
+            raise ValueError(f"the fused estimate runs on the CPU; got device {q.device}")
+        return True
+    return (fused is None and q.device.type == "cpu" and logits >= FUSED_CPU_MIN_LOGITS
+            and not torch.compiler.is_compiling() and not _FUSED_FAILED)
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``fn`` through ``torch.compile``, once per process. ``emulate_precision_casts``: inductor
+    otherwise computes bfloat16 operations in float32 without rounding their results, and the
+    fused path would differ from the eager one (by up to 2**-8 in the budget mode's spread)."""
+    return torch.compile(fn, options={"emulate_precision_casts": True})
+
+
+def run_fused(fn: Callable, *args, forced: bool):
+    """``compiled(fn)(*args)``, or ``None`` (after one warning per process) when it cannot
+    compile and was not asked for by name (``forced``)."""
+    try:
+        return compiled(fn)(*args)
+    except Exception as err:  # inductor's errors have no common type short of Exception
+        if forced:
+            raise
+        _FUSED_FAILED.append(f"{type(err).__name__}: {err}")
+        warnings.warn(f"PSA: the fused CPU estimate did not compile ({_FUSED_FAILED[0][:300]}); estimating eagerly "
+                      "instead (same results, slower)", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def sampled_importance(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
-    kernel: bool | None = None,
+    kernel: bool | None = None, fused: bool | None = None,
 ) -> torch.Tensor:
     """``[B, N, heads, D]`` q, k in the original order -> ``[B*heads, n_q_blocks, n_k_blocks]``
     rows summing to 1: per query block and key block, the largest over the block's sampled
     queries of ``exp(max logit over the key block's samples - the query's largest logit)``.
     The logits are ``matmul_dtype``; the rest runs in float32 or float64. On the Triton kernel
     (``kernel``: :func:`estimate_on_kernel`) the logits stay in registers; else torch matmuls
-    (:func:`chunk_importance` over :func:`sampled_logit_chunks`)."""
+    (:func:`sampled_logit_chunks`), each chunk reduced eagerly (:func:`chunk_importance`) or,
+    ``fused`` (:func:`fused_on_cpu`: large calls on the CPU), by the compiled
+    :func:`importance_reduction`: equal up to rounding."""
     if estimate_on_kernel(q, matmul_dtype, sq, sk, kernel):
         return sampled_stats_on_kernel(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype, None)[0]
     B, _, H, _ = q.shape
+    nqb, nkb = q_offsets.numel() - 1, k_offsets.numel() - 1
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
-    out = torch.empty(B * H, q_offsets.numel() - 1, k_offsets.numel() - 1, dtype=work_dtype, device=q.device)
-    for r, b0, b1, logits in sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype):
+    out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
+    use_fused = fused_on_cpu(q, B * H * nqb * sq * nkb * sk, fused)
+    for r, b0, b1, logits in sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
+                                                  max_elements=CHUNK_ELEMENTS_FUSED if use_fused else None):
+        if use_fused:
+            reduced = run_fused(importance_reduction, logits, work_dtype, forced=bool(fused))
+            if reduced is not None:
+                out[r, b0:b1] = reduced
+                continue
+            use_fused = False
         chunk_importance(logits, work_dtype, out[r, b0:b1])
     return out / out.sum(-1, keepdim=True)
 
