@@ -44,13 +44,13 @@ mode's statistics cost a subtraction and two sums per tile, and no memory traffi
 outputs (``2`` floats per block pair, against the maxima's ``s_q``). On the CPU, torch matmuls
 write each chunk of logits to memory. Eager torch then reads them once for the importance and
 again for the statistics (a quarter of them for the spread, one query's for the variance): on 2
-cores at N = 16K, 4 heads, D = 64 the estimate took 1.4x the importance estimate alone (68.6
-vs 49.1 ms with 64-token blocks, ``bench/results/psa_planning_floor_cpu.json``). Calls of at
+cores at N = 16K, 4 heads, D = 64 the estimate takes 1.4-1.6x the importance estimate alone
+(85.7 vs 62.8 ms with 128-token blocks, ``bench/results/psa_planning_cpu.json``). Calls of at
 least :data:`~vdiff_sparse.methods.psa_importance.FUSED_CPU_MIN_LOGITS` sampled logits reduce
 each chunk in one compiled function instead (:func:`chunk_statistics` through
 ``torch.compile``; the importance estimate alone does the same), whose generated C++ fuses the
-statistics into the importance's passes over the chunk: then the estimate costs about what the
-importance estimate costs. Smaller calls, where compiling would cost more than
+statistics into the importance's passes over the chunk: then the two cost the same (42.6 vs
+43.2 ms there). Smaller calls, where compiling would cost more than
 it saves, stay eager. The logits are in the importance's ``matmul_dtype``: bfloat16 operands
 on a GPU (float32 accumulation in the kernel), so a logit is off by about ``2**-8`` of
 ``scale |q| |k|`` and ``sqrt(S)`` by about twice that (tested). A key block whose samples are
@@ -75,8 +75,9 @@ relaxed problem where a block may sit between two hull points.
 
 **Cost of the allocation:** a sort of two moves per (query block, key block) pair and a few
 elementwise passes over them, against the one-per-pair sort of the quantile and threshold
-modes (on 2 CPU cores at N = 16K, 4 heads, 64-token blocks: 16 ms against 6 ms,
-``bench/results/psa_planning_cpu.json``).
+modes: on 2 CPU cores at N = 16K, 4 heads, 10.3 ms against 3.5 ms with 128-token blocks and
+31.3 against 10.0 ms with 64-token ones (``bench/results/psa_planning_cpu.json``), which makes
+budget mode's planning 1.21x and 1.47x the quantile mode's there.
 """
 
 from __future__ import annotations

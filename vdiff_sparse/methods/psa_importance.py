@@ -5,8 +5,9 @@ Everything here works in plan order (``BlockOrder``) on ``[B, N, heads, D]`` inp
 ``[R, N, D]`` rows (``R = B * heads``); :mod:`vdiff_sparse.methods.psa` turns the estimate into
 levels. The sampled estimate has two paths with one result: on a GPU a Triton kernel
 (:mod:`vdiff_sparse.kernels.estimate`, :func:`sampled_stats_on_kernel`) that keeps the logits
-in registers, elsewhere torch matmuls over chunks of logits (:func:`sampled_logit_chunks`);
-:func:`estimate_on_kernel` picks, and the budget mode's statistics
+in registers, elsewhere torch matmuls over chunks of logits (:func:`sampled_logit_chunks`),
+each chunk reduced by eager torch or, for large calls on the CPU, by one compiled function
+(:func:`fused_on_cpu`); :func:`estimate_on_kernel` picks, and the budget mode's statistics
 (:func:`vdiff_sparse.methods.psa_budget.sampled_estimates`) ride on either.
 """
 
