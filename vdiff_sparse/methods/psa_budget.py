@@ -89,11 +89,10 @@ import torch
 from ..layout import BlockOrder
 from .psa_importance import (
     CHUNK_ELEMENTS_FUSED,
-    chunk_importance,
     estimate_on_kernel,
     fused_on_cpu,
     importance_reduction,
-    run_fused,
+    reduced_chunks,
     sample_positions,
     sampled_logit_chunks,
     sampled_stats_on_kernel,
@@ -117,10 +116,10 @@ def chunk_statistics(
     """One chunk of :func:`~vdiff_sparse.methods.psa_importance.sampled_logit_chunks` in the
     budget mode's sample order, ``[blocks, sq, sk, nkb]`` -> the unnormalised importance, the
     spread's sum of squared pair differences over the first ``q_spread`` query samples and the
-    first query's variance, each ``[blocks, nkb]`` in ``work_dtype``: what
-    :func:`sampled_estimates`' eager loop computes, as one function for ``torch.compile``."""
+    first query's variance, each ``[blocks, nkb]`` in ``work_dtype`` (the spread ``0`` without
+    pairs): :func:`sampled_estimates`' reduction, eager or through ``torch.compile``."""
     picked = logits[:, :q_spread]
-    # In the logits' dtype, as the eager loop's subtraction rounds it.
+    # In the logits' dtype: bfloat16 differences are rounded (the fused path emulates it).
     difference = (picked[:, :, :pairs] - picked[:, :, pairs : 2 * pairs]).to(work_dtype)
     first = logits[:, 0].to(work_dtype)
     variance = (first - first.mean(1, keepdim=True)).square().mean(1)
@@ -177,34 +176,17 @@ def sampled_estimates(
                                                                matmul_dtype, SPREAD_QUERY_STRIDE)
         return importance, spread / pair_norm, variance
     importance = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
-    spread = torch.zeros_like(importance)
+    spread = torch.empty_like(importance)
     variance = torch.empty_like(importance)
-    differences = None
     if fused and pairs < 1:
         raise ValueError(f"the fused estimate needs at least 2 key samples per block; got {sk}")
     use_fused = pairs >= 1 and fused_on_cpu(q, B * H * nqb * sq * nkb * sk, fused)
     chunks = sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
                                   q_sample_stride=SPREAD_QUERY_STRIDE, k_pairs_first=True,
                                   max_elements=CHUNK_ELEMENTS_FUSED if use_fused else None)
-    for r, b0, b1, logits in chunks:  # few operations per chunk: each costs as much as its work
-        if use_fused:
-            stats = run_fused(chunk_statistics, logits, q_spread, pairs, work_dtype, forced=bool(fused))
-            if stats is not None:
-                importance[r, b0:b1], spread[r, b0:b1], variance[r, b0:b1] = stats
-                continue
-            use_fused = False
-        chunk_importance(logits, work_dtype, importance[r, b0:b1])
-        if pairs:
-            picked = logits[:, :q_spread]  # [blocks, q', sk, nkb]; then one buffer for all chunks
-            if differences is None:
-                differences = torch.empty(picked.shape[0], q_spread, pairs, nkb, dtype=work_dtype, device=q.device)
-            diff = differences[: b1 - b0]
-            torch.sub(picked[:, :, :pairs], picked[:, :, pairs : 2 * pairs], out=diff)
-            # square + sum: vector_norm over strided axes is ~30x slower on the CPU.
-            torch.sum(diff.square_(), (1, 2), out=spread[r, b0:b1])
-        first = logits[:, 0].to(work_dtype)  # [blocks, sk, nkb]: query sample 0 (torch.var
-        centred = first - first.mean(1, keepdim=True)  # over the strided axis is far slower)
-        torch.mean(centred.square_(), 1, out=variance[r, b0:b1])
+    for r, b0, b1, stats in reduced_chunks(chunks, chunk_statistics, q_spread, pairs, work_dtype, fused=use_fused,
+                                           forced=bool(fused)):
+        importance[r, b0:b1], spread[r, b0:b1], variance[r, b0:b1] = stats
     spread /= pair_norm
     return importance / importance.sum(-1, keepdim=True), spread, variance
 

@@ -169,7 +169,7 @@ def sampled_stats_on_kernel(
         r1 = min(rows, r0 + rows_per_chunk)
         block_max, spread_sum, var = estimate.sampled_block_stats(qs[r0:r1], ks[r0:r1], sq, sk, spread_stride or 1,
                                                                   stats=stats)
-        importance_of_block_max(block_max.transpose(2, 3), importance[r0:r1])  # as [..., sq, nkb]
+        importance[r0:r1] = importance_of_block_max(block_max.transpose(2, 3))  # as [..., sq, nkb]
         if stats:
             spread[r0:r1], variance[r0:r1] = spread_sum, var
     return importance / importance.sum(-1, keepdim=True), spread, variance
@@ -224,25 +224,18 @@ def sampled_logit_chunks(
             yield r, b0, b1, logits.view(b1 - b0, sq, sk, nkb)
 
 
-def importance_of_block_max(block_max: torch.Tensor, out: torch.Tensor) -> None:
-    """Each sampled query's largest logit per key block, ``[..., sq, n_k_blocks]`` (overwritten)
-    -> ``out`` ``[..., n_k_blocks]``, the unnormalised importance: per query block, the largest
-    over its sampled queries of ``exp(max logit over the key block's samples - the query's
-    largest logit)``."""
-    block_max.sub_(block_max.amax(-1, keepdim=True)).exp_()
-    torch.amax(block_max, -2, out=out)
-
-
-def chunk_importance(logits: torch.Tensor, work_dtype: torch.dtype, out: torch.Tensor) -> None:
-    """One chunk of :func:`sampled_logit_chunks` -> ``out`` ``[b1 - b0, n_k_blocks]``
-    (``work_dtype``): :func:`importance_of_block_max` of its maxima over the key samples."""
-    importance_of_block_max(logits.amax(2).to(work_dtype), out)  # [blocks, sq, nkb]
+def importance_of_block_max(block_max: torch.Tensor) -> torch.Tensor:
+    """Each sampled query's largest logit per key block, ``[..., sq, n_k_blocks]`` ->
+    ``[..., n_k_blocks]``, the unnormalised importance: per query block, the largest over its
+    sampled queries of ``exp(max logit over the key block's samples - the query's largest
+    logit)``."""
+    return (block_max - block_max.amax(-1, keepdim=True)).exp().amax(-2)
 
 
 def importance_reduction(logits: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`chunk_importance` as a function of the chunk alone (what the fused path compiles)."""
-    block_max = logits.amax(2).to(work_dtype)
-    return (block_max - block_max.amax(-1, keepdim=True)).exp().amax(-2)
+    """One chunk of :func:`sampled_logit_chunks` -> ``[b1 - b0, n_k_blocks]`` (``work_dtype``):
+    :func:`importance_of_block_max` of its maxima over the key samples."""
+    return importance_of_block_max(logits.amax(2).to(work_dtype))  # [blocks, sq, nkb]
 
 
 def fused_on_cpu(q: torch.Tensor, logits: int, fused: bool | None) -> bool:
@@ -280,6 +273,19 @@ def run_fused(fn: Callable, *args, forced: bool):
         return None
 
 
+def reduced_chunks(chunks: Iterator, reduce: Callable, *args, fused: bool, forced: bool) -> Iterator:
+    """``(row, b0, b1, reduce(logits, *args))`` for every chunk of :func:`sampled_logit_chunks`:
+    with ``fused`` the compiled ``reduce`` (:func:`run_fused`; eager from the first chunk it
+    cannot compile, unless ``forced``), else eager torch. One function either way, so the two
+    paths give one result up to rounding."""
+    for r, b0, b1, logits in chunks:
+        result = run_fused(reduce, logits, *args, forced=forced) if fused else None
+        if result is None:
+            fused = False
+            result = reduce(logits, *args)
+        yield r, b0, b1, result
+
+
 def sampled_importance(
     q: torch.Tensor, k: torch.Tensor, order: BlockOrder, q_offsets: torch.Tensor,
     k_offsets: torch.Tensor, sq: int, sk: int, scale: float, matmul_dtype: torch.dtype,
@@ -290,9 +296,9 @@ def sampled_importance(
     queries of ``exp(max logit over the key block's samples - the query's largest logit)``.
     The logits are ``matmul_dtype``; the rest runs in float32 or float64. On the Triton kernel
     (``kernel``: :func:`estimate_on_kernel`) the logits stay in registers; else torch matmuls
-    (:func:`sampled_logit_chunks`), each chunk reduced eagerly (:func:`chunk_importance`) or,
-    ``fused`` (:func:`fused_on_cpu`: large calls on the CPU), by the compiled
-    :func:`importance_reduction`: equal up to rounding."""
+    (:func:`sampled_logit_chunks`), each chunk reduced by :func:`importance_reduction`, eagerly
+    or, ``fused`` (:func:`fused_on_cpu`: large calls on the CPU), compiled: equal up to
+    rounding."""
     if estimate_on_kernel(q, matmul_dtype, sq, sk, kernel):
         return sampled_stats_on_kernel(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype, None)[0]
     B, _, H, _ = q.shape
@@ -300,15 +306,11 @@ def sampled_importance(
     work_dtype = torch.promote_types(matmul_dtype, torch.float32)
     out = torch.empty(B * H, nqb, nkb, dtype=work_dtype, device=q.device)
     use_fused = fused_on_cpu(q, B * H * nqb * sq * nkb * sk, fused)
-    for r, b0, b1, logits in sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
-                                                  max_elements=CHUNK_ELEMENTS_FUSED if use_fused else None):
-        if use_fused:
-            reduced = run_fused(importance_reduction, logits, work_dtype, forced=bool(fused))
-            if reduced is not None:
-                out[r, b0:b1] = reduced
-                continue
-            use_fused = False
-        chunk_importance(logits, work_dtype, out[r, b0:b1])
+    chunks = sampled_logit_chunks(q, k, order, q_offsets, k_offsets, sq, sk, scale, matmul_dtype,
+                                  max_elements=CHUNK_ELEMENTS_FUSED if use_fused else None)
+    for r, b0, b1, reduced in reduced_chunks(chunks, importance_reduction, work_dtype, fused=use_fused,
+                                             forced=bool(fused)):
+        out[r, b0:b1] = reduced
     return out / out.sum(-1, keepdim=True)
 
 
