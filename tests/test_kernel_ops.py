@@ -241,6 +241,12 @@ def test_facts_travel_and_are_checked():
         dataclasses.replace(plan, kv_level=levels)
     assert dataclasses.replace(plan, kv_level=levels, facts=PlanFacts.uniform(40, 16, 16, (4,))).facts.rows_of() == {
         1: 40, 4: 10}
+    # A value outside the pool factors is read too (the usual ones are counted without a sort).
+    odd = levels.clone()
+    odd[0, 0, 1, 0] = 3
+    assert read_facts(dataclasses.replace(hand, kv_level=odd)).levels == (1, 3, 4)
+    with pytest.raises(ValueError, match="levels"):
+        dataclasses.replace(plan, kv_level=odd, facts=PlanFacts.uniform(40, 16, 16, (4,)))
 
 
 def test_psa_facts_cover_every_level_a_config_can_give():

@@ -17,7 +17,7 @@ from conftest import assert_close, random_qkv
 from vdiff_sparse.attention import run_plan
 from vdiff_sparse.layout import uniform_offsets
 from vdiff_sparse.methods import psa as psa_module
-from vdiff_sparse.methods import psa_importance
+from vdiff_sparse.methods import psa_budget, psa_importance
 from vdiff_sparse.methods.psa import PSAConfig, plan_psa, psa_attention
 from vdiff_sparse.methods.psa_budget import (
     LEVELS_COARSE_FIRST,
@@ -100,7 +100,7 @@ def test_allocation_matches_loop_definition(levels, ties, seed):
     w, spread, rho, allowed = _random_rows(gen, 12, nk, levels, ties)
     for budget_fraction in (0.02, 0.1, 0.25, 0.6, 1.0):
         budget = budget_fraction * float(sizes.sum())
-        got = allocate_budget(w, lambda x: pooling_distortion(spread, rho, x), sizes, budget, allowed)
+        got = allocate_budget(w, spread, rho, sizes, budget, allowed)
         assert got.tolist() == _loop_rows(w, spread, rho, allowed, sizes, budget), budget_fraction
 
 
@@ -110,10 +110,70 @@ def test_allocation_spends_the_budget_and_at_most_one_move_more(seed):
     w, spread, rho, _ = _random_rows(gen, 50, 40, (1, 2, 4, 8), False)
     for d in (0.05, 0.13, 0.3, 0.77):
         budget = d * float(sizes.sum())
-        levels = allocate_budget(w, lambda x: pooling_distortion(spread, rho, x), sizes, budget,
+        levels = allocate_budget(w, spread, rho, sizes, budget,
                                  torch.ones(4, dtype=torch.bool))
         spent = torch.where(levels > 0, sizes / levels.clamp(min=1), 0.0).sum(-1)
         assert bool((spent >= budget - 1e-6).all()) and bool((spent < budget + 32).all()), (d, spent)
+
+
+def _argsort_allocation(w, spread, rho, sizes, budget, allowed):
+    """The greedy as a stable argsort of the efficiencies (ties: block, then first move), its
+    prefix under the budget taken: the formulation the allocator's sort keys replace."""
+    coarse, fine = psa_budget._coarse_and_fine(allowed)
+    x_coarse, x_fine = 1 / coarse.clamp(min=1).float(), 1 / fine.clamp(min=1).float()
+    e_coarse, e_fine = pooling_distortion(spread, rho, x_coarse), pooling_distortion(spread, rho, x_fine)
+    to_coarse = (1 - e_coarse) / x_coarse
+    coarse_to_fine = (e_coarse - e_fine) / (x_fine - x_coarse).clamp(min=1e-6)
+    two = (coarse != fine) & (to_coarse > coarse_to_fine)
+    efficiency = torch.stack([torch.where(coarse > 0, w * torch.where(two, to_coarse, (1 - e_fine) / x_fine), -1.0),
+                              torch.where(two, w * coarse_to_fine, -1.0)], -1).flatten(-2)
+    cost = torch.stack([sizes * torch.where(two, x_coarse, x_fine), sizes * torch.where(two, x_fine - x_coarse, 0.0)],
+                       -1).flatten(-2).expand(efficiency.shape)
+    order = efficiency.argsort(dim=-1, descending=True, stable=True)
+    spent = cost.gather(-1, order).double()
+    limit = budget - 1e-9 * max(1.0, budget)
+    taken = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, spent.cumsum(-1) - spent < limit)
+    taken = (taken & (efficiency >= 0)).unflatten(-1, (-1, 2))
+    return torch.where(taken[..., 1], fine, torch.where(taken[..., 0], torch.where(two, coarse, fine), 0))
+
+
+@pytest.mark.parametrize("shape", ["rows", "heads"])
+def test_allocation_keys_compiled_and_eager_match_the_argsort_greedy(shape, seed):
+    """The allocator (sort keys packing efficiency, index and cost; numpy's sort between the
+    two halves) against the argsort formulation, eager and compiled, on rows with ties, zero
+    importance (moves of efficiency 0 and -0.0), ragged sizes, levels denied per block or per
+    (head, block) like the similarity cap, and budgets from nothing taken to everything."""
+    gen = torch.Generator().manual_seed(seed)
+    nk = 37
+    sizes = torch.full((nk,), 24)
+    sizes[-1] = 5
+    w, spread, rho, allowed = _random_rows(gen, 30, nk, (1, 2, 4, 8), ties=True)
+    w[:, 3] = 0.0
+    w[:, 5] = -0.0  # efficiencies of -0.0, tied with the 0.0 ones
+    spread[:, 4] = 1e9  # pooling keeps nothing (e = 1): the block's one move is to full resolution
+    if shape == "heads":  # [heads, query blocks, key blocks], levels denied per (head, key block)
+        w, spread, rho = w.view(3, 10, nk), spread.view(3, 10, nk), rho.view(3, 10, 1)[:, :1]
+        allowed = allowed & (torch.rand(3, 1, nk, 4, generator=gen) > 0.2)
+    for fraction in (0.0, 0.03, 0.2, 0.55, 1.0, 1.5):
+        budget = fraction * float(sizes.sum())
+        want = _argsort_allocation(w, spread, rho, sizes, budget, allowed)
+        eager = allocate_budget(w, spread, rho, sizes, budget, allowed, fused=False)
+        assert torch.equal(eager, want), fraction
+        assert torch.equal(allocate_budget(w, spread, rho, sizes, budget, allowed, fused=True), want), fraction
+
+
+def test_sorted_keys_agree_with_torch_and_costs_must_fit_their_bits(seed):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randperm(1 << 20, generator=gen)[: 6 * 50].view(6, 50) * 7919 + (1 << 40)
+    assert torch.equal(psa_budget.sorted_keys(keys), keys.sort(dim=-1).values)  # numpy's sort on the CPU
+    w = torch.rand(2, 1000, generator=gen)
+    every = torch.ones(4, dtype=torch.bool)
+    # 1000 key blocks: 11 bits of move index leave 21 for costs, in eighths of a key.
+    with pytest.raises(ValueError, match="cost in 21 bits with 1000 key blocks: blocks of at most 262143 keys; got "
+                                         "one of 262144"):
+        allocate_budget(w, w, torch.tensor(0.5), torch.full((1000,), 2**18), 1e6, every)
+    fits = allocate_budget(w, w, torch.tensor(0.5), torch.full((1000,), 2**18 - 1), 1e6, every)
+    assert torch.equal(fits, _argsort_allocation(w, w, torch.tensor(0.5), torch.full((1000,), 2**18 - 1), 1e6, every))
 
 
 def test_distortion_values():
@@ -142,28 +202,28 @@ def test_binary_exactly_when_every_pooling_is_forbidden(seed):
     zero = torch.zeros_like(w)
     for d in (0.05, 0.1, 0.2, 0.5):
         budget = d * float(sizes.sum())
-        binary = allocate_budget(w, lambda x: pooling_distortion(zero, torch.tensor(0.0), x), sizes, budget, full)
+        binary = allocate_budget(w, zero, torch.tensor(0.0), sizes, budget, full)
         # Binary at a budget ranks blocks by importance, ceil(d n) of them, like quantile mode.
         assert torch.equal(binary, psa_module.allocate_levels(w, PSAConfig(mode="quantile", fractions={1: d})))
         # White keys (rho = 1): every pooled level on or above the skip-to-full chord.
         for spread in (zero, torch.rand(w.shape, generator=gen) * 3):
-            white = allocate_budget(w, lambda x: pooling_distortion(spread, torch.tensor(1.0), x), sizes, budget, every)
+            white = allocate_budget(w, spread, torch.tensor(1.0), sizes, budget, every)
             assert torch.equal(white, binary)
         # Spreads at the mass model's limit 4 p ln(p) / (p - 1) for x8 (the largest): the same.
         limit = torch.full_like(w, 32 * math.log(8) / 7 * (1 + 1e-5))
-        assert torch.equal(allocate_budget(w, lambda x: pooling_distortion(limit, torch.tensor(0.0), x), sizes,
+        assert torch.equal(allocate_budget(w, limit, torch.tensor(0.0), sizes,
                                            budget, every), binary)
         # Just below it, x8 is a hull point: the most important block moves there first.
         top = w.clone()
         top[:, 7] = 2.0
         below = limit.clone()
         below[:, 7] = 32 * math.log(8) / 7 * (1 - 1e-3)
-        steps = allocate_budget(top, lambda x: pooling_distortion(below, torch.tensor(0.0), x), sizes, 4.0, every)
+        steps = allocate_budget(top, below, torch.tensor(0.0), sizes, 4.0, every)
         assert bool((steps[:, 7] == 8).all()) and bool((steps.count_nonzero(-1) == 1).all())
         # A block that pools exactly (S = 0) stays at x8: going on to full buys nothing.
         exact = limit.clone()
         exact[:, 7] = 0.0
-        pooled = allocate_budget(top, lambda x: pooling_distortion(exact, torch.tensor(0.0), x), sizes, budget, every)
+        pooled = allocate_budget(top, exact, torch.tensor(0.0), sizes, budget, every)
         assert bool((pooled[:, 7] == 8).all()) and set(pooled.unique().tolist()) <= {0, 1, 8}
 
 
@@ -409,7 +469,7 @@ def test_fused_estimate_runs_on_large_cpu_calls_only():
     assert not psa_importance.fused_on_cpu(q, limit - 1, None)
     assert not psa_importance.fused_on_cpu(q, limit, False)
     assert psa_importance.fused_on_cpu(q, 1, True)
-    with pytest.raises(ValueError, match="the fused estimate runs on the CPU; got device meta"):
+    with pytest.raises(ValueError, match="the fused path runs on the CPU; got device meta"):
         psa_importance.fused_on_cpu(q.to("meta"), 1, True)
     offsets = uniform_offsets(64, 16)
     with pytest.raises(ValueError, match="needs at least 2 key samples per block; got 1"):
@@ -439,6 +499,17 @@ def test_plans_above_the_size_take_the_fused_reduction(mode, monkeypatch, seed):
     fused = plan_psa(q, k, grid, config)
     assert set(calls) == {"chunk_statistics" if mode == "budget" else "importance_reduction"}
     assert torch.equal(fused.kv_index, eager.kv_index) and torch.equal(fused.kv_level, eager.kv_level)
+    if mode == "budget":  # the allocation has its own size: moves, two per block pair
+        calls.clear()
+        monkeypatch.setattr(psa_importance, "FUSED_CPU_MIN_LOGITS", 2**62)
+        monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_MOVES", 2 * 2 * 2 * 7 * 7)  # B, heads, blocks^2
+        fused = plan_psa(q, k, grid, config)
+        assert calls == ["move_keys", "levels_of_prefix"]
+        assert torch.equal(fused.kv_index, eager.kv_index) and torch.equal(fused.kv_level, eager.kv_level)
+        monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_MOVES", 2 * 2 * 2 * 7 * 7 + 1)
+        calls.clear()
+        plan_psa(q, k, grid, config)
+        assert not calls
 
 
 def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch, seed):
@@ -458,13 +529,37 @@ def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch
     monkeypatch.setattr(psa_importance, "compiled", no_toolchain)
     with pytest.raises(RuntimeError, match="no compiler"):  # asked for by name: the error itself
         sampled_estimates(*args, fused=True)
-    with pytest.warns(RuntimeWarning, match="did not compile .RuntimeError: C.. compile error: no compiler.; "
-                                            "estimating eagerly"):
+    with pytest.warns(RuntimeWarning, match="chunk_statistics did not compile .RuntimeError: C.. compile error: no compiler.; "
+                                            "running eagerly"):
         got = sampled_estimates(*args)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert not psa_importance.fused_on_cpu(q, 10**9, None)  # and from then on eagerly without a word
     assert torch.equal(psa_importance.sampled_importance(*args), psa_importance.sampled_importance(*args, fused=False))
+
+
+def test_fused_allocation_that_cannot_compile_runs_eagerly_once_warned(monkeypatch, seed):
+    def no_toolchain(fn):
+        def fail(*args):
+            raise RuntimeError("C++ compile error: no compiler")
+        return fail
+
+    gen = torch.Generator().manual_seed(seed)
+    w, spread, rho, allowed = _random_rows(gen, 8, 20, (1, 2, 4, 8), ties=False)
+    sizes = torch.full((20,), 16)
+    want = allocate_budget(w, spread, rho, sizes, 100.0, allowed, fused=False)
+    monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_MOVES", 1)
+    monkeypatch.setattr(psa_importance, "_FUSED_FAILED", [])
+    monkeypatch.setattr(psa_importance, "compiled", no_toolchain)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        allocate_budget(w, spread, rho, sizes, 100.0, allowed, fused=True)
+    with pytest.warns(RuntimeWarning, match="move_keys did not compile .RuntimeError: C.. compile error: no "
+                                            "compiler.; running eagerly"):
+        assert torch.equal(allocate_budget(w, spread, rho, sizes, 100.0, allowed), want)
+    assert torch.equal(allocate_budget(w, spread, rho, sizes, 100.0, allowed), want)  # no second warning
+    with pytest.raises(ValueError, match="the fused path runs on the CPU; got device meta"):
+        allocate_budget(w.to("meta"), spread.to("meta"), rho.to("meta"), sizes.to("meta"), 100.0, allowed.to("meta"),
+                        fused=True)
 
 
 def test_sample_orders_are_permutations():

@@ -375,6 +375,18 @@ def plan_facts(plan: AttentionPlan) -> PlanFacts:
     return plan.facts if plan.facts is not None else read_facts(plan)
 
 
+def _levels_present(levels: torch.Tensor, valid: torch.Tensor) -> set[int]:
+    """The pool factors of the ``valid`` entries of ``levels``, and 1: a comparison per pool
+    factor of :data:`LEVELS` (a plan with many entries, like PSA's budget mode, spent 2 ms at
+    16K tokens in the sort of ``unique``), a sort only when an entry holds another value (which
+    the plan's checks then refuse)."""
+    present = levels.masked_fill(~valid, 1)
+    at_level = {p: present == p for p in LEVELS}
+    if not bool(functools.reduce(torch.logical_or, at_level.values()).all()):
+        return {1, *(int(p) for p in present.unique().tolist())}
+    return {1} | {p for p, at in at_level.items() if bool(at.any())}
+
+
 def read_facts(plan: AttentionPlan, window_tiles: bool = True) -> PlanFacts:
     """The :class:`PlanFacts` of ``plan``'s tensors (reads them all; ``window_tiles=False``
     leaves out the window tiles, the costly part)."""
@@ -385,7 +397,7 @@ def read_facts(plan: AttentionPlan, window_tiles: bool = True) -> PlanFacts:
     q_block_max = int(q_sizes.max()) if q_sizes.numel() else 0
     k_block_max = int(k_sizes.max()) if k_sizes.numel() else 0
     valid = plan.kv_index >= 0
-    levels = tuple(sorted({1, *(int(p) for p in plan.levels()[valid].unique().tolist())}))
+    levels = tuple(sorted(_levels_present(plan.levels(), valid)))
     rows = tuple(int(((k_sizes + p - 1) // p).sum()) for p in levels)
     keep_max = None
     if plan.token_keep is not None:

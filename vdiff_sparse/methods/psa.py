@@ -62,7 +62,6 @@ from .psa_budget import (
     LEVELS_COARSE_FIRST,
     allocate_budget,
     head_variation_ratio,
-    pooling_distortion,
     sampled_estimates,
 )
 from .psa_importance import (
@@ -347,8 +346,7 @@ def _budget_levels(
         for p, cap in config.similarity_cap.items():
             denied = block_similarity(kp, k_offsets, p) <= cap  # [R, nkb]
             allowed[..., LEVELS_COARSE_FIRST.index(p)] &= ~denied[:, None, :]
-    return allocate_budget(importance, lambda x: pooling_distortion(spread, rho, x), k_offsets.diff(),
-                           config.density * n, allowed)
+    return allocate_budget(importance, spread, rho, k_offsets.diff(), config.density * n, allowed)
 
 
 # --- plan ----------------------------------------------------------------------------------

@@ -73,17 +73,24 @@ below its budget, so it spends at least the budget (unless every block is at its
 level) and at most one move, less than one key block, more. This greedy is the optimum of the
 relaxed problem where a block may sit between two hull points.
 
-**Cost of the allocation:** a sort of two moves per (query block, key block) pair and a few
-elementwise passes over them, against the one-per-pair sort of the quantile and threshold
-modes: on 2 CPU cores at N = 16K, 4 heads, 10.3 ms against 3.5 ms with 128-token blocks and
-31.3 against 10.0 ms with 64-token ones (``bench/results/psa_planning_cpu.json``), which makes
-budget mode's planning 1.21x and 1.47x the quantile mode's there.
+**How it runs.** One sort per row, of one int64 key per move (:func:`move_keys`): the float32
+efficiency's bits on top (they order like the non-negative floats), the move's index below them
+(ties: key block, then first move), its cost in eighths of a key in the lowest bits. The keys
+are unique, so any sort gives the greedy's order, and the cost rides along: the sorted keys
+alone give each move's running cost and the last move taken (:func:`levels_of_prefix`). On the
+CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort takes a sixth of torch's time
+on 2 cores), and large calls (:data:`FUSED_CPU_MIN_MOVES`) run the elementwise halves before
+and after the sort compiled, one pass each. No bool tensor enters or leaves those compiled
+halves: inductor's CPU code moves bools one at a time, which made a half 5x slower.
+
+**Cost of the allocation:** a sort of two int64 keys per (query block, key block) pair and an
+elementwise pass before and after it, against the quantile and threshold modes' stable sort of
+one float64 per pair (``bench/psa_planning.py`` times both, and the whole of ``plan_psa``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
+import numpy as np
 import torch
 
 from ..layout import BlockOrder
@@ -91,6 +98,7 @@ from .psa_importance import (
     CHUNK_ELEMENTS_FUSED,
     estimate_on_kernel,
     fused_on_cpu,
+    fused_or_eager,
     importance_reduction,
     reduced_chunks,
     sample_positions,
@@ -105,6 +113,12 @@ from .psa_importance import (
 #: psa_budget_stride/``: seeds 0-2 at strides 16 and 4). Read off the importance estimate's
 #: logits, the spread adds no multiply-add; on the CPU its passes read a quarter of them.
 SPREAD_QUERY_STRIDE = 4
+
+#: On the CPU, an allocation of at least this many moves (two per block pair: 2^19 at 16K
+#: tokens, 4 heads, 64-token blocks) runs its two halves compiled (inductor's C++ fuses each
+#: half's elementwise passes into one), the sort between them by numpy. Compiling takes a few
+#: seconds once per process (again once the shapes vary), more than a smaller call saves.
+FUSED_CPU_MIN_MOVES = 2**17
 
 # Pool factors from the coarsest (cheapest) to full resolution.
 LEVELS_COARSE_FIRST = (8, 4, 2, 1)
@@ -218,35 +232,37 @@ def _coarse_and_fine(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return coarse, fine
 
 
-def allocate_budget(
-    importance: torch.Tensor,
-    distortion: Callable[[torch.Tensor], torch.Tensor],
-    k_sizes: torch.Tensor,
-    budget: float,
-    allowed: torch.Tensor,
-) -> torch.Tensor:
-    """Pool factor of every key block of every row under a per-row key budget.
+def move_keys(
+    importance: torch.Tensor, spread: torch.Tensor, rho: torch.Tensor, k_sizes: torch.Tensor,
+    coarse: torch.Tensor, fine: torch.Tensor, cost_bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's moves (module docstring, *Allocation*) as sort keys: the first half of
+    :func:`allocate_budget`, elementwise, eager or through ``torch.compile``.
 
     Args:
-        importance: ``[..., n_k_blocks]`` non-negative importance, one row per query block.
-        distortion: ``x -> e``: the fraction of each block's weight lost at cost fraction
-            ``x = 1/p`` (``x`` a tensor broadcastable to ``importance``; the result has its
-            shape), 0 at ``x = 1``, at most 1, and concave and non-increasing in ``x``, so a
-            block's hull is skipping, its coarsest and its finest allowed level.
+        importance, spread: ``[rows, n_k_blocks]``; ``rho`` ``[rows, 1]`` (or 0-d).
         k_sizes: ``[n_k_blocks]`` keys per block.
-        budget: keys (pooled keys count ``1/p``) each row may spend.
-        allowed: bool, broadcastable to ``[..., n_k_blocks, 4]``: whether a block may take
-            pool factor 8, 4, 2, 1 (skipping it always is).
+        coarse, fine: coarsest and finest allowed pool factor per block (``0``: none),
+            ``[rows, n_k_blocks]`` or 0-d.
+        cost_bits: bits of a key that hold the move's cost in eighths of a key (``8 *
+            max(k_sizes) < 2**cost_bits``), below ``32 - cost_bits`` bits of index.
 
     Returns:
-        ``[..., n_k_blocks]`` int64, ``p`` in {1, 2, 4, 8} or ``0`` for skipped blocks.
+        ``key``, int64 ``[rows, 2 * n_k_blocks]``: unique keys whose ascending order is the
+        greedy's (moves of the first kind, from skipping, in the first half, ``m = 0``; those
+        on to the finest level in the second, ``m = 1``). Bits 32-62: the move's efficiency,
+        descending (from its float32 bits, which order like the non-negative floats they
+        are), moves that do not exist last; below them the move's index ``2 j + m`` (``j`` the
+        key block: ties go by key block, then first move first); the lowest ``cost_bits``: its
+        cost in eighths of a key (a block of ``n`` keys costs ``n / p``: ``n * 8 / p`` eighths,
+        an integer). ``reached``, int64 ``[rows, n_k_blocks]``: the level a block's first move
+        takes it to, the coarse level where that is on its hull, else the finest. (No bool
+        tensor goes in or out: inductor's CPU code moves bools a value at a time, 5x slower.)
     """
-    shape = importance.shape
-    coarse, fine = _coarse_and_fine(allowed)
     x_coarse = 1 / coarse.clamp(min=1).float()  # cost fractions
     x_fine = 1 / fine.clamp(min=1).float()
-    e_coarse = distortion(x_coarse)
-    e_fine = distortion(x_fine)  # 0 where the finest level is 1 (x = 1)
+    e_coarse = pooling_distortion(spread, rho, x_coarse)
+    e_fine = pooling_distortion(spread, rho, x_fine)  # 0 where the finest level is 1 (x = 1)
     # Slopes (distortion removed per cost fraction) of skip -> coarse, coarse -> fine and
     # skip -> fine. The coarse level is on the hull iff the first beats the second (it lies
     # strictly below the chord from skipping to the fine level); then the block has two moves,
@@ -255,30 +271,113 @@ def allocate_budget(
     coarse_to_fine = (e_coarse - e_fine) / (x_fine - x_coarse).clamp(min=1e-6)
     to_fine = (1 - e_fine) / x_fine
     two = (coarse != fine) & (to_coarse > coarse_to_fine)
-    some = coarse > 0
     weight = importance.float()
-    efficiency = torch.stack([
-        torch.where(some, weight * torch.where(two, to_coarse, to_fine), -1.0),
-        torch.where(two, weight * coarse_to_fine, -1.0),
-    ], -1).view(-1, 2 * shape[-1])
-    sizes = k_sizes.float()
-    cost = torch.stack([
-        sizes * torch.where(two, x_coarse, x_fine), sizes * torch.where(two, x_fine - x_coarse, 0.0),
-    ], -1).expand(*shape, 2).reshape(-1, 2 * shape[-1])
-    # Block-major flattening + stable sort: ties go by key block, then first move first. (A
-    # radix select on the efficiencies' float32 bits, no sort, gives the same moves: on 2 CPU
-    # cores it took 1.3x the sort's time, four passes of elementwise work over every move.)
-    order = efficiency.argsort(dim=-1, descending=True, stable=True)
-    sorted_cost = cost.gather(-1, order).double()
-    spent_before = sorted_cost.cumsum(-1) - sorted_cost
-    # Slack against rounding: a row that spent its budget exactly takes nothing more.
-    limit = budget - 1e-9 * max(1.0, budget)
-    taken = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, spent_before < limit)
-    taken = (taken & (efficiency >= 0)).view(*shape, 2)
-    # Moves are taken in chain order: the level is that of the last one taken.
-    reached_coarse = torch.where(two, coarse, fine)
-    return torch.where(taken[..., 1], fine, torch.where(taken[..., 0], reached_coarse, 0))
+    first = torch.where(coarse > 0, weight * torch.where(two, to_coarse, to_fine), -1.0)
+    second = torch.where(two, weight * coarse_to_fine, -1.0)
+    reached = torch.where(two, coarse, fine).expand(importance.shape)
+    eighths_fine = 8 // fine.clamp(min=1)
+    first_cost = k_sizes * (8 // reached.clamp(min=1))
+    second_cost = torch.where(two, k_sizes * eighths_fine - first_cost, 0)
+    block = torch.arange(importance.shape[-1], device=importance.device)
+
+    def keys(efficiency, cost, m):
+        # A move with a negative efficiency is never taken (nor a rounding-negative one); the
+        # others' bits + 1, so that 0 is left for them (+ 0.0 makes -0.0 +0.0).
+        rank = torch.where(efficiency >= 0, (efficiency + 0.0).view(torch.int32).long() + 1, 0)
+        return ((NO_MOVE_RANK - rank) << 32) | ((2 * block + m) << cost_bits) | cost
+
+    return torch.cat([keys(first, first_cost, 0), keys(second, second_cost, 1)], -1), reached
 
 
-__all__ = ["LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "chunk_statistics", "head_variation_ratio",
-           "pooling_distortion", "sampled_estimates"]
+#: Bits 32-62 of the key (:func:`move_keys`) of a move that does not exist: every real move's
+#: are lower.
+NO_MOVE_RANK = 2**31 - 1
+
+
+def sorted_keys(key: torch.Tensor) -> torch.Tensor:
+    """``key`` sorted along its last dim. On the CPU by numpy, whose vectorised sort (AVX-512 or
+    AVX2 where the CPU has them) sorts rows of 512 int64 6x faster than torch's on 2 cores;
+    keys are unique, so every sort gives this one order."""
+    if key.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.sort(key.numpy(), axis=-1))
+    return key.sort(dim=-1).values
+
+
+def levels_of_prefix(
+    ordered: torch.Tensor, key: torch.Tensor, limit: torch.Tensor, reached: torch.Tensor, fine: torch.Tensor,
+    cost_bits: int,
+) -> torch.Tensor:
+    """The second half of :func:`allocate_budget`: each row takes its moves in ``ordered``
+    (:func:`sorted_keys` of ``key``) while what it spent before a move is below ``limit`` (a
+    0-d float64 tensor, in eighths of a key), and each block gets the level of its last move
+    taken (``reached`` after the first, ``fine`` after the second), ``[rows, n_k_blocks]``
+    int64. Costs are integers: their sums are exact."""
+    spent = ordered & ((1 << cost_bits) - 1)
+    spent_before = spent.cumsum(-1) - spent
+    real_moves = (key < (NO_MOVE_RANK << 32)).sum(-1, keepdim=True)  # they come first
+    taken_count = torch.minimum((spent_before < limit).sum(-1, keepdim=True), real_moves)
+    last_taken = ordered.gather(-1, (taken_count - 1).clamp(min=0))
+    taken = (key <= last_taken) & (taken_count > 0)
+    first_taken, second_taken = taken.chunk(2, -1)
+    return torch.where(second_taken, fine, torch.where(first_taken, reached, 0))
+
+
+def allocate_budget(
+    importance: torch.Tensor,
+    spread: torch.Tensor,
+    rho: torch.Tensor,
+    k_sizes: torch.Tensor,
+    budget: float,
+    allowed: torch.Tensor,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """Pool factor of every key block of every row under a per-row key budget, the distortion
+    of pool factor ``p`` being :func:`pooling_distortion` ``(spread, rho, 1 / p)``.
+
+    Args:
+        importance: ``[..., n_k_blocks]`` non-negative importance, one row per query block.
+        spread: the blocks' mean squared logit difference, broadcastable to ``importance``.
+        rho: the variation ratio of each row (:func:`head_variation_ratio`), broadcastable to
+            ``[..., 1]``.
+        k_sizes: ``[n_k_blocks]`` keys per block.
+        budget: keys (pooled keys count ``1/p``) each row may spend.
+        allowed: bool, broadcastable to ``[..., n_k_blocks, 4]``: whether a block may take
+            pool factor 8, 4, 2, 1 (skipping it always is).
+        fused: run both halves (:func:`move_keys`, :func:`levels_of_prefix`) compiled (``True``,
+            CPU only), eagerly (``False``), or compiled on the CPU from
+            :data:`FUSED_CPU_MIN_MOVES` moves (``None``). One result either way; the sort
+            between them is :func:`sorted_keys`.
+
+    Returns:
+        ``[..., n_k_blocks]`` int64, ``p`` in {1, 2, 4, 8} or ``0`` for skipped blocks.
+    """
+    shape, nkb = importance.shape, importance.shape[-1]
+    # The low 32 bits of a key: the move's index, then its cost in the rest (known from shapes
+    # alone: no read of the sizes, which on a GPU would wait for it). Sizes are checked where
+    # reading them is free; plan_psa's uniform blocks fit below 2^26 tokens.
+    cost_bits = 32 - max(1, (2 * nkb - 1).bit_length())
+    if k_sizes.device.type == "cpu" and nkb and not torch.compiler.is_compiling():
+        largest = int(k_sizes.max())
+        if 8 * largest >= 2**cost_bits:
+            raise ValueError(f"allocate_budget counts a move's cost in {cost_bits} bits with {nkb} key blocks: "
+                             f"blocks of at most {2**cost_bits // 8 - 1} keys; got one of {largest}")
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [rows, last dim] (0-d stays 0-d)
+        return x if x.dim() == 0 else x.expand(*shape[:-1], x.shape[-1]).reshape(-1, x.shape[-1])
+
+    coarse, fine = (rows(level) for level in _coarse_and_fine(allowed))
+    use_fused = fused_on_cpu(importance, 2 * importance.numel(), fused, minimum=FUSED_CPU_MIN_MOVES)
+    (key, reached), use_fused = fused_or_eager(
+        move_keys, importance.reshape(-1, nkb), rows(spread.expand(shape)), rows(rho),
+        k_sizes, coarse, fine, cost_bits, fused=use_fused, forced=bool(fused))
+    # Slack against rounding: a row that spent its budget exactly takes nothing more. A tensor,
+    # so that a compiled function is not specialised on its value.
+    limit = torch.full((), 8 * (budget - 1e-9 * max(1.0, budget)), dtype=torch.float64, device=importance.device)
+    levels, _ = fused_or_eager(levels_of_prefix, sorted_keys(key), key, limit, reached, fine, cost_bits,
+                               fused=use_fused, forced=bool(fused))
+    return levels.view(shape)
+
+
+__all__ = ["FUSED_CPU_MIN_MOVES", "LEVELS_COARSE_FIRST", "SPREAD_QUERY_STRIDE", "allocate_budget", "chunk_statistics",
+           "head_variation_ratio", "levels_of_prefix", "move_keys", "pooling_distortion", "sampled_estimates",
+           "sorted_keys"]

@@ -238,16 +238,18 @@ def importance_reduction(logits: torch.Tensor, work_dtype: torch.dtype) -> torch
     return importance_of_block_max(logits.amax(2).to(work_dtype))  # [blocks, sq, nkb]
 
 
-def fused_on_cpu(q: torch.Tensor, logits: int, fused: bool | None) -> bool:
-    """Whether a sampled estimate's torch path reduces its chunks with a compiled function:
-    ``fused`` if given (``True`` raises off the CPU), else on the CPU for calls of at least
-    :data:`FUSED_CPU_MIN_LOGITS` sampled ``logits``, outside ``torch.compile`` (which fuses
-    the eager operations itself) and unless compiling failed before in this process."""
+def fused_on_cpu(x: torch.Tensor, size: int, fused: bool | None, minimum: int | None = None) -> bool:
+    """Whether a step on ``x``'s device runs as a compiled function: ``fused`` if given
+    (``True`` raises off the CPU), else on the CPU for calls of at least ``minimum`` elements
+    (``size``: a sampled estimate's logits, at least :data:`FUSED_CPU_MIN_LOGITS` by default),
+    outside ``torch.compile`` (which fuses the eager operations itself) and unless compiling
+    failed before in this process."""
     if fused:
-        if q.device.type != "cpu":
-            raise ValueError(f"the fused estimate runs on the CPU; got device {q.device}")
+        if x.device.type != "cpu":
+            raise ValueError(f"the fused path runs on the CPU; got device {x.device}")
         return True
-    return (fused is None and q.device.type == "cpu" and logits >= FUSED_CPU_MIN_LOGITS
+    minimum = FUSED_CPU_MIN_LOGITS if minimum is None else minimum
+    return (fused is None and x.device.type == "cpu" and size >= minimum
             and not torch.compiler.is_compiling() and not _FUSED_FAILED)
 
 
@@ -268,21 +270,28 @@ def run_fused(fn: Callable, *args, forced: bool):
         if forced:
             raise
         _FUSED_FAILED.append(f"{type(err).__name__}: {err}")
-        warnings.warn(f"PSA: the fused CPU estimate did not compile ({_FUSED_FAILED[0][:300]}); estimating eagerly "
-                      "instead (same results, slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"PSA: the fused CPU step {fn.__name__} did not compile ({_FUSED_FAILED[0][:300]}); running "
+                      "eagerly instead (same results, slower)", RuntimeWarning, stacklevel=3)
         return None
+
+
+def fused_or_eager(fn: Callable, *args, fused: bool, forced: bool) -> tuple:
+    """``(fn(*args), fused)``: compiled with ``fused`` (:func:`run_fused`), eagerly otherwise
+    or when it cannot compile (unless ``forced``); the second item says whether it ran
+    compiled, so that a caller's next steps do not try again."""
+    result = run_fused(fn, *args, forced=forced) if fused else None
+    if result is None:
+        return fn(*args), False
+    return result, True
 
 
 def reduced_chunks(chunks: Iterator, reduce: Callable, *args, fused: bool, forced: bool) -> Iterator:
     """``(row, b0, b1, reduce(logits, *args))`` for every chunk of :func:`sampled_logit_chunks`:
-    with ``fused`` the compiled ``reduce`` (:func:`run_fused`; eager from the first chunk it
-    cannot compile, unless ``forced``), else eager torch. One function either way, so the two
-    paths give one result up to rounding."""
+    with ``fused`` the compiled ``reduce`` (:func:`fused_or_eager`: eager from the first chunk
+    it cannot compile, unless ``forced``), else eager torch. One function either way, so the
+    two paths give one result up to rounding."""
     for r, b0, b1, logits in chunks:
-        result = run_fused(reduce, logits, *args, forced=forced) if fused else None
-        if result is None:
-            fused = False
-            result = reduce(logits, *args)
+        result, fused = fused_or_eager(reduce, logits, *args, fused=fused, forced=forced)
         yield r, b0, b1, result
 
 
