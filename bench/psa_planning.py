@@ -3,9 +3,11 @@
 ``plan_psa`` alone (importance estimate + level allocation + packing) on video-like attention
 (``video_attention_qkv``, 4 heads, D = 64, float32; on a GPU bfloat16, where the estimate runs
 on its Triton kernel), for block sizes 64 and 128. The modes run
-in turn within every repeat (A/B/C, A/B/C, ...), so a shared machine's load hits them alike;
-reported per mode: median wall and process CPU time, and the median of the per-repeat ratios
-budget / quantile and budget / threshold. Then the parts, interleaved the same way (wall time
+in turn within every repeat, in a fresh random order each time (a fixed order let the mode
+that ran first after another pay for its caches: two modes with the same estimate differed by
+5 ms in one run), so a shared machine's load hits them alike; reported per mode: median wall
+and process CPU time, and the median of the per-repeat ratios budget / quantile and budget /
+threshold. Then the parts, interleaved the same way (wall time
 medians): the importance estimate alone against the budget mode's (importance, spread and
 variance), each as ``plan_psa`` runs it (on the CPU at these sizes: every chunk of sampled
 logits reduced by one compiled function) and with eager torch's reductions, and the quantile
@@ -19,6 +21,7 @@ mode's allocation against the budget mode's.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
@@ -59,8 +62,10 @@ def time_parts(q, k, grid, configs, repeats: int, sync) -> dict:
         "budget_allocation": lambda: psa._budget_levels(importance, spread, variance, None, offsets, budget, n),
     }
     times = {name: [] for name in parts}
+    shuffle = random.Random(n)
     for _ in range(repeats):
-        for name, part in parts.items():
+        for name in shuffle.sample(list(parts), len(parts)):
+            part = parts[name]
             sync()
             start = time.perf_counter()
             part()
@@ -73,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384, choices=sorted(GRIDS))
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 inputs there)")
     parser.add_argument("--out", default=None, help="JSON path (default results/psa_planning_<cpu|gpu>.json)")
@@ -85,6 +90,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from vdiff_sparse.methods.psa import PSAConfig, plan_psa
+    from vdiff_sparse.methods.psa_importance import importance_matmul_dtype
     from vdiff_sparse.video_attention_data import video_attention_qkv
 
     grid = GRIDS[args.tokens]
@@ -108,8 +114,10 @@ def main() -> None:
             plan_psa(q, k, grid, config)
             sync()
             first_call[name] = time.perf_counter() - start
+        shuffle = random.Random(block)
         for _ in range(args.repeats):
-            for name, config in configs.items():
+            for name in shuffle.sample(list(configs), len(configs)):
+                config = configs[name]
                 sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 plan_psa(q, k, grid, config)
@@ -135,9 +143,10 @@ def main() -> None:
         **run_metadata(command_line()),
         "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64,
                   "dtype": str(dtype).removeprefix("torch."), "device": args.device,
-                  "data": "video_attention_qkv(seed=0)", "importance_dtype": "auto"},
-        "timing": f"{args.repeats} interleaved repeats after one warm-up each (first_call_wall_s: the warm-up, "
-                  "compiling included); medians",
+                  "data": "video_attention_qkv(seed=0)",
+                  "importance_dtype": str(importance_matmul_dtype(PSAConfig(), q)).removeprefix("torch.")},
+        "timing": f"{args.repeats} repeats, the modes in a random order in each, after one warm-up each "
+                  "(first_call_wall_s: the warm-up, compiling included); medians",
         "results": results,
     })
     print(f"wrote {args.out}")

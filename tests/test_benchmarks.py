@@ -385,6 +385,27 @@ def test_train_cpu_script_runs_small(tmp_path):
 
 
 @pytest.mark.slow
+def test_planning_script_times_every_mode_and_part(tmp_path):
+    """bench/psa_planning.py, one repeat at 8K tokens: every mode and part timed, the
+    importance's dtype recorded as resolved."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "psa_planning.py"
+    out = tmp_path / "planning.json"
+    done = subprocess.run([sys.executable, str(script), "--tokens", "8192", "--blocks", "128", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = json.loads(out.read_text())
+    assert saved["shape"]["importance_dtype"] in ("bfloat16", "float32")
+    (row,) = saved["results"]
+    assert all(row[mode]["wall_s"] > 0 for mode in ("quantile", "threshold", "budget"))
+    assert set(row["parts_wall_s"]) == {"importance_estimate", "budget_estimate", "importance_estimate_eager",
+                                        "budget_estimate_eager", "quantile_allocation", "budget_allocation"}
+
+
+@pytest.mark.slow
 def test_planning_history_script_runs_old_and_new_code(tmp_path):
     """bench/psa_planning_history.py against HEAD's package, extracted (a smoke test: no older
     API is exercised): both workers plan, the old one from the extracted copy (its worker
