@@ -44,14 +44,15 @@ mode's statistics cost a subtraction and two sums per tile, and no memory traffi
 outputs (``2`` floats per block pair, against the maxima's ``s_q``). On the CPU, torch matmuls
 write each chunk of logits to memory. Eager torch then reads them once for the importance and
 again for the statistics (a quarter of them for the spread, one query's for the variance): on 2
-cores at N = 16K, 4 heads, D = 64 the estimate takes 1.4-1.6x the importance estimate alone
-(85.7 vs 62.8 ms with 128-token blocks, ``bench/results/psa_planning_cpu.json``). Calls of at
+cores at N = 16K, 4 heads, D = 64 the estimate takes 1.4x the importance estimate alone
+(73.8 vs 51.9 ms with 64-token blocks, ``bench/results/psa_planning_cpu.json``). Calls of at
 least :data:`~vdiff_sparse.methods.psa_importance.FUSED_CPU_MIN_LOGITS` sampled logits reduce
 each chunk in one compiled function instead (:func:`chunk_statistics` through
-``torch.compile``; the importance estimate alone does the same), whose generated C++ fuses the
-statistics into the importance's passes over the chunk: then the two cost the same (42.6 vs
-43.2 ms there). Smaller calls, where compiling would cost more than
-it saves, stay eager. The logits are in the importance's ``matmul_dtype``: bfloat16 operands
+``torch.compile``; the importance estimate alone does the same), whose generated C++ runs
+the statistics' loops in the same call, right after the importance's loop over the chunk:
+then the estimate takes 1.08x the importance estimate (37.6 vs 34.8 ms there), the spread's
+quarter of the logits being read again. Smaller calls, where compiling would cost more than it
+saves, stay eager. The logits are in the importance's ``matmul_dtype``: bfloat16 operands
 on a GPU (float32 accumulation in the kernel), so a logit is off by about ``2**-8`` of
 ``scale |q| |k|`` and ``sqrt(S)`` by about twice that (tested). A key block whose samples are
 all one position (a block of one key) has ``S = 0`` up to rounding: pooling it is exact.
@@ -78,14 +79,17 @@ efficiency's bits on top (they order like the non-negative floats), the move's i
 (ties: key block, then first move), its cost in eighths of a key in the lowest bits. The keys
 are unique, so any sort gives the greedy's order, and the cost rides along: the sorted keys
 alone give each move's running cost and the last move taken (:func:`levels_of_prefix`). On the
-CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort takes a sixth of torch's time
-on 2 cores), and large calls (:data:`FUSED_CPU_MIN_MOVES`) run the elementwise halves before
+CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort took a sixth of torch's time on 2
+cores in a scratch run), and large calls (:data:`FUSED_CPU_MIN_MOVES`) run the elementwise halves before
 and after the sort compiled, one pass each. No bool tensor enters or leaves those compiled
 halves: inductor's CPU code moves bools one at a time, which made a half 5x slower.
 
 **Cost of the allocation:** a sort of two int64 keys per (query block, key block) pair and an
 elementwise pass before and after it, against the quantile and threshold modes' stable sort of
-one float64 per pair (``bench/psa_planning.py`` times both, and the whole of ``plan_psa``).
+one float64 per pair: on 2 CPU cores at N = 16K, 4 heads, 9.2 ms against the quantile mode's
+6.8 ms with 64-token blocks and 3.1 against 1.9 ms with 128-token ones; with the estimate,
+budget mode's planning takes 1.15x and 1.08x the quantile mode's there
+(``bench/results/psa_planning_cpu.json``; README, *PSA's budget mode*, has the rest).
 """
 
 from __future__ import annotations

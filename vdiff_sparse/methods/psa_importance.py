@@ -30,16 +30,16 @@ CHUNK_ELEMENTS = 2**20
 CHUNK_ELEMENTS_GPU = 2**26
 
 #: On the CPU, a call with at least this many sampled logits reduces each chunk of them in one
-#: compiled function (``torch.compile``: inductor's C++ fuses the reductions, the budget mode's
-#: statistics included, into the passes over the chunk) instead of eager torch's operation per
-#: pass over logits in memory. Compiling takes seconds, once per process and chunk shape (then
+#: compiled function (``torch.compile``: inductor's C++ fuses each reduction's elementwise work
+#: into its pass over the chunk, the budget mode's statistics in the same call) instead of eager
+#: torch's operation per pass over logits in memory. Compiling takes seconds, once per process and chunk shape (then
 #: once more with the shape dynamic), more than a small call saves: smaller calls (the tests',
 #: the fidelity benchmark's 3K-token problems) run eagerly.
 FUSED_CPU_MIN_LOGITS = 2**24
-#: Sampled logits per chunk on the fused path: each compiled call costs tens of microseconds
-#: of guards and dispatch, so it takes bigger chunks than eager torch (2^20 logits: 64 calls
-#: per estimate at 16K tokens, 4 heads, and no faster than eager; 2^22: 25-35% faster, in a
-#: scratch run on 2 cores).
+#: Sampled logits per chunk on the fused path, bigger than eager torch's: at 16K tokens, 4 heads
+#: the estimate took 1.5x as long with chunks of 2^20 (the matmuls' shapes; a compiled call's
+#: guards and dispatch cost about 30 microseconds) as with 2^22, 2^23 was no faster and 2^24
+#: 1.4x slower (scratch runs on 2 cores).
 CHUNK_ELEMENTS_FUSED = 2**22
 
 # Set when compiling failed in this process (no C++ toolchain for inductor, say): the
