@@ -172,6 +172,8 @@ def test_sorted_keys_agree_with_torch_and_costs_must_fit_their_bits(seed):
     with pytest.raises(ValueError, match="cost in 21 bits with 1000 key blocks: blocks of at most 262143 keys; got "
                                          "one of 262144"):
         allocate_budget(w, w, torch.tensor(0.5), torch.full((1000,), 2**18), 1e6, every)
+    with pytest.raises(ValueError, match="key blocks of at least 1 key; got sizes"):
+        allocate_budget(w, w, torch.tensor(0.5), torch.arange(1000), 1e6, every)
     fits = allocate_budget(w, w, torch.tensor(0.5), torch.full((1000,), 2**18 - 1), 1e6, every)
     assert torch.equal(fits, _argsort_allocation(w, w, torch.tensor(0.5), torch.full((1000,), 2**18 - 1), 1e6, every))
 

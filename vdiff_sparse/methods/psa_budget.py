@@ -239,29 +239,29 @@ def _coarse_and_fine(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def move_keys(
     importance: torch.Tensor, spread: torch.Tensor, rho: torch.Tensor, k_sizes: torch.Tensor,
     coarse: torch.Tensor, fine: torch.Tensor, cost_bits: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Every row's moves (module docstring, *Allocation*) as sort keys: the first half of
     :func:`allocate_budget`, elementwise, eager or through ``torch.compile``.
 
     Args:
         importance, spread: ``[rows, n_k_blocks]``; ``rho`` ``[rows, 1]`` (or 0-d).
-        k_sizes: ``[n_k_blocks]`` keys per block.
+        k_sizes: ``[n_k_blocks]`` keys per block, at least 1.
         coarse, fine: coarsest and finest allowed pool factor per block (``0``: none),
             ``[rows, n_k_blocks]`` or 0-d.
         cost_bits: bits of a key that hold the move's cost in eighths of a key (``8 *
             max(k_sizes) < 2**cost_bits``), below ``32 - cost_bits`` bits of index.
 
     Returns:
-        ``key``, int64 ``[rows, 2 * n_k_blocks]``: unique keys whose ascending order is the
+        int64 ``[rows, 2 * n_k_blocks]``, unique keys whose ascending order is the
         greedy's (moves of the first kind, from skipping, in the first half, ``m = 0``; those
         on to the finest level in the second, ``m = 1``). Bits 32-62: the move's efficiency,
         descending (from its float32 bits, which order like the non-negative floats they
         are), moves that do not exist last; below them the move's index ``2 j + m`` (``j`` the
         key block: ties go by key block, then first move first); the lowest ``cost_bits``: its
         cost in eighths of a key (a block of ``n`` keys costs ``n / p``: ``n * 8 / p`` eighths,
-        an integer). ``reached``, int64 ``[rows, n_k_blocks]``: the level a block's first move
-        takes it to, the coarse level where that is on its hull, else the finest. (No bool
-        tensor goes in or out: inductor's CPU code moves bools a value at a time, 5x slower.)
+        an integer), which for a move on from the coarse level is not 0, and 0 for the second
+        move of a block that has one move. (No bool tensor goes in or out: inductor's CPU code
+        moves bools a value at a time, 5x slower.)
     """
     x_coarse = 1 / coarse.clamp(min=1).float()  # cost fractions
     x_fine = 1 / fine.clamp(min=1).float()
@@ -278,10 +278,8 @@ def move_keys(
     weight = importance.float()
     first = torch.where(coarse > 0, weight * torch.where(two, to_coarse, to_fine), -1.0)
     second = torch.where(two, weight * coarse_to_fine, -1.0)
-    reached = torch.where(two, coarse, fine).expand(importance.shape)
-    eighths_fine = 8 // fine.clamp(min=1)
-    first_cost = k_sizes * (8 // reached.clamp(min=1))
-    second_cost = torch.where(two, k_sizes * eighths_fine - first_cost, 0)
+    first_cost = k_sizes * (8 // torch.where(two, coarse, fine).clamp(min=1))
+    second_cost = torch.where(two, k_sizes * (8 // fine.clamp(min=1)) - first_cost, 0)
     block = torch.arange(importance.shape[-1], device=importance.device)
 
     def keys(efficiency, cost, m):
@@ -290,7 +288,7 @@ def move_keys(
         rank = torch.where(efficiency >= 0, (efficiency + 0.0).view(torch.int32).long() + 1, 0)
         return ((NO_MOVE_RANK - rank) << 32) | ((2 * block + m) << cost_bits) | cost
 
-    return torch.cat([keys(first, first_cost, 0), keys(second, second_cost, 1)], -1), reached
+    return torch.cat([keys(first, first_cost, 0), keys(second, second_cost, 1)], -1)
 
 
 #: Bits 32-62 of the key (:func:`move_keys`) of a move that does not exist: every real move's
@@ -300,29 +298,32 @@ NO_MOVE_RANK = 2**31 - 1
 
 def sorted_keys(key: torch.Tensor) -> torch.Tensor:
     """``key`` sorted along its last dim. On the CPU by numpy, whose vectorised sort (AVX-512 or
-    AVX2 where the CPU has them) sorts rows of 512 int64 6x faster than torch's on 2 cores;
-    keys are unique, so every sort gives this one order."""
+    AVX2 where the CPU has them) sorted rows of 512 int64 6x faster than torch's on 2 cores in a
+    scratch run; keys are unique, so every sort gives this one order."""
     if key.device.type == "cpu" and not torch.compiler.is_compiling():
         return torch.from_numpy(np.sort(key.numpy(), axis=-1))
     return key.sort(dim=-1).values
 
 
 def levels_of_prefix(
-    ordered: torch.Tensor, key: torch.Tensor, limit: torch.Tensor, reached: torch.Tensor, fine: torch.Tensor,
+    ordered: torch.Tensor, key: torch.Tensor, limit: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
     cost_bits: int,
 ) -> torch.Tensor:
     """The second half of :func:`allocate_budget`: each row takes its moves in ``ordered``
     (:func:`sorted_keys` of ``key``) while what it spent before a move is below ``limit`` (a
     0-d float64 tensor, in eighths of a key), and each block gets the level of its last move
-    taken (``reached`` after the first, ``fine`` after the second), ``[rows, n_k_blocks]``
-    int64. Costs are integers: their sums are exact."""
-    spent = ordered & ((1 << cost_bits) - 1)
+    taken, ``[rows, n_k_blocks]`` int64: the finest after the second; after the first the
+    coarse one if the block has a second move (one that costs something), else the finest.
+    Costs are integers: their sums are exact."""
+    cost_mask = (1 << cost_bits) - 1
+    spent = ordered & cost_mask
     spent_before = spent.cumsum(-1) - spent
     real_moves = (key < (NO_MOVE_RANK << 32)).sum(-1, keepdim=True)  # they come first
     taken_count = torch.minimum((spent_before < limit).sum(-1, keepdim=True), real_moves)
     last_taken = ordered.gather(-1, (taken_count - 1).clamp(min=0))
     taken = (key <= last_taken) & (taken_count > 0)
     first_taken, second_taken = taken.chunk(2, -1)
+    reached = torch.where((key[..., key.shape[-1] // 2:] & cost_mask) != 0, coarse, fine)
     return torch.where(second_taken, fine, torch.where(first_taken, reached, 0))
 
 
@@ -362,6 +363,8 @@ def allocate_budget(
     cost_bits = 32 - max(1, (2 * nkb - 1).bit_length())
     if k_sizes.device.type == "cpu" and nkb and not torch.compiler.is_compiling():
         largest = int(k_sizes.max())
+        if int(k_sizes.min()) < 1:
+            raise ValueError(f"allocate_budget needs key blocks of at least 1 key; got sizes {k_sizes.tolist()}")
         if 8 * largest >= 2**cost_bits:
             raise ValueError(f"allocate_budget counts a move's cost in {cost_bits} bits with {nkb} key blocks: "
                              f"blocks of at most {2**cost_bits // 8 - 1} keys; got one of {largest}")
@@ -371,13 +374,13 @@ def allocate_budget(
 
     coarse, fine = (rows(level) for level in _coarse_and_fine(allowed))
     use_fused = fused_on_cpu(importance, 2 * importance.numel(), fused, minimum=FUSED_CPU_MIN_MOVES)
-    (key, reached), use_fused = fused_or_eager(
+    key, use_fused = fused_or_eager(
         move_keys, importance.reshape(-1, nkb), rows(spread.expand(shape)), rows(rho),
         k_sizes, coarse, fine, cost_bits, fused=use_fused, forced=bool(fused))
     # Slack against rounding: a row that spent its budget exactly takes nothing more. A tensor,
     # so that a compiled function is not specialised on its value.
     limit = torch.full((), 8 * (budget - 1e-9 * max(1.0, budget)), dtype=torch.float64, device=importance.device)
-    levels, _ = fused_or_eager(levels_of_prefix, sorted_keys(key), key, limit, reached, fine, cost_bits,
+    levels, _ = fused_or_eager(levels_of_prefix, sorted_keys(key), key, limit, coarse, fine, cost_bits,
                                fused=use_fused, forced=bool(fused))
     return levels.view(shape)
 
