@@ -105,6 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     baseline = subprocess.run(["git", "-C", str(ROOT), "rev-parse", args.baseline], capture_output=True, text=True,
                               check=True).stdout.strip()
+    from vdiff_sparse.methods.psa import PSAConfig
+    from vdiff_sparse.methods.psa_importance import importance_matmul_dtype
     from vdiff_sparse.video_attention_data import video_attention_qkv
 
     grid = GRIDS[args.tokens]
@@ -145,7 +147,10 @@ def main() -> None:
         **run_metadata(command_line()),
         "baseline_commit": baseline,
         "shape": {"grid": list(grid), "tokens": args.tokens, "heads": 4, "head_dim": 64, "dtype": "float32",
-                  "device": "cpu", "data": "video_attention_qkv(seed=0)", "importance_dtype": "auto"},
+                  "device": "cpu", "data": "video_attention_qkv(seed=0)",
+                  # Each code resolves "auto" itself; this is what the checkout's does.
+                  "importance_dtype": {"config": "auto", "now": str(importance_matmul_dtype(PSAConfig(), q))
+                                       .removeprefix("torch.")}},
         "modes": MODES,
         "timing": f"{args.rounds} rounds, each {args.repeats} calls per (code, block, mode), the two codes' workers "
                   "taking turns; medians of all calls",

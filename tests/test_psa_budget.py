@@ -7,6 +7,7 @@ backends against the float64 reference on budget plans, and the mode wherever PS
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -167,15 +168,43 @@ def test_sorted_keys_agree_with_torch_and_costs_must_fit_their_bits(seed):
     keys = torch.randperm(1 << 20, generator=gen)[: 6 * 50].view(6, 50) * 7919 + (1 << 40)
     assert torch.equal(psa_budget.sorted_keys(keys), keys.sort(dim=-1).values)  # numpy's sort on the CPU
     w = torch.rand(2, 1000, generator=gen)
-    every = torch.ones(4, dtype=torch.bool)
+    every, rho = torch.ones(4, dtype=torch.bool), torch.tensor(0.5)
     # 1000 key blocks: 11 bits of move index leave 21 for costs, in eighths of a key.
-    with pytest.raises(ValueError, match="cost in 21 bits with 1000 key blocks: blocks of at most 262143 keys; got "
-                                         "one of 262144"):
-        allocate_budget(w, w, torch.tensor(0.5), torch.full((1000,), 2**18), 1e6, every)
-    with pytest.raises(ValueError, match="key blocks of at least 1 key; got sizes"):
-        allocate_budget(w, w, torch.tensor(0.5), torch.arange(1000), 1e6, every)
-    fits = allocate_budget(w, w, torch.tensor(0.5), torch.full((1000,), 2**18 - 1), 1e6, every)
-    assert torch.equal(fits, _argsort_allocation(w, w, torch.tensor(0.5), torch.full((1000,), 2**18 - 1), 1e6, every))
+    too_large = "cost in 21 bits with 1000 key blocks: blocks of at most 262143 keys; got k_block_max=262144"
+    with pytest.raises(ValueError, match=too_large):
+        allocate_budget(w, w, rho, torch.full((1000,), 2**18), 1e6, every)
+    with pytest.raises(ValueError, match=too_large):  # said, not read: the same off the CPU
+        allocate_budget(w, w, rho, torch.full((1000,), 7), 1e6, every, k_block_max=2**18)
+    with pytest.raises(ValueError, match="needs key blocks of 1 to k_block_max=6 keys; got sizes from 7 to 7"):
+        allocate_budget(w, w, rho, torch.full((1000,), 7), 1e6, every, k_block_max=6)
+    with pytest.raises(ValueError, match="needs key blocks of 1 to k_block_max=None keys; got sizes from 0 to 999"):
+        allocate_budget(w, w, rho, torch.arange(1000), 1e6, every)
+    # Under torch.compile the sizes are read (a graph break), never skipped.
+    compiled = torch.compile(lambda sizes: allocate_budget(w, w, rho, sizes, 1e6, every), backend="eager")
+    with pytest.raises(ValueError, match=too_large):
+        compiled(torch.full((1000,), 2**18))
+    sizes = torch.full((1000,), 2**18 - 1)
+    assert torch.equal(allocate_budget(w, w, rho, sizes, 1e6, every), _argsort_allocation(w, w, rho, sizes, 1e6, every))
+
+
+def test_allocation_edge_inputs_are_refused_or_defined(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w, spread, rho, allowed = _random_rows(gen, 6, 9, (1, 2, 4, 8), ties=False)
+    sizes = torch.full((9,), 8)
+    with pytest.raises(TypeError, match="k_sizes must be an integer tensor of keys per block; got torch.float32"):
+        allocate_budget(w, spread, rho, sizes.float(), 10.0, allowed)
+    with pytest.raises(ValueError, match="budget must be a number of keys .inf for every move.; got nan"):
+        allocate_budget(w, spread, rho, sizes, math.nan, allowed)
+    # An infinite budget takes every move: each block at its finest allowed level.
+    _, fine = psa_budget._coarse_and_fine(allowed)
+    assert torch.equal(allocate_budget(w, spread, rho, sizes, math.inf, allowed), fine.expand(w.shape))
+    assert allocate_budget(w[:, :0], spread[:, :0], rho, sizes[:0], 10.0, allowed[:0]).shape == (6, 0)
+    # A NaN importance: the block's moves do not exist, as for a block with no allowed level.
+    nan, none = w.clone(), allowed.clone()
+    nan[:, 2] = math.nan
+    none[2] = False
+    assert torch.equal(allocate_budget(nan, spread, rho, sizes, 30.0, allowed),
+                       allocate_budget(w, spread, rho, sizes, 30.0, none))
 
 
 def test_distortion_values():
@@ -186,6 +215,8 @@ def test_distortion_values():
     assert float(both) == pytest.approx(1 - math.exp(-3 / 16) * (1 - 0.375), rel=1e-6)
     assert float(pooling_distortion(torch.tensor(0.5), torch.tensor(3.0), 1 / 2)) == 1.0
     assert float(pooling_distortion(torch.tensor(9.0), torch.tensor(0.7), 1.0)) == 0.0
+    assert float(pooling_distortion(torch.tensor(math.inf), torch.tensor(math.inf), 1.0)) == 0.0  # not NaN
+    assert float(pooling_distortion(torch.tensor(math.inf), torch.tensor(0.0), 0.5)) == 1.0
     w = torch.rand(2, 3, 5)
     spread, variance = torch.rand(2, 3, 5), torch.rand(2, 3, 5) + 0.5
     rho = head_variation_ratio(w, spread, variance)
@@ -504,7 +535,7 @@ def test_plans_above_the_size_take_the_fused_reduction(mode, monkeypatch, seed):
     if mode == "budget":  # the allocation has its own size: moves, two per block pair
         calls.clear()
         monkeypatch.setattr(psa_importance, "FUSED_CPU_MIN_LOGITS", 2**62)
-        monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_MOVES", 2 * 2 * 2 * 7 * 7)  # B, heads, blocks^2
+        monkeypatch.setattr(psa_budget, "FUSED_CPU_MIN_MOVES", 2 * 2 * 2 * 7 * 7)  # moves, B, heads, blocks^2
         fused = plan_psa(q, k, grid, config)
         assert calls == ["move_keys", "levels_of_prefix"]
         assert torch.equal(fused.kv_index, eager.kv_index) and torch.equal(fused.kv_level, eager.kv_level)
@@ -531,8 +562,8 @@ def test_fused_estimate_that_cannot_compile_runs_eagerly_once_warned(monkeypatch
     monkeypatch.setattr(psa_importance, "compiled", no_toolchain)
     with pytest.raises(RuntimeError, match="no compiler"):  # asked for by name: the error itself
         sampled_estimates(*args, fused=True)
-    with pytest.warns(RuntimeWarning, match="chunk_statistics did not compile .RuntimeError: C.. compile error: no compiler.; "
-                                            "running eagerly"):
+    with pytest.warns(RuntimeWarning, match="chunk_statistics did not compile .RuntimeError: C.. compile error: no "
+                                            "compiler.; running eagerly"):
         got = sampled_estimates(*args)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
@@ -558,10 +589,13 @@ def test_fused_allocation_that_cannot_compile_runs_eagerly_once_warned(monkeypat
     with pytest.warns(RuntimeWarning, match="move_keys did not compile .RuntimeError: C.. compile error: no "
                                             "compiler.; running eagerly"):
         assert torch.equal(allocate_budget(w, spread, rho, sizes, 100.0, allowed), want)
-    assert torch.equal(allocate_budget(w, spread, rho, sizes, 100.0, allowed), want)  # no second warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(allocate_budget(w, spread, rho, sizes, 100.0, allowed), want)
+    assert not caught  # eagerly from then on, without a second warning
     with pytest.raises(ValueError, match="the fused path runs on the CPU; got device meta"):
         allocate_budget(w.to("meta"), spread.to("meta"), rho.to("meta"), sizes.to("meta"), 100.0, allowed.to("meta"),
-                        fused=True)
+                        fused=True, k_block_max=16)
 
 
 def test_sample_orders_are_permutations():

@@ -346,7 +346,8 @@ def _budget_levels(
         for p, cap in config.similarity_cap.items():
             denied = block_similarity(kp, k_offsets, p) <= cap  # [R, nkb]
             allowed[..., LEVELS_COARSE_FIRST.index(p)] &= ~denied[:, None, :]
-    return allocate_budget(importance, spread, rho, k_offsets.diff(), config.density * n, allowed)
+    return allocate_budget(importance, spread, rho, k_offsets.diff(), config.density * n, allowed,
+                           k_block_max=config.block_k)
 
 
 # --- plan ----------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ budget mode's planning takes 1.15x and 1.08x the quantile mode's there
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -221,8 +223,9 @@ def pooling_distortion(spread: torch.Tensor, rho: torch.Tensor, x) -> torch.Tens
     """``e = 1 - exp(-S (1 - x) / 4) * max(0, 1 - rho (1 - x))`` at cost fraction ``x = 1/p``
     (module docstring), elementwise, float32: 0 at ``x = 1``, concave in ``x``."""
     lost = 1 - torch.as_tensor(x, dtype=torch.float32)
-    kept_mass = torch.exp(-spread.float().clamp(min=0) * lost / 4)
-    return 1 - kept_mass * (1 - rho.float() * lost).clamp(min=0)
+    # Nothing is lost at x = 1, even where a spread or rho is infinite (inf * 0 would be NaN).
+    kept_mass = torch.exp(-torch.where(lost > 0, spread.float().clamp(min=0) * lost, 0.0) / 4)
+    return 1 - kept_mass * (1 - torch.where(lost > 0, rho.float() * lost, 0.0)).clamp(min=0)
 
 
 def _coarse_and_fine(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,39 +338,58 @@ def allocate_budget(
     budget: float,
     allowed: torch.Tensor,
     fused: bool | None = None,
+    k_block_max: int | None = None,
 ) -> torch.Tensor:
     """Pool factor of every key block of every row under a per-row key budget, the distortion
     of pool factor ``p`` being :func:`pooling_distortion` ``(spread, rho, 1 / p)``.
 
     Args:
-        importance: ``[..., n_k_blocks]`` non-negative importance, one row per query block.
+        importance: ``[..., n_k_blocks]`` non-negative importance, one row per query block (a
+            NaN makes the block's moves count as moves that do not exist).
         spread: the blocks' mean squared logit difference, broadcastable to ``importance``.
         rho: the variation ratio of each row (:func:`head_variation_ratio`), broadcastable to
             ``[..., 1]``.
-        k_sizes: ``[n_k_blocks]`` keys per block.
-        budget: keys (pooled keys count ``1/p``) each row may spend.
+        k_sizes: ``[n_k_blocks]`` integer keys per block, each at least 1.
+        budget: keys (pooled keys count ``1/p``) each row may spend (``inf``: every move).
         allowed: bool, broadcastable to ``[..., n_k_blocks, 4]``: whether a block may take
             pool factor 8, 4, 2, 1 (skipping it always is).
         fused: run both halves (:func:`move_keys`, :func:`levels_of_prefix`) compiled (``True``,
             CPU only), eagerly (``False``), or compiled on the CPU from
             :data:`FUSED_CPU_MIN_MOVES` moves (``None``). One result either way; the sort
             between them is :func:`sorted_keys`.
+        k_block_max: the largest of ``k_sizes`` (``plan_psa`` passes its ``block_k``), which
+            sizes the keys' cost bits; ``None`` reads it off ``k_sizes`` (on a GPU, a wait for
+            the device; under ``torch.compile``, a graph break).
 
     Returns:
         ``[..., n_k_blocks]`` int64, ``p`` in {1, 2, 4, 8} or ``0`` for skipped blocks.
+
+    Raises:
+        TypeError: ``k_sizes`` not integers. ValueError: a NaN ``budget``; blocks too large for
+        the keys' cost bits (``8 * k_block_max < 2**(32 - bits of 2 * n_k_blocks - 1)``: uniform
+        blocks fit for any total below 2^26 keys); on the CPU, where reading them is free, sizes
+        below 1 or above ``k_block_max``.
     """
     shape, nkb = importance.shape, importance.shape[-1]
-    # The low 32 bits of a key: the move's index, then its cost in the rest (known from shapes
-    # alone: no read of the sizes, which on a GPU would wait for it). Sizes are checked where
-    # reading them is free; plan_psa's uniform blocks fit below 2^26 tokens.
-    cost_bits = 32 - max(1, (2 * nkb - 1).bit_length())
-    if k_sizes.device.type == "cpu" and nkb and not torch.compiler.is_compiling():
-        largest = int(k_sizes.max())
-        if int(k_sizes.min()) < 1:
-            raise ValueError(f"allocate_budget needs key blocks of at least 1 key; got sizes {k_sizes.tolist()}")
-        if 8 * largest >= 2**cost_bits:
-            raise ValueError(f"allocate_budget counts a move's cost in {cost_bits} bits with {nkb} key blocks: "
-                             f"blocks of at most {2**cost_bits // 8 - 1} keys; got one of {largest}")
+    if k_sizes.dtype.is_floating_point or k_sizes.dtype.is_complex or k_sizes.dtype == torch.bool:
+        raise TypeError(f"k_sizes must be an integer tensor of keys per block; got {k_sizes.dtype}")
+    if math.isnan(budget):
+        raise ValueError("budget must be a number of keys (inf for every move); got nan")
+    if nkb == 0:
+        return torch.zeros(shape, dtype=torch.long, device=importance.device)
+    if k_sizes.device.type == "cpu" and not torch.compiler.is_compiling():
+        smallest, largest = int(k_sizes.min()), int(k_sizes.max())
+        if smallest < 1 or (k_block_max is not None and largest > k_block_max):
+            raise ValueError(f"allocate_budget needs key blocks of 1 to k_block_max={k_block_max} keys; got sizes "
+                             f"from {smallest} to {largest}")
+        k_block_max = largest if k_block_max is None else k_block_max
+    elif k_block_max is None:
+        k_block_max = int(k_sizes.max())
+    # The low 32 bits of a key: the move's index, then its cost in eighths of a key.
+    cost_bits = 32 - (2 * nkb - 1).bit_length()
+    if 8 * k_block_max >= 2**cost_bits:
+        raise ValueError(f"allocate_budget counts a move's cost in {cost_bits} bits with {nkb} key blocks: blocks of "
+                         f"at most {2**cost_bits // 8 - 1} keys; got k_block_max={k_block_max}")
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # [rows, last dim] (0-d stays 0-d)
         return x if x.dim() == 0 else x.expand(*shape[:-1], x.shape[-1]).reshape(-1, x.shape[-1])
@@ -379,7 +401,8 @@ def allocate_budget(
         k_sizes, coarse, fine, cost_bits, fused=use_fused, forced=bool(fused))
     # Slack against rounding: a row that spent its budget exactly takes nothing more. A tensor,
     # so that a compiled function is not specialised on its value.
-    limit = torch.full((), 8 * (budget - 1e-9 * max(1.0, budget)), dtype=torch.float64, device=importance.device)
+    limit = budget - 1e-9 * max(1.0, budget) if math.isfinite(budget) else budget
+    limit = torch.full((), 8 * limit, dtype=torch.float64, device=importance.device)
     levels, _ = fused_or_eager(levels_of_prefix, sorted_keys(key), key, limit, coarse, fine, cost_bits,
                                fused=use_fused, forced=bool(fused))
     return levels.view(shape)

@@ -249,8 +249,8 @@ def fused_on_cpu(x: torch.Tensor, size: int, fused: bool | None, minimum: int | 
             raise ValueError(f"the fused path runs on the CPU; got device {x.device}")
         return True
     minimum = FUSED_CPU_MIN_LOGITS if minimum is None else minimum
-    return (fused is None and x.device.type == "cpu" and size >= minimum
-            and not torch.compiler.is_compiling() and not _FUSED_FAILED)
+    return (fused is None and x.device.type == "cpu" and not torch.compiler.is_compiling() and size >= minimum
+            and not _FUSED_FAILED)
 
 
 @functools.cache
