@@ -79,10 +79,12 @@ efficiency's bits on top (they order like the non-negative floats), the move's i
 (ties: key block, then first move), its cost in eighths of a key in the lowest bits. The keys
 are unique, so any sort gives the greedy's order, and the cost rides along: the sorted keys
 alone give each move's running cost and the last move taken (:func:`levels_of_prefix`). On the
-CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort took a sixth of torch's time on 2
-cores in a scratch run), and large calls (:data:`FUSED_CPU_MIN_MOVES`) run the elementwise halves before
-and after the sort compiled, one pass each. No bool tensor enters or leaves those compiled
-halves: inductor's CPU code moves bools one at a time, which made a half 5x slower.
+CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort took a sixth of torch's time on
+2 cores in a scratch run, single-threaded where torch's uses every core), and large calls
+(:data:`FUSED_CPU_MIN_MOVES`) run the elementwise halves before and after the sort compiled,
+one pass each. No bool tensor enters or leaves those compiled halves: inductor's CPU code moves
+bools one at a time, which made a half 5x slower. On a GPU the halves run eagerly (a few dozen
+small kernels) around one segmented sort.
 
 **Cost of the allocation:** a sort of two int64 keys per (query block, key block) pair and an
 elementwise pass before and after it, against the quantile and threshold modes' stable sort of

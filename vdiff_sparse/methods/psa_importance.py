@@ -32,9 +32,10 @@ CHUNK_ELEMENTS_GPU = 2**26
 #: On the CPU, a call with at least this many sampled logits reduces each chunk of them in one
 #: compiled function (``torch.compile``: inductor's C++ fuses each reduction's elementwise work
 #: into its pass over the chunk, the budget mode's statistics in the same call) instead of eager
-#: torch's operation per pass over logits in memory. Compiling takes seconds, once per process and chunk shape (then
-#: once more with the shape dynamic), more than a small call saves: smaller calls (the tests',
-#: the fidelity benchmark's 3K-token problems) run eagerly.
+#: torch's operation per pass over logits in memory: from 8K tokens at 4 heads with the default
+#: quarter-block samples (``batch * heads * (N / 4)^2`` logits). Compiling takes seconds, once per
+#: process and chunk shape (then once more with the shape dynamic), more than a small call
+#: saves: smaller calls (the tests', the fidelity benchmark's 3K-token problems) run eagerly.
 FUSED_CPU_MIN_LOGITS = 2**24
 #: Sampled logits per chunk on the fused path, bigger than eager torch's: at 16K tokens, 4 heads
 #: the estimate took 1.5x as long with chunks of 2^20 (the matmuls' shapes; a compiled call's
