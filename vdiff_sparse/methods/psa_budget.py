@@ -91,7 +91,7 @@ elementwise pass before and after it, against the quantile and threshold modes' 
 one float64 per pair: on 2 CPU cores at N = 16K, 4 heads, 7.5 ms against the quantile mode's
 6.3 ms with 64-token blocks and 2.6 against 1.5 ms with 128-token ones; with the estimate,
 budget mode's planning takes 1.14x and 1.08x the quantile mode's there
-(``bench/results/psa_planning_cpu.json``; README, *PSA's budget mode*, has the rest).
+(``bench/results/psa_planning_cpu.json``; the README's paragraph on budget mode has the rest).
 """
 
 from __future__ import annotations
