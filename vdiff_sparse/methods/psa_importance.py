@@ -262,28 +262,20 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, options={"emulate_precision_casts": True})
 
 
-def run_fused(fn: Callable, *args, forced: bool):
-    """``compiled(fn)(*args)``, or ``None`` (after one warning per process) when it cannot
-    compile and was not asked for by name (``forced``)."""
-    try:
-        return compiled(fn)(*args)
-    except Exception as err:  # inductor's errors have no common type short of Exception
-        if forced:
-            raise
-        _FUSED_FAILED.append(f"{type(err).__name__}: {err}")
-        warnings.warn(f"PSA: the fused CPU step {fn.__name__} did not compile ({_FUSED_FAILED[0][:300]}); running "
-                      "eagerly instead (same results, slower)", RuntimeWarning, stacklevel=3)
-        return None
-
-
 def fused_or_eager(fn: Callable, *args, fused: bool, forced: bool) -> tuple:
-    """``(fn(*args), fused)``: compiled with ``fused`` (:func:`run_fused`), eagerly otherwise
-    or when it cannot compile (unless ``forced``); the second item says whether it ran
-    compiled, so that a caller's next steps do not try again."""
-    result = run_fused(fn, *args, forced=forced) if fused else None
-    if result is None:
-        return fn(*args), False
-    return result, True
+    """``(fn(*args), ran_compiled)``: with ``fused`` through :func:`compiled`, else eagerly. If
+    it cannot compile and was not asked for by name (``forced``), eagerly after one warning per
+    process, and ``ran_compiled`` is ``False`` so that a caller's next steps do not try again."""
+    if fused:
+        try:
+            return compiled(fn)(*args), True
+        except Exception as err:  # inductor's errors have no common type short of Exception
+            if forced:
+                raise
+            _FUSED_FAILED.append(f"{type(err).__name__}: {err}")
+            warnings.warn(f"PSA: the fused CPU step {fn.__name__} did not compile ({_FUSED_FAILED[0][:300]}); "
+                          "running eagerly instead (same results, slower)", RuntimeWarning, stacklevel=3)
+    return fn(*args), False
 
 
 def reduced_chunks(chunks: Iterator, reduce: Callable, *args, fused: bool, forced: bool) -> Iterator:
