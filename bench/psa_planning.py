@@ -10,8 +10,9 @@ and process CPU time, and the median of the per-repeat ratios budget / quantile 
 threshold. Then the parts, interleaved the same way (wall time
 medians): the importance estimate alone against the budget mode's (importance, spread and
 variance), each as ``plan_psa`` runs it (on the CPU at these sizes: every chunk of sampled
-logits reduced by one compiled function) and with eager torch's reductions, and the quantile
-mode's allocation against the budget mode's.
+logits reduced by one compiled function) and with eager torch's reductions, the quantile
+mode's allocation against the budget mode's, and the budget allocation's sort of its keys as
+it runs (numpy's on the CPU) against ``torch.sort`` of the same keys.
 
     python bench/psa_planning.py                          # writes bench/results/psa_planning_cpu.json
     python bench/psa_planning.py --tokens 8192 --repeats 5 --threads 1 --out /tmp/p.json
@@ -43,7 +44,12 @@ def time_parts(q, k, grid, configs, repeats: int, sync) -> dict:
     configs (the steps ``plan_psa`` runs, on the same inputs)."""
     from vdiff_sparse.layout import uniform_offsets
     from vdiff_sparse.methods import psa
-    from vdiff_sparse.methods.psa_budget import sampled_estimates
+    from vdiff_sparse.methods.psa_budget import (
+        head_variation_ratio,
+        move_keys,
+        sampled_estimates,
+        sorted_keys,
+    )
     from vdiff_sparse.methods.psa_importance import importance_matmul_dtype, sampled_importance
 
     quantile, budget = configs["quantile"], configs["budget"]
@@ -53,6 +59,11 @@ def time_parts(q, k, grid, configs, repeats: int, sync) -> dict:
     args = (q, k, psa._order(grid, n, budget, q.device), offsets, offsets, samples, samples, q.shape[-1] ** -0.5,
             importance_matmul_dtype(budget, q))
     importance, spread, variance = sampled_estimates(*args)
+    coarse, fine = torch.tensor(8, device=q.device), torch.tensor(1, device=q.device)  # every level allowed
+    rho = head_variation_ratio(importance, spread, variance).expand(*importance.shape[:-1], 1)
+    nkb = importance.shape[-1]
+    keys = move_keys(importance.reshape(-1, nkb), spread.reshape(-1, nkb), rho.reshape(-1, 1), offsets.diff(), coarse,
+                     fine, 32 - (2 * nkb - 1).bit_length())
     parts = {  # as plan_psa runs them; "_eager": each chunk reduced by eager torch (on a GPU: the same)
         "importance_estimate": lambda: sampled_importance(*args),
         "budget_estimate": lambda: sampled_estimates(*args),
@@ -60,6 +71,9 @@ def time_parts(q, k, grid, configs, repeats: int, sync) -> dict:
         "budget_estimate_eager": lambda: sampled_estimates(*args, fused=False),
         "quantile_allocation": lambda: psa.allocate_levels(importance, quantile),
         "budget_allocation": lambda: psa._budget_levels(importance, spread, variance, None, offsets, budget, n),
+        # The allocation's sort alone: as it runs (numpy's on the CPU) and by torch.sort.
+        "budget_sort": lambda: sorted_keys(keys),
+        "budget_sort_torch": lambda: keys.sort(dim=-1),
     }
     times = {name: [] for name in parts}
     shuffle = random.Random(n)

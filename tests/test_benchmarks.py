@@ -402,7 +402,8 @@ def test_planning_script_times_every_mode_and_part(tmp_path):
     (row,) = saved["results"]
     assert all(row[mode]["wall_s"] > 0 for mode in ("quantile", "threshold", "budget"))
     assert set(row["parts_wall_s"]) == {"importance_estimate", "budget_estimate", "importance_estimate_eager",
-                                        "budget_estimate_eager", "quantile_allocation", "budget_allocation"}
+                                        "budget_estimate_eager", "quantile_allocation", "budget_allocation",
+                                        "budget_sort", "budget_sort_torch"}
 
 
 @pytest.mark.slow

@@ -79,11 +79,11 @@ efficiency's bits on top (they order like the non-negative floats), the move's i
 (ties: key block, then first move), its cost in eighths of a key in the lowest bits. The keys
 are unique, so any sort gives the greedy's order, and the cost rides along: the sorted keys
 alone give each move's running cost and the last move taken (:func:`levels_of_prefix`). On the
-CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort took a sixth of torch's time on
-2 cores in a scratch run, single-threaded where torch's uses every core), and large calls
+CPU numpy sorts them (:func:`sorted_keys`: its vectorised sort, single-threaded where torch's
+uses every core, is timed against torch's in ``bench/psa_planning.py``), and large calls
 (:data:`FUSED_CPU_MIN_MOVES`) run the elementwise halves before and after the sort compiled,
 one pass each. No bool tensor enters or leaves those compiled halves: inductor's CPU code moves
-bools one at a time, which made a half 5x slower. On a GPU the halves run eagerly (a few dozen
+bools one value at a time. On a GPU the halves run eagerly (a few dozen
 small kernels) around one segmented sort.
 
 **Cost of the allocation:** a sort of two int64 keys per (query block, key block) pair and an
@@ -266,7 +266,7 @@ def move_keys(
         cost in eighths of a key (a block of ``n`` keys costs ``n / p``: ``n * 8 / p`` eighths,
         an integer), which for a move on from the coarse level is not 0, and 0 for the second
         move of a block that has one move. (No bool tensor goes in or out: inductor's CPU code
-        moves bools a value at a time, 5x slower.)
+        moves bools a value at a time.)
     """
     x_coarse = 1 / coarse.clamp(min=1).float()  # cost fractions
     x_fine = 1 / fine.clamp(min=1).float()
@@ -303,8 +303,8 @@ NO_MOVE_RANK = 2**31 - 1
 
 def sorted_keys(key: torch.Tensor) -> torch.Tensor:
     """``key`` sorted along its last dim. On the CPU by numpy, whose vectorised sort (AVX-512 or
-    AVX2 where the CPU has them) sorted rows of 512 int64 6x faster than torch's on 2 cores in a
-    scratch run; keys are unique, so every sort gives this one order."""
+    AVX2 where the CPU has them) beats torch's on short rows (``bench/psa_planning.py`` times
+    both); keys are unique, so every sort gives this one order."""
     if key.device.type == "cpu" and not torch.compiler.is_compiling():
         return torch.from_numpy(np.sort(key.numpy(), axis=-1))
     return key.sort(dim=-1).values
