@@ -45,12 +45,12 @@ outputs (``2`` floats per block pair, against the maxima's ``s_q``). On the CPU,
 write each chunk of logits to memory. Eager torch then reads them once for the importance and
 again for the statistics (a quarter of them for the spread, one query's for the variance): on 2
 cores at N = 16K, 4 heads, D = 64 the estimate takes 1.4x the importance estimate alone
-(67.6 vs 48.0 ms with 64-token blocks, ``bench/results/psa_planning_cpu.json``). Calls of at
+(67.6 vs 48.2 ms with 64-token blocks, ``bench/results/psa_planning_cpu.json``). Calls of at
 least :data:`~vdiff_sparse.methods.psa_importance.FUSED_CPU_MIN_LOGITS` sampled logits reduce
 each chunk in one compiled function instead (:func:`chunk_statistics` through
 ``torch.compile``; the importance estimate alone does the same), whose generated C++ runs
 the statistics' loops in the same call, right after the importance's loop over the chunk:
-then the estimate takes 1.08x the importance estimate (35.1 vs 32.4 ms there), the spread's
+then the estimate takes 1.10x the importance estimate (34.4 vs 31.3 ms there), the spread's
 quarter of the logits being read again. Smaller calls, where compiling would cost more than it
 saves, stay eager. The logits are in the importance's ``matmul_dtype``: bfloat16 operands
 on a GPU (float32 accumulation in the kernel), so a logit is off by about ``2**-8`` of
@@ -88,9 +88,10 @@ small kernels) around one segmented sort.
 
 **Cost of the allocation:** a sort of two int64 keys per (query block, key block) pair and an
 elementwise pass before and after it, against the quantile and threshold modes' stable sort of
-one float64 per pair: on 2 CPU cores at N = 16K, 4 heads, 7.5 ms against the quantile mode's
-6.3 ms with 64-token blocks and 2.6 against 1.5 ms with 128-token ones; with the estimate,
-budget mode's planning takes 1.14x and 1.08x the quantile mode's there
+one float64 per pair: on 2 CPU cores at N = 16K, 4 heads, 7.1 ms against the quantile mode's
+6.1 ms with 64-token blocks and 2.7 against 1.5 ms with 128-token ones (numpy's sort 3.0 and
+0.6 ms of them, torch's 8.6 and 2.0 ms); with the estimate, budget mode's planning takes 1.16x
+and 1.12x the quantile mode's there
 (``bench/results/psa_planning_cpu.json``; the README's paragraph on budget mode has the rest).
 """
 
